@@ -1,0 +1,44 @@
+"""Put the repository root on ``sys.path`` so tests import ``utils.*`` and ``models.*``.
+
+Also shared helpers for the data tests: ``write_nifti`` (tiny NIfTI files of any array),
+``toy_ct`` (a small chest-like int16 HU volume) and the ``toy_nifti`` fixture.
+"""
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def write_nifti(path, array, affine=None):
+    """Write ``array`` as-is (any dtype, any rank) to a NIfTI file; returns the path.
+
+    Deliberately independent of ``utils.nifti_io.save_nifti`` so loader tests can write
+    files the project's own writer refuses (2D, 4D, NaN, float).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else np.asarray(affine, float)), path)
+    return path
+
+
+def toy_ct(shape=(24, 20, 8), seed=0):
+    """A small int16 chest-like HU volume (X, Y, Z): air outside, body, two dark lungs."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    hu = np.full(shape, -1000.0)
+    hu[x**2 + y**2 < 0.8] = 40.0
+    hu[((x - 0.35) ** 2 + y**2 < 0.1) | ((x + 0.35) ** 2 + y**2 < 0.1)] = -850.0
+    hu += rng.normal(0, 10, shape) + 30 * z
+    return np.rint(hu).astype(np.int16)
+
+
+@pytest.fixture
+def toy_nifti(tmp_path):
+    """Path of a small valid int16 CT NIfTI file (24 x 20 x 8 voxels)."""
+    return write_nifti(tmp_path / "toy.nii.gz", toy_ct())

@@ -1,0 +1,136 @@
+"""Every kind of bad input gives a one-line DataError naming the file, and writes nothing."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import toy_ct, write_nifti
+
+from utils.cache import VolumeCache
+from utils.discovery import discover_scans
+from utils.errors import DataError
+from utils.nifti_io import load_dicom_series, load_nifti, load_scan
+from utils.preprocessing import PreprocessConfig
+
+
+def assert_one_line_error(info, name: str) -> None:
+    message = str(info.value)
+    assert name in message, message
+    assert "\n" not in message, message
+
+
+def truncated(tmp_path: Path) -> Path:
+    good = write_nifti(tmp_path / "good.nii.gz",
+                       np.random.default_rng(0).integers(-1000, 1000, (40, 40, 20)).astype(np.int16))
+    data = good.read_bytes()
+    path = tmp_path / "truncated.nii.gz"
+    path.write_bytes(data[: int(len(data) * 0.6)])  # header intact, voxel data cut off
+    return path
+
+
+def text_named_nifti(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.nii.gz"
+    path.write_text("patient list, not an image\n")
+    return path
+
+
+def gzipped_text(tmp_path: Path) -> Path:
+    path = tmp_path / "archive.nii.gz"
+    path.write_bytes(gzip.compress(b"definitely not a NIfTI header " * 40))
+    return path
+
+
+def array_file(name: str, array: np.ndarray):
+    return lambda tmp_path: write_nifti(tmp_path / name, array)
+
+
+def nan_volume():
+    hu = toy_ct().astype(np.float32)
+    hu[3, 4, 5] = np.nan
+    return hu
+
+
+def inf_volume():
+    hu = toy_ct().astype(np.float32)
+    hu[1, 2, 3] = np.inf
+    return hu
+
+
+BAD_FILES = [
+    # (id, make(tmp_path) -> path, words expected in the message)
+    ("truncated", truncated, "corrupt or truncated"),
+    ("text-with-nifti-name", text_named_nifti, "not a readable NIfTI"),
+    ("gzipped-non-nifti", gzipped_text, "not a readable NIfTI"),
+    ("2d", array_file("flat.nii.gz", toy_ct()[:, :, 0]), "3D"),
+    ("4d", array_file("series.nii.gz", np.stack([toy_ct(), toy_ct(seed=1)], axis=-1)), "3D"),
+    ("nan", array_file("nan.nii.gz", nan_volume()), "1 NaN"),
+    ("inf", array_file("inf.nii.gz", inf_volume()), "1 inf"),
+    ("constant", array_file("constant.nii.gz", np.full((20, 20, 6), -1000, np.int16)), "constant"),
+    ("tiny", array_file("tiny.nii.gz", toy_ct()[:4, :4, :2]), "too small"),
+    ("one-slice", array_file("slab.nii.gz", toy_ct()[:, :, :1]), "too small"),
+    ("missing", lambda tmp_path: tmp_path / "missing.nii.gz", "not found"),
+]
+
+
+@pytest.mark.parametrize("make, words", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
+def test_bad_file_gives_one_line_error(tmp_path, make, words):
+    path = make(tmp_path)
+    with pytest.raises(DataError, match=words) as info:
+        load_nifti(path)
+    assert_one_line_error(info, path.name)
+
+
+@pytest.mark.parametrize("make", [case[1] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
+def test_cache_writes_nothing_for_bad_file(tmp_path, make):
+    path = make(tmp_path)
+    processed = tmp_path / "processed"
+    with pytest.raises(DataError):
+        VolumeCache(processed, PreprocessConfig(target_shape=(16, 16, 8))).get(path)
+    assert not processed.exists() or not any(p.is_file() for p in processed.rglob("*"))
+
+
+def test_minimum_size_is_a_parameter(tmp_path):
+    path = write_nifti(tmp_path / "small.nii.gz", toy_ct()[:8, :8, :3])
+    with pytest.raises(DataError, match="too small"):
+        load_nifti(path)
+    assert load_nifti(path, min_inplane=8, min_slices=3).hu.shape == (8, 8, 3)
+
+
+def test_folder_given_as_nifti(tmp_path):
+    with pytest.raises(DataError, match="folder") as info:
+        load_nifti(tmp_path)
+    assert_one_line_error(info, tmp_path.name)
+
+
+def test_folder_without_dicom(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no DICOM") as info:
+        load_scan(tmp_path)
+    assert_one_line_error(info, tmp_path.name)
+    with pytest.raises(DataError, match="not found"):
+        load_dicom_series(tmp_path / "absent")
+
+
+def test_folder_with_no_scans(tmp_path):
+    for folder in ("CT-0", "CT-23"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "CT-0" / "study_0001.nii.gz").write_bytes(b"x")
+    (tmp_path / "CT-23" / "readme.txt").write_text("scans not downloaded")
+    with pytest.raises(DataError, match="no .*scans") as info:
+        discover_scans(tmp_path)
+    assert_one_line_error(info, "CT-23")
+
+
+def test_empty_data_folder(tmp_path):
+    with pytest.raises(DataError, match="no MosMedData scans") as info:
+        discover_scans(tmp_path)
+    assert_one_line_error(info, tmp_path.name)
+
+
+def test_folder_with_one_class_only(tmp_path):
+    (tmp_path / "CT-0").mkdir()
+    for k in range(3):
+        (tmp_path / "CT-0" / f"study_{k:04d}.nii.gz").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"only one class found \(Normal: 3 scans\)") as info:
+        discover_scans(tmp_path)
+    assert_one_line_error(info, tmp_path.name)
