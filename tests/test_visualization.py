@@ -1,0 +1,173 @@
+"""Tests of utils.visualization: each plot's structure, PNG output, and input errors."""
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle, StepPatch
+from sklearn.metrics import roc_auc_score
+
+from utils.metrics import expected_calibration_error, reliability_curve
+from utils.visualization import (
+    plot_confusion_matrix,
+    plot_ct_slices,
+    plot_denoising_trajectory,
+    plot_hu_histograms,
+    plot_learning_curves,
+    plot_reliability_diagram,
+    plot_roc_curves,
+    plot_saliency_overlay,
+    save_figure,
+)
+
+RNG = np.random.default_rng(0)
+VOLUME = RNG.random((32, 32, 16))  # (H, W, D) in [0, 1]
+SALIENCY = RNG.random((4, 4, 2))  # (h, w, d)
+
+
+def binary_scores(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    return y, np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1)
+
+
+def test_confusion_matrix_heatmap_shows_counts_and_row_shares():
+    fig = plot_confusion_matrix(np.array([[3, 1], [0, 4]]), ["Normal", "COVID-19"])
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert len(fig.axes) == 2  # heatmap + colour bar
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["3\n75.0%", "1\n25.0%", "0\n0.0%", "4\n100.0%"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Normal", "COVID-19"]
+
+
+def test_confusion_matrix_five_classes_with_an_empty_row():
+    cm = np.diag([2, 3, 0, 1, 5])
+    fig = plot_confusion_matrix(cm, [f"CT-{i}" for i in range(5)])
+    assert len(fig.axes[0].texts) == 25 and fig.axes[0].texts[12].get_text() == "0\n0.0%"
+
+
+def test_roc_curves_one_line_per_model_plus_chance():
+    y, s = binary_scores()
+    fig = plot_roc_curves({"ours": (y, s), "ResNet-18": (y, 1 - s), "DenseNet-121": (torch.tensor(y), torch.tensor(s))})
+    ax = fig.axes[0]
+    assert len(ax.lines) == 4
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("ours (AUC = ") and labels[-1] == "chance"
+    assert labels[1] == f"ResNet-18 (AUC = {roc_auc_score(y, 1 - s):.3f})"
+
+
+def test_learning_curves_two_phases():
+    history = {
+        "phase 1: DCG": {"train_loss": [1.0, 0.8, 0.7], "val_loss": [1.1, 0.9, 0.95], "val_auc": [0.6, 0.7, 0.72]},
+        "phase 2: diffusion": {"train_loss": [0.5, 0.4], "val_loss": [0.6, 0.5]},
+    }
+    fig = plot_learning_curves(history, selected_epochs={"phase 1: DCG": 2})
+    assert len(fig.axes) == 4
+    loss1, loss2, metric1, metric2 = fig.axes[0], fig.axes[1], fig.axes[2], fig.axes[3]
+    assert len(loss1.lines) == 3  # train, val, selected-epoch marker
+    assert len(metric1.lines) == 2  # val_auc + marker
+    assert len(loss2.lines) == 2 and not metric2.get_visible()
+    np.testing.assert_array_equal(loss2.lines[0].get_xdata(), [1, 2])
+
+
+def test_reliability_diagram_bars_and_ece_in_title():
+    y, s = binary_scores(200)
+    probs = np.stack([1 - s, s], axis=1)
+    fig = plot_reliability_diagram(y, probs, n_bins=10)
+    ax = fig.axes[0]
+    filled = int((reliability_curve(y, probs, 10)["count"] > 0).sum())
+    assert len([p for p in ax.patches if isinstance(p, Rectangle)]) == filled
+    assert f"ECE = {expected_calibration_error(y, probs, 10):.3f}" in ax.get_title()
+
+
+@pytest.mark.parametrize("volume, n, expected_vmax", [(VOLUME, 5, 1.0), (VOLUME * 1400 - 1000, 3, 400.0)])
+def test_ct_slices(volume, n, expected_vmax):
+    fig = plot_ct_slices(volume, n=n, title="scan")
+    assert len(fig.axes) == n
+    image = fig.axes[0].images[0]
+    assert image.get_array().shape == (32, 32) and image.get_clim()[1] == expected_vmax
+    k = int(fig.axes[0].get_title().split()[1].split("/")[0])
+    np.testing.assert_array_equal(image.get_array(), volume[:, :, k].T)  # axial slice, transposed
+
+
+def test_saliency_overlay_draws_each_box_on_the_slices_it_crosses():
+    boxes = np.array([[0, 0, 0, 8, 8, 4], [10, 12, 2, 18, 20, 6], [20, 20, 10, 28, 28, 14]])  # (K, 6)
+    fig = plot_saliency_overlay(VOLUME, SALIENCY, boxes, slices=[1, 3, 5, 12, 15])
+    per_slice = [len([p for p in ax.patches if isinstance(p, Rectangle)]) for ax in fig.axes]
+    assert per_slice == [1, 2, 1, 1, 0]  # slice 3 lies in boxes 0 and 1
+    rect = fig.axes[2].patches[0]  # box 1 on slice 5: voxels 10..17 along H, 12..19 along W
+    assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (9.5, 11.5, 8, 8)
+    assert all(len(ax.images) == 2 for ax in fig.axes)  # CT + saliency
+    default = plot_saliency_overlay(VOLUME, SALIENCY, boxes)
+    assert [ax.get_title() for ax in default.axes] == ["slice 1/16", "slice 3/16", "slice 11/16"]  # box centres
+    assert [len(ax.patches) for ax in default.axes] == [1, 2, 1]  # slice 3 also crosses box 0
+
+
+def test_saliency_overlay_upsamples_to_the_volume():
+    saliency = np.zeros((4, 4, 2))
+    saliency[3, 3, 1] = 1.0  # hot cell at the far corner
+    fig = plot_saliency_overlay(VOLUME, saliency, slices=[15])
+    overlay = fig.axes[0].images[1].get_array()  # (W, H) after the transpose
+    assert overlay.shape == (32, 32) and overlay[-1, -1] == pytest.approx(1.0) and overlay[0, 0] == 0.0
+    # default: the 5 slices of largest saliency, here those nearest the hot cell (D index 1 of 2)
+    titles = [ax.get_title() for ax in plot_saliency_overlay(VOLUME, saliency).axes]
+    assert titles == [f"slice {k}/16" for k in range(11, 16)]
+
+
+@pytest.mark.parametrize("probs_shape", [(11, 2), (11, 6, 5)])
+def test_denoising_trajectory(probs_shape):
+    n_classes = probs_shape[-1]
+    probs = np.random.default_rng(1).dirichlet(np.ones(n_classes), size=probs_shape[:-1])  # (S+1, [B,] C)
+    timesteps = np.linspace(500, 0, 11).astype(int)
+    fig = plot_denoising_trajectory(probs, timesteps, [f"class {c}" for c in range(n_classes)])
+    ax = fig.axes[0]
+    assert len(ax.lines) == n_classes and len(ax.collections) == (n_classes if len(probs_shape) == 3 else 0)
+    assert ax.xaxis_inverted()
+    expected = probs if len(probs_shape) == 2 else probs.mean(axis=1)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), expected[:, 0])
+
+
+def test_hu_histograms_one_step_line_per_volume():
+    normal = RNG.normal(-850, 60, 5000)
+    covid = np.concatenate([normal, RNG.normal(-500, 100, 2000), np.full(100, -2048)])
+    fig = plot_hu_histograms({"normal": normal, "covid": covid.astype(np.int16)})
+    ax = fig.axes[0]
+    assert len([p for p in ax.patches if isinstance(p, StepPatch)]) == 2
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[1].startswith("covid (1.4% outside range)")
+
+
+def test_save_figure_writes_png_and_closes(tmp_path):
+    fig = plot_ct_slices(VOLUME, n=2)
+    path = save_figure(fig, tmp_path / "figures" / "slices.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    assert [p.name for p in path.parent.iterdir()] == ["slices.png"]  # no temp file left
+    assert not fig.axes  # released
+    pyplot_fig = plt.figure()
+    save_figure(pyplot_fig, tmp_path / "pyplot.png")
+    assert pyplot_fig.number not in plt.get_fignums()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: plot_confusion_matrix(np.ones((2, 3)), ["a", "b"]), r"shape \(C, C\)"),
+        (lambda: plot_confusion_matrix(np.ones(4), ["a", "b"]), "cm must have 2 dimensions"),
+        (lambda: plot_roc_curves({"m": (np.ones(4), np.ones(4))}), "both classes"),
+        (lambda: plot_roc_curves({"m": (np.array([0, 1]), np.ones(3))}), "same shape"),
+        (lambda: plot_ct_slices(VOLUME[:, :, 0]), "volume must have 3 dimensions"),
+        (lambda: plot_ct_slices(VOLUME, n=40), "n must be an integer"),
+        (lambda: plot_saliency_overlay(VOLUME, SALIENCY, np.zeros((2, 4))), r"\(K, 6\)"),
+        (lambda: plot_saliency_overlay(VOLUME, SALIENCY, np.array([[0, 0, 0, 40, 8, 4]])), "start < end"),
+        (lambda: plot_saliency_overlay(VOLUME, SALIENCY, slices=[16]), "slices must be"),
+        (lambda: plot_saliency_overlay(VOLUME, SALIENCY[..., None]), "saliency must have 3"),
+        (lambda: plot_denoising_trajectory(np.ones((5, 2)) / 2, [4, 3, 2, 1], ["a", "b"]), "5 steps"),
+        (lambda: plot_denoising_trajectory(np.ones((4, 2)) / 2, [4, 3, 2, 1], ["a"]), "C = 2 classes"),
+        (lambda: plot_learning_curves({}), "history is empty"),
+        (lambda: plot_hu_histograms({"x": np.array([np.nan])}), "NaN"),
+    ],
+)
+def test_bad_inputs_raise_clear_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,85 @@
+"""Seeding and device choice for entry points (scripts, notebooks, CLIs) only.
+
+Library code never seeds or reads global random state: it takes an ``np.random.Generator`` or
+``torch.Generator`` as an argument. :func:`seed_everything` is for the one place a run starts,
+to pin what library code cannot reach (weight initialisation and dropout draw from torch's
+global generator; third-party code may use Python's ``random`` or numpy's legacy RNG).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+DEVICE_ENV_VAR = "MEDISCOPE_DEVICE"
+"""Environment variable naming the device (``cpu``, ``cuda``, ``cuda:1``, ``mps``) when the
+caller does not."""
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
+    """Seed every global RNG and choose deterministic kernels; return a seeded generator.
+
+    Sets Python's ``random``, numpy's legacy global RNG, torch's CPU and all CUDA generators,
+    ``torch.use_deterministic_algorithms(deterministic, warn_only=True)`` (ops without a
+    deterministic kernel warn instead of failing), ``cudnn.deterministic = deterministic``
+    and ``cudnn.benchmark = not deterministic``. With ``deterministic`` it also sets
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set, which cuBLAS needs for
+    reproducible matrix products on CUDA >= 10.2 (it only takes effect if CUDA has not been
+    initialised yet, so call this first).
+
+    Args:
+        seed: integer in ``[0, 2**32)`` (numpy's legacy RNG accepts no more).
+        deterministic: trade speed for run-to-run reproducibility on CUDA.
+
+    Returns:
+        a new CPU ``torch.Generator`` seeded with ``seed``, to pass to DataLoaders and samplers.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """The device to run on.
+
+    Order: ``prefer`` if given, else the ``MEDISCOPE_DEVICE`` environment variable if set,
+    else CUDA when available, else CPU. ``"auto"`` in either place means the last rule.
+
+    Raises:
+        ValueError: the requested device is not a valid torch device or is not available
+            (e.g. ``"cuda"`` on a machine without a GPU).
+    """
+    source = "prefer"
+    if prefer is None and os.environ.get(DEVICE_ENV_VAR):
+        prefer, source = os.environ[DEVICE_ENV_VAR], DEVICE_ENV_VAR
+    if prefer is None or prefer.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(prefer.strip().lower())
+    except RuntimeError as err:
+        raise ValueError(f"{source}={prefer!r} is not a torch device "
+                         "(expected cpu, cuda, cuda:N, mps or auto)") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{source}={prefer!r} asks for CUDA but torch.cuda.is_available() is False")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{source}={prefer!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{source}={prefer!r} asks for MPS but torch.backends.mps.is_available() is False")
+    return device
+
+
+def amp_enabled(device: str | torch.device) -> bool:
+    """Whether to use automatic mixed precision (float16 autocast + GradScaler): only on CUDA; CPU runs stay float32."""
+    return torch.device(device).type == "cuda"
