@@ -230,7 +230,8 @@ class DiffMIC3D(nn.Module):
             return_trajectory: add per-step probabilities (S, steps + 1, B, C).
 
         Returns:
-            dict(probs (B, C), std (B, C), entropy (B,), samples (S, B, C)[, trajectory]);
+            dict(probs (B, C), std (B, C), entropy (B,), samples (S, B, C),
+            y0_samples (S, B, C, Np, Np, Np)[, trajectory]);
             probabilities are the softmax of the grid-averaged final y_0 (``prob_from``).
         """
         if isinstance(inputs, torch.Tensor):

@@ -197,6 +197,12 @@ class PriorShiftedDiffusion(nn.Module):
             / (1.0 - alphas_cumprod))  # gamma_2
         buf("posterior_variance", (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) * betas)  # beta_tilde_t
 
+        # Softmax temperature of the class probabilities. y_0 is trained towards one-hot, so
+        # softmax(grid-mean y_0) saturates near e / (e + 1) = 0.73 for C = 2: ranking (AUC)
+        # and argmax are unaffected, but the probabilities are under-confident. Temperature
+        # scaling (Guo et al., ICML 2017) fitted on the validation split fixes calibration
+        # without changing any prediction; it is learned state, so it lives in the state dict.
+        self.register_buffer("temperature", torch.ones(()))
         self.timesteps: Optional[torch.Tensor] = None  # filled by set_timesteps (descending)
 
     @property
@@ -349,11 +355,41 @@ class PriorShiftedDiffusion(nn.Module):
     # -- sampling ------------------------------------------------------------------------
 
     def probabilities(self, y: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (B, C) of a class map (B, C, *spatial), per ``config.prob_from``."""
+        """Class probabilities (B, C) of a class map (B, C, *spatial), per ``config.prob_from``,
+        divided by ``self.temperature`` before the softmax (1 until ``fit_temperature``)."""
         spatial = tuple(range(2, y.ndim))
         if self.config.prob_from == "y0":
-            return torch.softmax(y.mean(dim=spatial), dim=1)
-        return torch.softmax(y, dim=1).mean(dim=spatial)
+            return torch.softmax(y.mean(dim=spatial) / self.temperature, dim=1)
+        return torch.softmax(y / self.temperature, dim=1).mean(dim=spatial)
+
+    @torch.no_grad()
+    def fit_temperature(self, y0_samples: torch.Tensor, labels: torch.Tensor,
+                        grid: Optional[torch.Tensor] = None) -> float:
+        """Set ``self.temperature`` to minimise the validation NLL of the mean probabilities.
+
+        Args:
+            y0_samples: final class maps of S samples per volume, (S, N, C, *spatial) (the
+                ``y0_samples`` that ``predict_proba`` returns), of the VALIDATION split.
+            labels: (N,) class indices.
+            grid: candidate temperatures (default 200 log-spaced values in [0.01, 10]).
+        A 1-D search on a fixed grid: deterministic, no optimiser state. Returns the value.
+        """
+        if y0_samples.ndim < 3 or y0_samples.shape[1] != labels.shape[0]:
+            raise ValueError(f"fit_temperature needs y0_samples (S, N, C, ...) matching labels (N,), "
+                             f"got {tuple(y0_samples.shape)} and {tuple(labels.shape)}")
+        grid = torch.logspace(-2, 1, 200, dtype=torch.float64) if grid is None else grid.double()
+        S, N = y0_samples.shape[:2]
+        flat = y0_samples.reshape(S * N, *y0_samples.shape[2:]).double()
+        labels = labels.long().cpu()
+        best, best_nll = 1.0, float("inf")
+        for value in grid.tolist():
+            self.temperature.fill_(value)
+            probs = self.probabilities(flat).reshape(S, N, -1).mean(dim=0).cpu()  # (N, C)
+            nll = float(-probs.gather(1, labels[:, None]).clamp(min=1e-12).log().mean())
+            if nll < best_nll:
+                best, best_nll = value, nll
+        self.temperature.fill_(best)
+        return best
 
     @torch.no_grad()
     def sample(self, denoiser: Denoiser, M: torch.Tensor, F_prior: torch.Tensor, sampler: Optional[str] = None,
@@ -412,7 +448,8 @@ class PriorShiftedDiffusion(nn.Module):
         The S chains run as one batch of S*B. Returns dict:
             probs (B, C): mean over samples; std (B, C): their standard deviation (0 for S=1);
             entropy (B,): predictive entropy -sum_c p_c log p_c of the mean;
-            samples (S, B, C); trajectory (S, steps + 1, B, C) if requested.
+            samples (S, B, C); y0_samples (S, B, C, Np, Np, Np) the final class maps (for
+            ``fit_temperature``); trajectory (S, steps + 1, B, C) if requested.
         """
         S = num_samples or self.config.num_samples
         B = M.shape[0]
@@ -420,6 +457,7 @@ class PriorShiftedDiffusion(nn.Module):
         F_rep = F_prior.repeat(S, 1)  # (S*B, feature_dim)
         out = self.sample(denoiser, M_rep, F_rep, sampler=sampler, steps=steps, eta=eta,
                           generator=generator, return_trajectory=return_trajectory)
+        y0_samples = out.y0.reshape(S, B, *out.y0.shape[1:])  # (S, B, C, Np, Np, Np)
         samples = self.probabilities(out.y0).reshape(S, B, -1)  # (S, B, C)
         probs = samples.mean(dim=0)
         result = {
@@ -427,6 +465,7 @@ class PriorShiftedDiffusion(nn.Module):
             "std": samples.std(dim=0, unbiased=False),
             "entropy": -(probs * probs.clamp(min=1e-12).log()).sum(dim=1),
             "samples": samples,
+            "y0_samples": y0_samples,
         }
         if return_trajectory:
             n = out.trajectory.shape[0]

@@ -344,3 +344,49 @@ def test_prob_from_points_averages_per_point_softmax():
 def test_invalid_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiffusionConfig(**kwargs)
+
+
+# temperature scaling of the class probabilities
+
+
+def _saturated_case(n=64, seed=0):
+    """Final class maps that are exactly one-hot (S=2 samples), right for 90% of volumes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    predicted = torch.where(torch.rand(n, generator=g) < 0.9, labels, 1 - labels)
+    y0 = one_hot_grid(predicted, 2, 2)  # (N, 2, 2, 2, 2)
+    return y0.unsqueeze(0).repeat(2, 1, 1, 1, 1, 1), labels  # (S, N, C, ...)
+
+
+def test_fit_temperature_sharpens_saturated_probabilities_without_changing_predictions():
+    process = PriorShiftedDiffusion(DiffusionConfig(num_timesteps=10))
+    y0_samples, labels = _saturated_case()
+    flat = y0_samples[0]
+    before = process.probabilities(flat)
+    assert float(before.max()) < 0.74  # softmax of one-hot caps at e / (e + 1)
+
+    def nll(p):
+        return float(-p.gather(1, labels[:, None]).log().mean())
+
+    value = process.fit_temperature(y0_samples, labels)
+    after = process.probabilities(flat)
+    assert value < 1.0 and float(process.temperature) == pytest.approx(value)
+    assert nll(after) < nll(before)
+    assert torch.equal(after.argmax(1), before.argmax(1))
+    # 90% right -> the calibrated confidence of a one-hot prediction is close to 0.9
+    assert float(after.max(1).values.mean()) == pytest.approx(0.9, abs=0.03)
+
+
+def test_temperature_is_saved_in_the_state_dict():
+    process = PriorShiftedDiffusion(DiffusionConfig(num_timesteps=10))
+    process.fit_temperature(*_saturated_case())
+    restored = PriorShiftedDiffusion(DiffusionConfig(num_timesteps=10))
+    restored.load_state_dict(process.state_dict())
+    assert float(restored.temperature) == float(process.temperature) != 1.0
+
+
+def test_fit_temperature_rejects_mismatched_labels():
+    process = PriorShiftedDiffusion(DiffusionConfig(num_timesteps=10))
+    y0_samples, labels = _saturated_case()
+    with pytest.raises(ValueError, match="matching labels"):
+        process.fit_temperature(y0_samples, labels[:-1])
