@@ -1,0 +1,83 @@
+"""Prepare a dataset for training: find (or generate) the scans, split them, fill the cache.
+
+    python -m utils.prepare_data [--data-dir DIR] [--output-dir outputs] [--seed 0]
+                                 [--label-mode binary|severity] [--target 128 128 64]
+                                 [--no-cache] [--phantoms 100]
+
+Data comes from, first match wins: ``--data-dir``; ``$MEDISCOPE_DATA_DIR``; a MosMedData
+copy attached under ``/kaggle/input`` (found by content); the embedded phantom set in
+``data/MosMedData``, generated here on first use. Prints a summary: layout, scans per class
+and per split, where the manifest and cache are.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from utils.cache import VolumeCache
+from utils.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
+from utils.errors import DataError
+from utils.phantoms import write_dataset
+from utils.preprocessing import PreprocessConfig
+from utils.splits import SPLITS, load_or_create_splits
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_DATA = REPO_ROOT / "data" / "MosMedData"
+
+
+def resolve_data_dir(data_dir: Path | None, n_phantoms: int, seed: int) -> Path:
+    """The folder to read scans from; generates the embedded phantoms when that is the choice."""
+    chosen = Path(data_dir) if data_dir is not None else default_data_dir(REPO_ROOT)
+    if chosen.resolve() == EMBEDDED_DATA.resolve():
+        write_dataset(EMBEDDED_DATA, n_phantoms, seed)  # no-op when already complete
+    return chosen
+
+
+def split_summary(splits: dict, label_mode: str) -> str:
+    """A small table: one row per split, one column per class."""
+    names = CLASS_NAMES[label_mode]
+    rows = [f"{'split':<6}" + "".join(f"{n:>10}" for n in names) + f"{'total':>8}"]
+    for split in SPLITS:
+        counts = Counter(r.label for r in splits[split])
+        rows.append(f"{split:<6}" + "".join(f"{counts.get(k, 0):>10}" for k in range(len(names)))
+                    + f"{len(splits[split]):>8}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.prepare_data", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding a MosMedData layout")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs")
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "data" / "processed")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (and of generated phantoms)")
+    parser.add_argument("--label-mode", choices=("binary", "severity"), default="binary")
+    parser.add_argument("--target", type=int, nargs=3, default=(128, 128, 64), metavar=("H", "W", "D"))
+    parser.add_argument("--phantoms", type=int, default=100, help="size of the embedded set if generated")
+    parser.add_argument("--no-cache", action="store_true", help="skip preprocessing into the cache")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        data_dir = resolve_data_dir(args.data_dir, args.phantoms, args.seed)
+        root, layout = find_dataset_root(data_dir)
+        records = discover_scans(root, args.label_mode)
+        manifest = args.output_dir / "splits.csv"
+        splits = load_or_create_splits(records, manifest, seed=args.seed, data_dir=root)
+        print(f"dataset: {root} ({layout} layout, {len(records)} scans, labels: {args.label_mode})")
+        print(split_summary(splits, args.label_mode))
+        print(f"split manifest: {manifest}")
+        if not args.no_cache:
+            cache = VolumeCache(args.cache_dir, PreprocessConfig(target_shape=tuple(args.target)))
+            cache.warm([r.path for r in records])
+            print(f"preprocessed cache: {cache.folder}")
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
