@@ -1,0 +1,256 @@
+"""Tests of utils.predict: checkpoint loading, prediction of new scans, and the CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, toy_ct, write_nifti
+from models.diffmic3d import DiffMIC3D, ModelConfig
+from utils.checkpoint import save_checkpoint
+from utils.errors import DataError
+from utils.predict import expand_inputs, load_model, main, predict_scan, predict_scans
+from utils.preprocessing import PreprocessConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUT_SHAPE = (32, 32, 16)
+CLASS_NAMES = ["Normal", "COVID-19"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Run the tiny models on one thread: their ops are too small to gain from more, and
+    OpenMP threads spin-waiting on a busy 2-core machine made them 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def preprocess_dict(shape):
+    """``preprocess_config`` as the training run stores it (target_shape as a list)."""
+    config = PreprocessConfig(target_shape=shape).as_dict()
+    return {**config, "target_shape": list(config["target_shape"])}
+
+
+def write_checkpoint(path, config: ModelConfig, state_dict=None, **overrides):
+    """A checkpoint following the run's contract for a randomly initialised tiny model."""
+    torch.manual_seed(0)
+    model = DiffMIC3D(config)
+    h, w, d = config.dcg.input_shape
+    s = config.dcg.roi_scale
+    entries = {
+        "preprocess_config": preprocess_dict((h, w, d)),
+        "hires_preprocess_config": preprocess_dict((s * h, s * w, d)) if s > 1 else None,
+        "label_mode": "binary",
+        "class_names": list(CLASS_NAMES),
+        "train_config": {"num_samples": 2, "seed": 0},
+    }
+    entries.update(overrides)
+    entries = {k: v for k, v in entries.items() if v is not Ellipsis}  # Ellipsis: leave the key out
+    return save_checkpoint(path, model_config=config.to_dict(),
+                           model_state_dict=model.state_dict() if state_dict is None else state_dict, **entries)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pth", ModelConfig.tiny(input_shape=INPUT_SHAPE))
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """A folder of two small NIfTI CT scans (24 x 20 x 8 voxels) and a stray text file."""
+    folder = tmp_path_factory.mktemp("scans")
+    write_nifti(folder / "a.nii.gz", toy_ct(seed=1))
+    write_nifti(folder / "b.nii", toy_ct(seed=2))
+    (folder / "notes.txt").write_text("not a scan")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_model(checkpoint, "cpu")
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------------------
+# load_model
+# ----------------------------------------------------------------------------------------
+
+def test_load_model_restores_weights_and_metadata(checkpoint, loaded):
+    model, meta = loaded
+    saved = torch.load(checkpoint, weights_only=True)["model_state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert not model.training
+    assert meta.class_names == tuple(CLASS_NAMES)
+    assert meta.preprocess.target_shape == INPUT_SHAPE and meta.hires_preprocess is None
+    assert meta.num_samples == 2  # from the training profile
+
+
+def bad_checkpoints(tmp: Path) -> dict:
+    """name -> (path, fragment of the expected one-line message)."""
+    config = ModelConfig.tiny(input_shape=INPUT_SHAPE)
+    corrupt = tmp / "corrupt.pth"
+    corrupt.write_bytes(b"\x00not a torch file at all")
+    baseline = tmp / "resnet18.pth"
+    save_checkpoint(baseline, model_config={"name": "resnet18", "num_classes": 2, "in_channels": 1},
+                    model_state_dict={"fc.weight": torch.zeros(2, 4)})
+    foreign = tmp / "foreign.pth"
+    save_checkpoint(foreign, model_config={"layers": 3}, model_state_dict={})
+    other = DiffMIC3D(ModelConfig.tiny(num_classes=3, input_shape=INPUT_SHAPE)).state_dict()
+    return {
+        "missing": (tmp / "absent.pth", "python -m utils.run"),
+        "corrupt": (corrupt, "corrupt or truncated"),
+        "baseline": (baseline, "resnet18 baseline, not a DiffMIC-3D model"),
+        "foreign config": (foreign, "model_config is not a DiffMIC-3D configuration"),
+        "state dict of another config": (write_checkpoint(tmp / "mismatch.pth", config, state_dict=other),
+                                         "does not match its model_config"),
+        "no preprocess_config": (write_checkpoint(tmp / "noprep.pth", config, preprocess_config=...),
+                                 "no preprocess_config"),
+        "preprocess shape != input": (write_checkpoint(tmp / "shape.pth", config,
+                                                       preprocess_config=preprocess_dict((64, 64, 32))),
+                                      "target_shape (64, 64, 32) != model input (32, 32, 16)"),
+        "class names": (write_checkpoint(tmp / "names.pth", config, class_names=["a", "b", "c"]),
+                        "3 class_names for a model with 2 classes"),
+    }
+
+
+BAD_CHECKPOINTS = ["missing", "corrupt", "baseline", "foreign config", "state dict of another config", "no preprocess_config",
+                   "preprocess shape != input", "class names"]
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_gives_one_line_error(tmp_path, toy_nifti, capsys, case):
+    path, fragment = bad_checkpoints(tmp_path)[case]
+    with pytest.raises(DataError) as info:
+        load_model(path)
+    assert fragment in str(info.value) and str(path) in str(info.value)
+    code, out, err = run_cli(capsys, toy_nifti, "--checkpoint", path)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err
+
+
+# ----------------------------------------------------------------------------------------
+# predict_scan(s)
+# ----------------------------------------------------------------------------------------
+
+def test_predict_scan_record(loaded, scans):
+    model, meta = loaded
+    result = predict_scan(model, meta, scans / "a.nii.gz", num_samples=3, seed=0)
+    probs = np.array(list(result["probs"].values()))
+    assert list(result["probs"]) == CLASS_NAMES == list(result["std"])
+    assert probs.sum() == pytest.approx(1.0, abs=1e-5) and (probs >= 0).all()
+    assert result["predicted_class"] == CLASS_NAMES[int(probs.argmax())]
+    assert result["probability"] == pytest.approx(probs.max())
+    assert result["entropy"] == pytest.approx(-(probs * np.log(probs)).sum(), abs=1e-5)
+    assert 0 <= result["entropy"] <= math.log(2) + 1e-6
+    assert all(s >= 0 for s in result["std"].values())
+
+
+def test_predict_scans_is_seeded_and_independent_of_order(loaded, scans):
+    model, meta = loaded
+    a, b = scans / "a.nii.gz", scans / "b.nii"
+    first = predict_scans(model, meta, [a, b], num_samples=2, seed=7)
+    again = predict_scans(model, meta, [b, a], num_samples=2, seed=7)
+    assert first == again[::-1]
+    other_seed = predict_scans(model, meta, [a], num_samples=2, seed=8)
+    assert other_seed[0]["probs"] != first[0]["probs"]
+
+
+def test_one_sample_has_zero_std(loaded, scans):
+    model, meta = loaded
+    result = predict_scan(model, meta, scans / "a.nii.gz", num_samples=1)
+    assert set(result["std"].values()) == {0.0}
+
+
+def test_roi_scale_two_checkpoint_uses_hires_copy(tmp_path, toy_nifti):
+    data = ModelConfig.tiny(input_shape=INPUT_SHAPE).to_dict()
+    data["dcg"]["roi_scale"] = 2
+    path = write_checkpoint(tmp_path / "hires.pth", ModelConfig.from_dict(data))
+    model, meta = load_model(path)
+    assert meta.hires_preprocess.target_shape == (64, 64, 16)
+    probs = predict_scan(model, meta, toy_nifti)["probs"]
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+    broken = write_checkpoint(tmp_path / "nohires.pth", ModelConfig.from_dict(data), hires_preprocess_config=None)
+    with pytest.raises(DataError, match="roi_scale 2 needs hires_preprocess_config"):
+        load_model(broken)
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------
+
+def test_expand_inputs(scans, tmp_path):
+    dicom = DATA / "example_ct_dicom"
+    found, notes = expand_inputs([scans, dicom, tmp_path / "x.nii.gz"])
+    assert found == [scans / "a.nii.gz", scans / "b.nii", dicom, tmp_path / "x.nii.gz"]
+    assert notes == [f"{scans / 'notes.txt'}: skipped (not a .nii / .nii.gz file)"]
+
+
+def test_cli_text_output_names_class_probability_and_uncertainty(checkpoint, loaded, scans, capsys):
+    code, out, err = run_cli(capsys, scans / "a.nii.gz", "--checkpoint", checkpoint, "--samples", "3")
+    assert code == 0 and err == ""
+    expected = predict_scan(*loaded, scans / "a.nii.gz", num_samples=3, seed=0)
+    name = expected["predicted_class"]
+    assert out.count("\n") == 1
+    assert f": {name} (probability {expected['probability']:.3f}" in out
+    assert f"std {expected['std'][name]:.3f}, entropy {expected['entropy']:.3f} nats" in out
+
+
+def test_cli_json_same_seed_same_output(checkpoint, scans, capsys):
+    argv = [scans / "b.nii", "--checkpoint", checkpoint, "--json", "--samples", "2", "--seed", "3"]
+    code, out, _ = run_cli(capsys, *argv)
+    code2, out2, _ = run_cli(capsys, *argv)
+    assert code == code2 == 0 and out == out2
+    (result,) = json.loads(out)
+    assert sum(result["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert result["path"] == str(scans / "b.nii")
+
+
+def test_cli_folder_predicts_every_scan_and_reports_the_rest(checkpoint, scans, capsys):
+    code, out, err = run_cli(capsys, scans, "--checkpoint", checkpoint, "--json")
+    assert code == 0
+    assert [r["path"] for r in json.loads(out)] == [str(scans / "a.nii.gz"), str(scans / "b.nii")]
+    assert "notes.txt: skipped" in err
+
+
+def test_cli_dicom_series_folder(checkpoint, capsys):
+    code, out, err = run_cli(capsys, DATA / "example_ct_dicom", "--checkpoint", checkpoint, "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["path"] == str(DATA / "example_ct_dicom")
+
+
+def test_cli_bad_scans_are_reported_and_good_ones_still_predicted(checkpoint, scans, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    write_nifti(folder / "good.nii.gz", toy_ct())
+    (folder / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated gzip")
+    code, out, err = run_cli(capsys, folder, tmp_path / "absent.nii.gz", "--checkpoint", checkpoint, "--json")
+    assert code == 1
+    assert [Path(r["path"]).name for r in json.loads(out)] == ["good.nii.gz"]
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert str(folder / "corrupt.nii.gz") in lines[0] and "absent.nii.gz: file not found" in lines[1]
+
+
+def test_cli_as_subprocess(checkpoint, scans):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see single_thread
+    proc = subprocess.run([sys.executable, "-m", "utils.predict", str(scans / "a.nii.gz"), "--checkpoint",
+                           str(checkpoint), "--json", "--device", "cpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(proc.stdout)
+    assert result["predicted_class"] in CLASS_NAMES
+    bad = subprocess.run([sys.executable, "-m", "utils.predict", str(scans / "a.nii.gz"), "--checkpoint",
+                          str(scans / "absent.pth")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "python -m utils.run" in bad.stderr

@@ -1,0 +1,519 @@
+"""Evaluation of trained models on the test split: predictions, metrics with CIs, figures.
+
+Every model -- ours, its two ablations and the two 3D CNN baselines -- is evaluated through
+one interface: a ``predict_batch(batch) -> {"probs": (B, C)[, "std": (B, C), "entropy": (B,)]}``
+callable run over a DataLoader by :func:`predict_loader`, which collects a :class:`Predictions`.
+:func:`evaluate_experiment` then turns the models' predictions on the SAME test scans into
+
+    OUTPUT_DIR/evaluation_results.csv    model,metric,value,ci_low,ci_high (utils.metrics)
+    OUTPUT_DIR/predictions.csv           one row per (model, scan): label, probabilities, uncertainty
+    OUTPUT_DIR/figures/confusion_matrix.png, roc_curves.png, reliability_diagram.png
+
+and :func:`write_learning_curves` / :func:`write_model_figures` draw the training curves
+(from ``history.json``), the DCG's saliency maps with ROI boxes, and the denoising trajectory
+of the class probabilities. The maths lives in ``utils.metrics`` and the drawing in
+``utils.visualization``; this module only wires them to files.
+
+Conventions: the first model of the ``predictions`` mapping is the main model (ours); its
+confusion matrix and reliability diagram are drawn. Labels are integers in ``[0, C)``;
+for C = 2, class 1 is the positive (abnormal) class.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from utils.atomic import atomic_write_text
+from utils.errors import DataError
+from utils.metrics import (
+    CSV_COLUMNS,
+    MIN_RESAMPLES,
+    SCALAR_METRICS,
+    classification_metrics,
+    metrics_table,
+    write_metrics_csv,
+)
+from utils.visualization import (
+    plot_confusion_matrix,
+    plot_denoising_trajectory,
+    plot_learning_curves,
+    plot_reliability_diagram,
+    plot_roc_curves,
+    plot_saliency_overlay,
+    save_figure,
+)
+
+RESULTS_CSV = "evaluation_results.csv"
+PREDICTIONS_CSV = "predictions.csv"
+FIGURES_DIR = "figures"
+
+METRIC_LABELS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall (sensitivity)",
+                 "f1": "F1", "specificity": "Specificity", "roc_auc": "ROC-AUC"}
+"""Column titles of :func:`format_results_table`."""
+
+PHASE_TITLES = {"dcg": "phase 1: DCG", "diffusion": "phase 2: diffusion",
+                "resnet18": "3D ResNet-18 (baseline)", "densenet121": "3D DenseNet-121 (baseline)"}
+"""Panel titles of the learning-curve figure for the phase keys of ``history.json``."""
+
+BEST_EPOCH_KEY = "best_epoch"
+"""Optional integer (1-based) in a phase of ``history.json``: the epoch kept by model
+selection, drawn as a dotted line (``best: {"epoch": ...}`` is read the same way)."""
+
+
+# ----------------------------------------------------------------------------------------
+# predictions
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Predictions:
+    """One model's predictions on N scans (C classes).
+
+    Attributes:
+        paths: (N,) scan paths, in loader order.
+        labels: (N,) int64 true labels in ``[0, C)``.
+        probs: (N, C) predicted class probabilities (rows sum to 1).
+        std: (N, C) standard deviation of the probabilities over stochastic samples (the
+            diffusion model's uncertainty), or None for deterministic models.
+        entropy: (N,) predictive entropy ``-sum_c p_c log p_c`` of ``probs`` in nats, or None.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    std: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.paths = [str(p) for p in self.paths]
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.probs = np.asarray(self.probs, dtype=np.float64)
+        n = len(self.paths)
+        if self.labels.shape != (n,):
+            raise ValueError(f"Predictions: labels must have shape (N,) = ({n},), got {self.labels.shape}")
+        if self.probs.ndim != 2 or self.probs.shape[0] != n or self.probs.shape[1] < 2:
+            raise ValueError(f"Predictions: probs must have shape (N, C) = ({n}, C >= 2), got {self.probs.shape}")
+        if self.std is not None:
+            self.std = np.asarray(self.std, dtype=np.float64)
+            if self.std.shape != self.probs.shape:
+                raise ValueError(f"Predictions: std must have the shape of probs {self.probs.shape}, "
+                                 f"got {self.std.shape}")
+        if self.entropy is not None:
+            self.entropy = np.asarray(self.entropy, dtype=np.float64)
+            if self.entropy.shape != (n,):
+                raise ValueError(f"Predictions: entropy must have shape (N,) = ({n},), got {self.entropy.shape}")
+
+    @property
+    def num_classes(self) -> int:
+        return self.probs.shape[1]
+
+
+PredictBatch = Callable[[dict], Mapping[str, torch.Tensor]]
+
+
+def _to_device(batch: Mapping, device: torch.device | str) -> dict:
+    """The batch with every tensor on ``device`` (paths and other values unchanged)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def predict_loader(predict_batch: PredictBatch, loader: DataLoader, device: torch.device | str,
+                   desc: str = "predict") -> Predictions:
+    """Run ``predict_batch`` over every batch of ``loader`` without gradients.
+
+    Args:
+        predict_batch: ``batch -> {"probs": (B, C)[, "std": (B, C), "entropy": (B,)]}``;
+            ``batch`` is a CTDataset batch (``image`` (B, 1, H, W, D), ``label`` (B,),
+            ``index``, ``path``[, ``image_hires``]) with its tensors already on ``device``.
+            Optional keys must be returned for every batch or for none.
+        loader: an unshuffled loader over the split to predict.
+        device: where the batch tensors are moved.
+        desc: tqdm progress-bar label.
+
+    Returns:
+        the concatenated :class:`Predictions`, in loader order.
+    """
+    paths, labels, probs = [], [], []
+    optional = {"std": [], "entropy": []}
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, leave=False):
+            n = len(batch["path"])
+            out = predict_batch(_to_device(batch, device))
+            p = out["probs"]
+            if p.ndim != 2 or p.shape[0] != n:
+                raise ValueError(f"{desc}: predict_batch returned probs of shape {tuple(p.shape)} for a batch of {n}")
+            paths.extend(batch["path"])
+            labels.append(batch["label"].cpu().numpy())
+            probs.append(p.float().cpu().numpy())  # (B, C)
+            for key, collected in optional.items():
+                if key in out:
+                    collected.append(out[key].float().cpu().numpy())
+    if not paths:
+        raise ValueError(f"{desc}: the loader yielded no batches")
+    n_batches = len(probs)
+    extra = {}
+    for key, collected in optional.items():
+        if collected and len(collected) != n_batches:
+            raise ValueError(f"{desc}: predict_batch returned {key!r} for {len(collected)} of {n_batches} batches")
+        extra[key] = np.concatenate(collected) if collected else None
+    return Predictions(paths=paths, labels=np.concatenate(labels), probs=np.concatenate(probs), **extra)
+
+
+# ----------------------------------------------------------------------------------------
+# metrics, per-scan predictions and figures of an experiment
+# ----------------------------------------------------------------------------------------
+
+def _check_same_scans(predictions: Mapping[str, Predictions], class_names: Sequence[str]) -> None:
+    """All models must be evaluated on the same scans, in the same order, with C classes."""
+    if not predictions:
+        raise ValueError("predictions is empty: pass at least one model")
+    first_name, first = next(iter(predictions.items()))
+    for name, pred in predictions.items():
+        if pred.num_classes != len(class_names):
+            raise ValueError(f"{name}: probs have C = {pred.num_classes} classes but {len(class_names)} class names "
+                             f"were given ({list(class_names)})")
+        if pred.paths != first.paths or not np.array_equal(pred.labels, first.labels):
+            raise ValueError(f"{name} and {first_name} were evaluated on different scans or labels; "
+                             "every model must predict the same test split in the same order")
+
+
+def _float_cell(value: float) -> str:
+    """CSV text of a float at full precision (``repr``), 'nan' for NaN."""
+    return repr(float(value))
+
+
+def write_predictions_csv(predictions: Mapping[str, Predictions], class_names: Sequence[str],
+                          path: str | Path) -> Path:
+    """Per-scan predictions of every model, atomically, as CSV.
+
+    Columns: ``model, path, label, prob_<class>..., std_<class>..., entropy`` (one row per
+    model and scan; ``std_*`` and ``entropy`` are empty for models without them).
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "path", "label", *(f"prob_{c}" for c in class_names),
+                     *(f"std_{c}" for c in class_names), "entropy"])
+    n_classes = len(class_names)
+    for name, pred in predictions.items():
+        for i, scan in enumerate(pred.paths):
+            std = [_float_cell(v) for v in pred.std[i]] if pred.std is not None else [""] * n_classes
+            entropy = _float_cell(pred.entropy[i]) if pred.entropy is not None else ""
+            writer.writerow([name, scan, int(pred.labels[i]), *(_float_cell(v) for v in pred.probs[i]), *std, entropy])
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)
+
+
+def _roc_inputs(pred: Predictions, positive_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y (N,) 0/1, score (N,)) for a ROC curve: the positive class for C = 2, else any
+    class other than 0 (e.g. CT-1..CT-4: any COVID-19 finding) against class 0."""
+    if pred.num_classes == 2:
+        return (pred.labels == positive_class).astype(int), pred.probs[:, positive_class]
+    return (pred.labels != 0).astype(int), 1.0 - pred.probs[:, 0]
+
+
+def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str | Path, class_names: Sequence[str],
+                        seed: int = 0, n_resamples: int = MIN_RESAMPLES, positive_class: int = 1) -> list[dict]:
+    """Metrics with 95% bootstrap CIs, per-scan predictions and figures of all models.
+
+    Args:
+        predictions: model name -> its predictions on the test split; every model on the same
+            scans in the same order. The FIRST entry is the main model (ours).
+        output_dir: run folder; files written (atomically):
+            ``evaluation_results.csv`` (``model,metric,value,ci_low,ci_high``: the scalar
+            metrics with stratified percentile bootstrap CIs, then the confusion-matrix cells),
+            ``predictions.csv`` (see :func:`write_predictions_csv`) and
+            ``figures/confusion_matrix.png`` (main model), ``figures/roc_curves.png`` (all
+            models; for C > 2 any class but 0 against class 0) and
+            ``figures/reliability_diagram.png`` (main model).
+        class_names: (C,) names, e.g. ``["Normal", "COVID-19"]``.
+        seed: bootstrap seed; the same resamples of the test scans for every model (paired).
+        n_resamples: bootstrap resamples (>= 1000).
+        positive_class: the class precision / recall / specificity / AUC refer to when C = 2.
+
+    Returns:
+        the metric rows written to ``evaluation_results.csv`` (``utils.metrics.metrics_table``).
+    """
+    _check_same_scans(predictions, class_names)
+    output_dir = Path(output_dir)
+    figures = output_dir / FIGURES_DIR
+    rows = metrics_table({name: (p.labels, p.probs) for name, p in predictions.items()},
+                         n_resamples=n_resamples, seed=seed, positive_class=positive_class)
+    write_metrics_csv(rows, output_dir / RESULTS_CSV)
+    write_predictions_csv(predictions, class_names, output_dir / PREDICTIONS_CSV)
+
+    main_name, main = next(iter(predictions.items()))
+    cm = classification_metrics(main.labels, main.probs, positive_class)["confusion_matrix"]
+    save_figure(plot_confusion_matrix(cm, class_names, title=f"{main_name}: confusion matrix (test)"),
+                figures / "confusion_matrix.png")
+    roc_title = ("ROC curves (test)" if len(class_names) == 2
+                 else f"ROC curves (test): any of {', '.join(class_names[1:])} vs {class_names[0]}")
+    save_figure(plot_roc_curves({name: _roc_inputs(p, positive_class) for name, p in predictions.items()},
+                                title=roc_title), figures / "roc_curves.png")
+    save_figure(plot_reliability_diagram(main.labels, main.probs, title=f"{main_name}: reliability (test)"),
+                figures / "reliability_diagram.png")
+    return rows
+
+
+def _cell(value: float, low, high, digits: int) -> str:
+    """``'0.825 [0.700, 0.925]'``; 'n/a' for an undefined value."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def format_results_table(rows: Sequence[Mapping], metrics: Sequence[str] = SCALAR_METRICS, digits: int = 3) -> str:
+    """Markdown table of metric rows: one line per model, ``value [ci_low, ci_high]`` per metric.
+
+    Args:
+        rows: ``{"model", "metric", "value", "ci_low", "ci_high"}`` dicts (as returned by
+            :func:`evaluate_experiment`); models keep their order of first appearance.
+        metrics: the metric columns, in order (confusion cells are not shown).
+        digits: decimals.
+    """
+    table: dict[str, dict[str, str]] = {}
+    for row in rows:
+        if set(row) != set(CSV_COLUMNS):
+            raise ValueError(f"result rows must have exactly the keys {CSV_COLUMNS}, got {tuple(row)}")
+        if row["metric"] in metrics:
+            cell = _cell(row["value"], row["ci_low"], row["ci_high"], digits)
+            table.setdefault(row["model"], {})[row["metric"]] = cell
+    if not table:
+        raise ValueError(f"no rows for the metrics {list(metrics)}")
+    lines = ["| Model | " + " | ".join(METRIC_LABELS.get(m, m) for m in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for model, cells in table.items():
+        lines.append(f"| {model} | " + " | ".join(cells.get(m, "") for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# training curves
+# ----------------------------------------------------------------------------------------
+
+def read_history(history_path: str | Path) -> dict:
+    """Load ``history.json``: phase -> series name -> per-epoch values (see :func:`write_learning_curves`)."""
+    history_path = Path(history_path)
+    if not history_path.is_file():
+        raise DataError(history_path, "training history not found (written by `python -m utils.run`)")
+    try:
+        history = json.loads(history_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(history_path, f"not a readable JSON file ({err})") from err
+    if not isinstance(history, dict) or not all(isinstance(v, dict) for v in history.values()):
+        raise DataError(history_path, "expected a JSON object of phases, each an object of per-epoch series")
+    return history
+
+
+def _is_curve(name: str) -> bool:
+    """Series drawn as learning curves: losses and validation metrics (not e.g. ``lr``)."""
+    return "loss" in name or name.startswith("val_")
+
+
+def _selected_epoch(entries: Mapping) -> int | None:
+    """The epoch kept by model selection, from ``best_epoch`` or ``best.epoch`` (1-based)."""
+    best = entries.get(BEST_EPOCH_KEY)
+    if best is None and isinstance(entries.get("best"), Mapping):
+        best = entries["best"].get("epoch")
+    return None if best is None else int(best)
+
+
+def write_learning_curves(history_path: str | Path, output_dir: str | Path) -> Path:
+    """Draw ``OUTPUT_DIR/figures/learning_curves.png`` from the run's ``history.json``.
+
+    ``history.json`` holds, per phase (``dcg``, ``diffusion``, then one per baseline, e.g.
+    ``resnet18``, ``densenet121``), per-epoch lists: losses (``train_loss``, ``val_loss``) go
+    in the top row and validation metrics (``val_auc``, ``val_acc``, any ``val_*``) in the
+    bottom row, one column per phase. The epoch kept by model selection (``best_epoch``, or
+    ``best: {"epoch": ...}``, 1-based) is drawn as a dotted line. Other entries (e.g. the
+    learning rate ``lr``) are not drawn; phases without epochs yet are left out.
+
+    Raises:
+        DataError: the file is missing or unreadable, a drawn series is not a list of
+            numbers, or no phase has any epoch.
+    """
+    history_path = Path(history_path)
+    history = read_history(history_path)
+    curves, selected = {}, {}
+    for phase, entries in history.items():
+        title = PHASE_TITLES.get(phase, phase)
+        series = {}
+        for name, values in entries.items():
+            if not _is_curve(name):
+                continue
+            if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+                raise DataError(history_path, f"{phase}.{name} is not a list of numbers")
+            if values:
+                series[name] = values
+        if series:
+            curves[title] = series
+            epoch = _selected_epoch(entries)
+            if epoch is not None:
+                selected[title] = epoch
+    if not curves:
+        raise DataError(history_path, "holds no per-epoch values yet")
+    return save_figure(plot_learning_curves(curves, selected), Path(output_dir) / FIGURES_DIR / "learning_curves.png")
+
+
+# ----------------------------------------------------------------------------------------
+# model figures: saliency + ROI boxes, denoising trajectory
+# ----------------------------------------------------------------------------------------
+
+def _render(fig: Figure, dpi: int) -> np.ndarray:
+    """Rasterise a figure, trimmed to its content like ``save_figure``: (rows, cols, 3) float RGB in [0, 1]."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    fig.clear()
+    buffer.seek(0)
+    return matplotlib.image.imread(buffer, format="png")[..., :3]
+
+
+def _stack_figures(figures: Sequence[Figure], dpi: int) -> Figure:
+    """One figure showing ``figures`` stacked top to bottom (rasterised at ``dpi``).
+
+    ``utils.visualization`` draws one scan per figure; a report figure shows several.
+    """
+    images = [_render(fig, dpi) for fig in figures]
+    width = max(img.shape[1] for img in images)
+    padded = [np.pad(img, ((0, 0), (0, width - img.shape[1]), (0, 0)), constant_values=1.0) for img in images]
+    stacked = np.concatenate(padded, axis=0)  # (sum of rows, width, 3)
+    fig = Figure(figsize=(stacked.shape[1] / dpi, stacked.shape[0] / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(stacked, interpolation="nearest")
+    ax.set_axis_off()
+    return fig
+
+
+def _boxes_in_input(boxes: np.ndarray, roi_scale: int) -> np.ndarray:
+    """(K, 6) ROI boxes of the high-resolution copy mapped to input voxels (in-plane / s)."""
+    if roi_scale == 1:
+        return boxes
+    out = boxes.copy()
+    out[:, [0, 1]] = boxes[:, [0, 1]] // roi_scale
+    out[:, [3, 4]] = -(-boxes[:, [3, 4]] // roi_scale)  # ceil division keeps the box non-empty
+    return out
+
+
+def _slices_to_show(boxes: np.ndarray, depth: int, n_slices: int) -> list[int]:
+    """Axial slices for a saliency figure, sorted: the centre slice of each ROI box (in box
+    order), topped up to ``n_slices`` (at most ``depth``) with evenly spaced slices, first
+    those at least half a spacing away from every slice already chosen."""
+    n_slices = min(n_slices, depth)
+    chosen = list(dict.fromkeys(((boxes[:, 2] + boxes[:, 5] - 1) // 2).tolist()))[:n_slices]
+    even = np.linspace(0, depth - 1, n_slices + 2)[1:-1].round().astype(int).tolist()
+    spacing = (depth - 1) / (n_slices + 1)
+    for strict in (True, False):
+        for k in even:
+            fits = all(abs(k - c) > spacing / 2 for c in chosen) if strict else k not in chosen
+            if len(chosen) < n_slices and fits:
+                chosen.append(k)
+    for k in range(depth):  # only when few distinct slices exist
+        if len(chosen) < n_slices and k not in chosen:
+            chosen.append(k)
+    return sorted(int(k) for k in chosen)
+
+
+def _diffusion_timesteps(model, num_states: int) -> list[int]:
+    """Timesteps of the states of a sampling trajectory, in the DDPM paper's 1-based
+    convention: the chain starts at y_T (T = num_timesteps) and ends at the clean y_0 (0);
+    a state reached after the step from code index t_i sits at t_{i+1} + 1."""
+    diffusion = model.diffusion
+    if model.config.diffusion.sampler == "ddpm":
+        steps = list(range(diffusion.num_timesteps - 1, -1, -1))
+    else:
+        steps = diffusion.timesteps.tolist()  # set by the predict() call that made the trajectory
+    states = [t + 1 for t in steps] + [0]
+    if len(states) != num_states:
+        raise ValueError(f"trajectory has {num_states} states but the sampler ran {len(steps)} steps")
+    return states
+
+
+def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[str | Path], output_dir: str | Path,
+                        seed: int = 0, class_names: Sequence[str] | None = None,
+                        labels: Sequence[int] | None = None, hires_volumes: Sequence[np.ndarray] | None = None,
+                        num_samples: int | None = None, n_slices: int = 4, dpi: int = 120) -> dict[str, Path]:
+    """Saliency maps with ROI boxes, and the denoising trajectory, for a few scans.
+
+    Writes ``OUTPUT_DIR/figures/saliency_rois.png`` (per scan, one row of axial slices: the
+    DCG's class activation map of its predicted class over the CT, and the K ROI boxes it
+    cropped, on the centre slice of each box, topped up with evenly spaced slices to
+    ``n_slices``) and ``OUTPUT_DIR/figures/denoising_trajectory.png`` (per scan, the class
+    probabilities of the state y_t from y_T = M + noise to y_0; with several samples the
+    mean +- one standard deviation).
+
+    Args:
+        model: a trained ``DiffMIC3D`` (its DCG runs once per scan; predictions reuse it).
+        volumes: (1, H, W, D) preprocessed volumes, e.g. a few test scans.
+        paths: their file paths (names shown in the titles).
+        output_dir: run folder.
+        seed: seed of the CPU ``torch.Generator`` drawing the sampling noise (the same
+            figures on CPU and CUDA up to floating point).
+        class_names: (C,) names; default ``class 0``, ``class 1``, ...
+        labels: optional true labels, shown in the titles.
+        hires_volumes: (1, sH, sW, D) copies at ``roi_scale`` s times the in-plane resolution;
+            required iff the model's ``roi_scale > 1``. ROI boxes are then drawn scaled back
+            to the input grid.
+        num_samples: stochastic samples per scan (default: the model's config).
+        n_slices: axial slices shown per scan in the saliency figure.
+        dpi: resolution of the PNGs.
+
+    Returns:
+        ``{"saliency_rois": path, "denoising_trajectory": path}``.
+    """
+    if not volumes or len(volumes) != len(paths):
+        raise ValueError(f"pass one path per volume and at least one volume, got {len(volumes)} volumes "
+                         f"and {len(paths)} paths")
+    if labels is not None and len(labels) != len(volumes):
+        raise ValueError(f"labels has {len(labels)} entries for {len(volumes)} volumes")
+    roi_scale = model.config.dcg.roi_scale
+    if (hires_volumes is not None) != (roi_scale > 1):
+        raise ValueError(f"hires_volumes must be given iff the model's roi_scale > 1 (roi_scale = {roi_scale})")
+    if class_names is None:
+        class_names = [f"class {c}" for c in range(model.config.num_classes)]
+    device = next(model.parameters()).device
+    model.eval()
+    x = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in volumes])).to(device)  # (B, 1, H, W, D)
+    x_hires = None
+    if hires_volumes is not None:
+        x_hires = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in hires_volumes])).to(device)
+    guidance = model.guidance(x, x_hires)
+    generator = torch.Generator().manual_seed(seed)
+    out = model.predict(guidance, num_samples=num_samples, generator=generator, return_trajectory=True)
+    trajectory = out["trajectory"].float().cpu().numpy()  # (S, steps + 1, B, C)
+    timesteps = _diffusion_timesteps(model, trajectory.shape[1])
+    probs = out["probs"].float().cpu().numpy()  # (B, C)
+    dcg_pred = guidance.fused_probs.argmax(dim=1).cpu().numpy()  # (B,)
+    saliency = guidance.saliency.float().cpu().numpy()  # (B, C, h, w, d)
+    boxes = guidance.roi_boxes.cpu().numpy()  # (B, K, 6)
+
+    saliency_figs, trajectory_figs = [], []
+    for i, path in enumerate(paths):
+        name = Path(path).name
+        truth = f"label {class_names[int(labels[i])]}, " if labels is not None else ""
+        c = int(dcg_pred[i])
+        scan_boxes = _boxes_in_input(boxes[i], roi_scale)  # (K, 6)
+        saliency_figs.append(plot_saliency_overlay(
+            volumes[i][0], saliency[i, c], scan_boxes, slices=_slices_to_show(scan_boxes, x.shape[-1], n_slices),
+            title=f"{name}: {truth}DCG predicts {class_names[c]}\n"
+                  f"saliency of {class_names[c]}, ROI boxes 0-{len(scan_boxes) - 1}"))
+        top = int(probs[i].argmax())
+        trajectory_figs.append(plot_denoising_trajectory(
+            trajectory[:, :, i, :].transpose(1, 0, 2), timesteps, class_names,  # (steps + 1, S, C)
+            title=f"{name}: {truth}predicted {class_names[top]} (p = {probs[i, top]:.2f})"))
+    figures = Path(output_dir) / FIGURES_DIR
+    return {
+        "saliency_rois": save_figure(_stack_figures(saliency_figs, dpi), figures / "saliency_rois.png", dpi=dpi),
+        "denoising_trajectory": save_figure(_stack_figures(trajectory_figs, dpi), figures / "denoising_trajectory.png",
+                                            dpi=dpi),
+    }

@@ -1,0 +1,276 @@
+"""Classify new CT scans with a trained DiffMIC-3D checkpoint: a function and a CLI.
+
+    python -m utils.predict SCAN [SCAN ...] [--checkpoint outputs/diffmic3d_enhanced_model.pth]
+                            [--samples N] [--seed 0] [--json] [--device cpu|cuda]
+
+SCAN is a ``.nii`` / ``.nii.gz`` file, a folder holding one DICOM series, or a folder of
+``.nii`` / ``.nii.gz`` files (each is predicted). Every scan goes through exactly the
+training pipeline: ``utils.nifti_io.load_scan`` (HU, RAS+) then ``utils.preprocessing.preprocess``
+with the checkpoint's own ``preprocess_config`` (and its ``hires_preprocess_config`` for a
+model with ``roi_scale > 1``). For each scan the CLI prints the predicted class, its
+probability and two uncertainties: the standard deviation of that probability over the
+diffusion model's stochastic samples (0 with one sample) and the predictive entropy
+``-sum_c p_c ln p_c`` of the mean probabilities (nats; ln C at complete indecision).
+``--json`` prints a JSON list of the same records instead.
+
+A bad scan gives the loader's one-line ``DataError`` on stderr; the other scans are still
+predicted and the exit status is 1. A missing or foreign checkpoint is a one-line error too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.diffmic3d import DiffMIC3D
+from utils.checkpoint import load_checkpoint
+from utils.errors import DataError
+from utils.nifti_io import load_scan
+from utils.preprocessing import PreprocessConfig, preprocess
+from utils.seeding import pick_device
+
+DEFAULT_CHECKPOINT = Path("outputs") / "diffmic3d_enhanced_model.pth"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint says about how to use its model.
+
+    Attributes:
+        checkpoint: the file it came from.
+        class_names: (C,) class names, index = label.
+        label_mode: ``'binary'`` or ``'severity'``.
+        preprocess: preprocessing of the network input (target_shape = the model's input).
+        hires_preprocess: preprocessing of the high-resolution copy (``roi_scale > 1``), else None.
+        num_samples: stochastic samples per scan used at evaluation (the training profile's
+            ``num_samples``; the model config's default when the checkpoint has none).
+    """
+
+    checkpoint: Path
+    class_names: tuple[str, ...]
+    label_mode: str
+    preprocess: PreprocessConfig
+    hires_preprocess: PreprocessConfig | None
+    num_samples: int
+
+
+def _preprocess_config(path: Path, ckpt: dict, key: str) -> PreprocessConfig | None:
+    """The checkpoint's ``key`` entry as a PreprocessConfig (None if absent or None)."""
+    data = ckpt.get(key)
+    if data is None:
+        return None
+    try:
+        return PreprocessConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise DataError(path, f"invalid {key} ({err})") from err
+
+
+def _state_dict_mismatch(model: torch.nn.Module, state: dict) -> str | None:
+    """A one-line description of how ``state`` differs from ``model``'s parameters, or None."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+                if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or reshaped):
+        return None
+    parts = [f"{len(items)} {what} (e.g. {items[0]})" for what, items in
+             (("missing", missing), ("unexpected", unexpected), ("with another shape", reshaped)) if items]
+    return "model_state_dict does not match its model_config (weights of another configuration?): " + "; ".join(parts)
+
+
+def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") -> tuple[DiffMIC3D, CheckpointMeta]:
+    """Load a DiffMIC-3D checkpoint written by ``python -m utils.run`` (``weights_only=True``).
+
+    Returns:
+        the model in eval mode on ``device``, and its :class:`CheckpointMeta`.
+
+    Raises:
+        DataError: one line naming the file: missing (run ``python -m utils.run`` first),
+            unreadable, not a MediScope checkpoint, not a DiffMIC-3D one (e.g. a baseline),
+            weights not matching the stored config, or inconsistent preprocessing.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint not found; train a model first with `python -m utils.run` "
+                              "or pass --checkpoint PATH")
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model_config = ckpt["model_config"]
+    if "name" in model_config:
+        raise DataError(path, f"holds a {model_config['name']} baseline, not a DiffMIC-3D model")
+    try:
+        model = DiffMIC3D.from_config_dict(model_config)
+    except (TypeError, ValueError) as err:
+        raise DataError(path, f"model_config is not a DiffMIC-3D configuration ({err})") from err
+    config = model.config
+    mismatch = _state_dict_mismatch(model, ckpt["model_state_dict"])
+    if mismatch:
+        raise DataError(path, mismatch)
+    model.load_state_dict(ckpt["model_state_dict"])
+
+    for key in ("preprocess_config", "class_names"):
+        if key not in ckpt:
+            raise DataError(path, f"checkpoint has no {key}; it was not written by `python -m utils.run`")
+    prep = _preprocess_config(path, ckpt, "preprocess_config")
+    hires = _preprocess_config(path, ckpt, "hires_preprocess_config")
+    dcg = config.dcg
+    if prep.target_shape != tuple(dcg.input_shape):
+        raise DataError(path, f"preprocess_config target_shape {prep.target_shape} != model input "
+                              f"{tuple(dcg.input_shape)}")
+    if dcg.roi_scale > 1 and (hires is None or hires.target_shape != dcg.crop_source_shape):
+        raise DataError(path, f"roi_scale {dcg.roi_scale} needs hires_preprocess_config with target_shape "
+                              f"{dcg.crop_source_shape}, got {None if hires is None else hires.target_shape}")
+    class_names = tuple(str(c) for c in ckpt["class_names"])
+    if len(class_names) != config.num_classes:
+        raise DataError(path, f"{len(class_names)} class_names for a model with {config.num_classes} classes")
+    num_samples = (ckpt.get("train_config") or {}).get("num_samples") or config.diffusion.num_samples
+    meta = CheckpointMeta(checkpoint=path, class_names=class_names, label_mode=str(ckpt.get("label_mode", "binary")),
+                          preprocess=prep, hires_preprocess=hires if dcg.roi_scale > 1 else None,
+                          num_samples=int(num_samples))
+    return model.to(device).eval(), meta
+
+
+def _input_tensor(hu: np.ndarray, config: PreprocessConfig, device: torch.device | str) -> torch.Tensor:
+    """(1, 1, H, W, D) float32 network input from an (X, Y, Z) HU volume."""
+    return torch.from_numpy(preprocess(hu, config))[None].to(device)  # (1, 1, H, W, D)
+
+
+def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, device: torch.device | str = "cpu",
+                 num_samples: int | None = None, seed: int = 0) -> dict:
+    """Classify one scan (NIfTI file or DICOM series folder).
+
+    Args:
+        model, meta: from :func:`load_model`.
+        path: the scan.
+        device: where the model lives.
+        num_samples: stochastic diffusion samples (default ``meta.num_samples``).
+        seed: seed of the CPU generator drawing the sampling noise; the result of a scan
+            depends only on it, not on the other scans predicted alongside.
+
+    Returns:
+        ``{"path": str, "predicted_class": name, "probability": p of that class,
+        "probs": {name: p}, "std": {name: std over samples}, "entropy": nats}``.
+
+    Raises:
+        DataError: the scan cannot be loaded (the loader's one-line message).
+    """
+    volume = load_scan(path)
+    x = _input_tensor(volume.hu, meta.preprocess, device)
+    x_hires = _input_tensor(volume.hu, meta.hires_preprocess, device) if meta.hires_preprocess else None
+    generator = torch.Generator().manual_seed(seed)
+    out = model.predict(x, x_hires=x_hires, num_samples=num_samples or meta.num_samples, generator=generator)
+    probs = out["probs"][0].double().cpu().numpy()  # (C,)
+    std = out["std"][0].double().cpu().numpy()  # (C,)
+    top = int(probs.argmax())
+    names = meta.class_names
+    return {
+        "path": str(path),
+        "predicted_class": names[top],
+        "probability": float(probs[top]),
+        "probs": {name: float(p) for name, p in zip(names, probs)},
+        "std": {name: float(s) for name, s in zip(names, std)},
+        "entropy": float(out["entropy"][0]),
+    }
+
+
+def predict_scans(model: DiffMIC3D, meta: CheckpointMeta, paths: Sequence[str | Path],
+                  device: torch.device | str = "cpu", num_samples: int | None = None, seed: int = 0) -> list[dict]:
+    """:func:`predict_scan` for each path, in order (raises on the first bad scan)."""
+    return [predict_scan(model, meta, p, device, num_samples, seed) for p in paths]
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Scans to predict from the command line's SCAN arguments.
+
+    A folder holding ``.nii`` / ``.nii.gz`` files stands for those files (sorted; other
+    visible entries are reported, not predicted); any other folder is a DICOM series; a file
+    (or a path that does not exist, which the loader then reports) stands for itself.
+
+    Returns:
+        (scans, notes): the paths to predict and one line per skipped entry.
+    """
+    scans, notes = [], []
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            scans.append(item)
+            continue
+        entries = sorted(p for p in item.iterdir() if not p.name.startswith("."))
+        nifti = [p for p in entries if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)]
+        if not nifti:
+            scans.append(item)  # a DICOM series folder
+            continue
+        scans.extend(nifti)
+        notes.extend(f"{p}: skipped (not a .nii / .nii.gz file)" for p in entries if p not in nifti)
+    return scans, notes
+
+
+def format_result(result: dict) -> str:
+    """One human-readable line per scan."""
+    name = result["predicted_class"]
+    others = ", ".join(f"{c} {p:.3f}" for c, p in result["probs"].items())
+    return (f"{result['path']}: {name} (probability {result['probability']:.3f}; uncertainty: "
+            f"std {result['std'][name]:.3f}, entropy {result['entropy']:.3f} nats) [{others}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.predict",
+        description="Classify CT scans with a trained DiffMIC-3D checkpoint: predicted class, its probability, "
+                    "and its uncertainty (std over diffusion samples, predictive entropy in nats).")
+    parser.add_argument("scans", nargs="+", metavar="SCAN",
+                        help=".nii/.nii.gz file, DICOM series folder, or folder of .nii/.nii.gz files")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help=f"DiffMIC-3D checkpoint (default: {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="stochastic diffusion samples per scan (default: the checkpoint's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of results instead of text")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N (default: $MEDISCOPE_DEVICE, else CUDA if available)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0: every scan predicted, 1: some error)."""
+    args = build_parser().parse_args(argv)
+    if args.samples is not None and args.samples < 1:
+        print(f"error: --samples must be at least 1, got {args.samples}", file=sys.stderr)
+        return 1
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        print(f"error: --device: {err}", file=sys.stderr)
+        return 1
+    try:
+        model, meta = load_model(args.checkpoint, device)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    scans, notes = expand_inputs(args.scans)
+    for note in notes:
+        print(note, file=sys.stderr)
+    results, failed = [], 0
+    for scan in scans:
+        try:
+            result = predict_scan(model, meta, scan, device, args.samples, args.seed)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append(result)
+        if not args.json:
+            print(format_result(result), flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
