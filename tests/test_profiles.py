@@ -1,0 +1,53 @@
+"""Profiles: the three named configs, overrides, validation, plain-data round trip."""
+import pytest
+
+from models.diffmic3d import DiffMIC3D
+from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
+
+
+def test_full_profile_is_the_seed_configuration():
+    full = get_profile("full")
+    assert full.input_shape == (128, 128, 64) and full.batch_size == 4
+    assert (full.dcg_epochs, full.diffusion_epochs, full.patience) == (15, 30, 7)
+    assert (full.lr_dcg, full.weight_decay, full.label_smoothing, full.grad_clip) == (1e-3, 0.01, 0.1, 1.0)
+    config = full.model_config("cpu")
+    assert config.dcg.input_shape == (128, 128, 64) and config.grid_size == 8 and config.dcg.num_rois == 5
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_profile_builds_its_model_and_round_trips(name):
+    profile = get_profile(name)
+    assert TrainConfig.from_dict(profile.to_dict()) == profile
+    config = profile.model_config("cpu")
+    assert config.dcg.input_shape == profile.input_shape
+    assert (config.diffusion.num_samples, config.diffusion.ddim_steps) == (profile.num_samples, profile.ddim_steps)
+    if name == "smoke":
+        assert sum(p.numel() for p in DiffMIC3D(config).parameters()) < 1_000_000
+
+
+def test_overrides_apply_and_parse_from_strings():
+    overrides = parse_overrides(["batch_size=2", "input_shape=48,48,32", "amp=auto", "lr_dcg=5e-4",
+                                 "label_mode=severity", "baselines=resnet18", "grad_clip=none"])
+    profile = get_profile("demo", **overrides)
+    assert profile.batch_size == 2 and profile.input_shape == (48, 48, 32) and profile.amp is None
+    assert profile.lr_dcg == 5e-4 and profile.num_classes == 5 and profile.baselines == ("resnet18",)
+    assert profile.grad_clip is None and profile.dcg_epochs == PROFILES["demo"].dcg_epochs
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: get_profile("huge"), "unknown profile"),
+    (lambda: get_profile("demo", epochs=3), "unknown TrainConfig field"),
+    (lambda: get_profile("demo", input_shape=(60, 64, 32)), "multiples of 16"),
+    (lambda: get_profile("demo", n_resamples=100), "n_resamples"),
+    (lambda: get_profile("demo", baselines=("vgg",)), "baselines"),
+    (lambda: get_profile("demo", batch_size=0), "batch_size"),
+    (lambda: parse_overrides(["batch_size"]), "key=value"),
+])
+def test_invalid_settings_are_refused_with_the_field_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("amp, device, expected", [(None, "cpu", False), (None, "cuda", True), (False, "cuda", False)])
+def test_amp_auto_is_cuda_only(amp, device, expected):
+    assert get_profile("smoke", amp=amp).use_amp(device) is expected

@@ -1,0 +1,81 @@
+"""The whole experiment (smoke profile) survives SIGKILL: a killed run, started again, ends with
+exactly the metrics and weights of an uninterrupted run with the same seed.
+
+Runs ``python -m utils.run --profile smoke`` in subprocesses (about 10-20 s each on 2 CPU
+cores). Every run uses one intra-op thread, so all runs do their floating-point reductions in
+the same order (and a busy machine does not slow OpenMP down by oversubscription).
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from utils.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start(output_dir: Path, tmp_path: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("MEDISCOPE_DATA_DIR", "MEDISCOPE_DEVICE")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MEDISCOPE_DEVICE="cpu")
+    command = [sys.executable, "-m", "utils.run", "--profile", "smoke", "--output-dir", str(output_dir),
+               "--cache-dir", str(tmp_path / "cache"), "--set", f"phantom_dir={tmp_path / 'phantoms'}"]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> str:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-3000:]
+    return out
+
+
+CHECKPOINTS = ("dcg.pth", "diffusion.pth", "resnet18.pth", "densenet121.pth")
+
+
+def state_dicts(output_dir: Path) -> dict:
+    files = [output_dir / "diffmic3d_enhanced_model.pth", *(output_dir / "checkpoints" / name for name in CHECKPOINTS)]
+    return {f.name: load_checkpoint(f)["model_state_dict"] for f in files}
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    process = start(killed_dir, tmp_path)
+    deadline = time.monotonic() + 90
+    while not (killed_dir / "checkpoints" / "dcg.pth").exists():  # the first end-of-epoch checkpoint
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 90 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed_dir / "evaluation_results.csv").exists()
+
+    resumed_log = finish(start(killed_dir, tmp_path))
+    assert "resuming after epoch" in resumed_log or "dcg] epoch 1/" not in resumed_log
+    clean_log = finish(start(clean_dir, tmp_path))
+    assert "resuming" not in clean_log and "Test split" in clean_log
+
+    for name in ("evaluation_results.csv", "predictions.csv", "history.json", "splits.csv"):
+        assert (killed_dir / name).read_text() == (clean_dir / name).read_text(), name
+    killed, clean = state_dicts(killed_dir), state_dicts(clean_dir)
+    assert not list(killed_dir.rglob(".*.tmp*")), "temporary files of the killed run were not cleaned up"
+    for name in clean:
+        for key, value in clean[name].items():
+            assert torch.equal(value, killed[name][key]), f"{name}: {key}"
+
+    # a finished run started again trains nothing and reproduces its evaluation
+    again = finish(start(clean_dir, tmp_path))
+    assert "epoch 1/" not in again
+    assert (clean_dir / "evaluation_results.csv").read_text() == (killed_dir / "evaluation_results.csv").read_text()
+
+
+def test_output_dir_of_another_configuration_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train_config.json").write_text('{"profile": "demo"}')
+    process = start(tmp_path / "out", tmp_path)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2 and "holds a run with another configuration" in out

@@ -1,0 +1,209 @@
+"""The generic epoch loop: early stopping, model selection, atomic checkpoints, exact resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, ReduceLROnPlateau
+from torch.utils.data import Dataset
+
+from utils.checkpoint import load_checkpoint
+from utils.errors import DataError
+from utils.trainer import FitConfig, epoch_seed, fit, make_epoch_loader, stage_complete
+
+CONFIG = {"model": "toy", "hidden": 8}
+
+
+class ToyData(Dataset):
+    """Two Gaussian blobs in 4-D; items are dicts like CTDataset's; records set_epoch calls."""
+
+    def __init__(self, n=24, seed=0):
+        rng = np.random.default_rng(seed)
+        self.y = np.arange(n) % 2
+        self.x = (rng.normal(size=(n, 4)) + 1.5 * self.y[:, None]).astype(np.float32)
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": torch.from_numpy(self.x[i]), "label": torch.tensor(self.y[i]), "index": i}
+
+
+def toy_model():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+
+
+class Harness:
+    """A toy model trained with ``fit``; dropout (global RNG) and generator noise in the loss
+    make every source of randomness matter for the resume test."""
+
+    def __init__(self, scheduler="plateau", epochs=4, patience=10, metrics=None, fail_at=None):
+        self.data, self.val = ToyData(), ToyData(n=12, seed=1)
+        self.model = toy_model()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.05, weight_decay=0.01)
+        self.scheduler = (ReduceLROnPlateau(self.optimizer, patience=0, factor=0.5) if scheduler == "plateau"
+                          else CosineAnnealingWarmRestarts(self.optimizer, T_0=2))
+        self.config = FitConfig(name="toy", epochs=epochs, patience=patience, grad_clip=1.0, seed=3, progress=False)
+        self.metrics, self.fail_at, self.steps, self.evals = metrics, fail_at, 0, 0
+        self.weights_after_epoch = []
+
+    def train_step(self, batch, generator):
+        self.steps += 1
+        if self.fail_at is not None and self.steps == self.fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        noise = torch.randn(batch["image"].shape, generator=generator) * 0.1
+        logits = self.model(batch["image"] + noise)
+        return nn.functional.cross_entropy(logits, batch["label"])
+
+    def evaluate(self):
+        self.weights_after_epoch.append({k: v.clone() for k, v in self.model.state_dict().items()})
+        if self.metrics is not None:
+            auc, loss = self.metrics[self.evals]
+            self.evals += 1
+            return {"val_loss": loss, "val_auc": auc, "val_acc": 0.5}
+        x = torch.from_numpy(self.val.x)
+        probs = torch.softmax(self.model(x), 1)[:, 1].numpy()
+        loss = nn.functional.cross_entropy(self.model(x), torch.from_numpy(self.val.y)).item()
+        return {"val_loss": loss, "val_auc": float(np.mean(probs[self.val.y == 1][:, None] > probs[self.val.y == 0])),
+                "val_acc": float(np.mean((probs > 0.5) == self.val.y))}
+
+    def run(self, path, model_config=CONFIG):
+        return fit(self.model, self.optimizer, self.scheduler, train_step=self.train_step, evaluate=self.evaluate,
+                   train_batches=lambda epoch: make_epoch_loader(self.data, 6, self.config.seed, epoch),
+                   config=self.config, checkpoint_path=path, model_config=model_config, meta={"note": "toy"})
+
+
+def test_epoch_seed_differs_per_epoch_and_stream():
+    seeds = {epoch_seed(0, e, s) for e in range(5) for s in range(2)}
+    assert len(seeds) == 10 and epoch_seed(0, 1) == epoch_seed(0, 1)
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(tmp_path):
+    flat = [(0.7, 1.0)] * 10  # the first epoch is the best; nothing improves afterwards
+    harness = Harness(epochs=10, patience=3, metrics=flat)
+    torch.manual_seed(0)
+    result = harness.run(tmp_path / "ckpt.pth")
+    assert result.stopped_early and result.epochs_run == 4 and len(result.history["val_auc"]) == 4
+    assert result.best["epoch"] == 1
+    assert harness.data.epochs == [0, 1, 2, 3]  # set_epoch called once per epoch
+
+
+@pytest.mark.parametrize("metrics, best_epoch", [
+    ([(0.6, 1.0), (0.9, 2.0), (0.7, 0.1)], 2),  # highest AUC wins, even with a worse loss
+    ([(0.8, 1.0), (0.8, 0.5), (0.8, 0.7)], 2),  # AUC tie: lower loss wins
+    ([(math.nan, 1.0), (math.nan, 0.4), (math.nan, 0.9)], 2),  # AUC undefined: loss decides
+])
+def test_best_weights_are_kept_by_val_auc_then_loss(tmp_path, metrics, best_epoch):
+    harness = Harness(epochs=3, metrics=metrics)
+    torch.manual_seed(0)
+    result = harness.run(tmp_path / "ckpt.pth")
+    assert result.best["epoch"] == best_epoch and not result.stopped_early
+    expected = harness.weights_after_epoch[best_epoch - 1]
+    for key, value in harness.model.state_dict().items():
+        assert torch.equal(value, expected[key])
+    saved = load_checkpoint(tmp_path / "ckpt.pth")
+    assert saved["fit"]["complete"] and saved["note"] == "toy"
+    for key, value in saved["model_state_dict"].items():
+        assert torch.equal(value, expected[key])
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
+def test_resume_after_crash_gives_identical_weights(tmp_path, scheduler):
+    torch.manual_seed(0)
+    reference = Harness(scheduler)
+    ref_result = reference.run(tmp_path / "ref.pth")
+
+    torch.manual_seed(0)
+    crashed = Harness(scheduler, fail_at=4 * 2 + 2)  # 4 steps per epoch: dies in epoch 3
+    with pytest.raises(KeyboardInterrupt):
+        crashed.run(tmp_path / "run.pth")
+    assert load_checkpoint(tmp_path / "run.pth")["fit"]["epoch"] == 2
+
+    torch.manual_seed(12345)  # a new process: different global RNG, fresh model and optimizer
+    resumed = Harness(scheduler)
+    result = resumed.run(tmp_path / "run.pth")
+    assert result.resumed_from == 2 and resumed.steps == 2 * 4
+    assert result.history == ref_result.history and result.best == ref_result.best
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key])
+    assert resumed.optimizer.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]
+
+
+def test_finished_stage_is_loaded_not_retrained(tmp_path):
+    torch.manual_seed(0)
+    first = Harness(epochs=2)
+    first.run(tmp_path / "ckpt.pth")
+    assert stage_complete(tmp_path / "ckpt.pth") and not stage_complete(tmp_path / "missing.pth")
+    again = Harness(epochs=2)
+    result = again.run(tmp_path / "ckpt.pth")
+    assert again.steps == 0 and result.epochs_run == 2
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, again.model.state_dict()[key])
+
+
+def test_checkpoint_loads_with_weights_only_mid_run_and_at_the_end(tmp_path):
+    harness = Harness(epochs=3, fail_at=4 * 1 + 1)
+    with pytest.raises(KeyboardInterrupt):
+        harness.run(tmp_path / "ckpt.pth")
+    mid = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert not mid["fit"]["complete"] and {"optimizer", "scheduler", "rng", "best_state_dict"} <= set(mid["fit"])
+    Harness(epochs=3).run(tmp_path / "ckpt.pth")
+    end = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert end["fit"]["complete"] and end["model_config"] == CONFIG and "optimizer" not in end["fit"]
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    harness = Harness(epochs=3)
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:  # the end-of-epoch-2 checkpoint: write half a file, then die
+            with open(f, "wb") as handle:
+                handle.write(b"PK\x03\x04 truncated")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        harness.run(tmp_path / "ckpt.pth")
+    assert load_checkpoint(tmp_path / "ckpt.pth")["fit"]["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]  # no temp file left behind
+
+
+def test_checkpoint_of_another_model_config_is_refused(tmp_path):
+    Harness(epochs=1).run(tmp_path / "ckpt.pth")
+    with pytest.raises(ValueError, match=r"hidden \(checkpoint 8 != model 16\)"):
+        Harness(epochs=1).run(tmp_path / "ckpt.pth", model_config={"model": "toy", "hidden": 16})
+
+
+def test_foreign_file_gives_a_one_line_error(tmp_path):
+    (tmp_path / "ckpt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="ckpt.pth: corrupt or truncated"):
+        Harness(epochs=1).run(tmp_path / "ckpt.pth")
+
+
+@pytest.mark.parametrize("metrics, best_epoch", [
+    ([(0.9, 1.0), (0.5, 1.0), (0.5, 1.0), (0.5, 1.0)], 1),  # older than the checkpoint: stored apart
+    ([(0.5, 1.0), (0.9, 1.0), (0.5, 1.0), (0.5, 1.0)], 2),  # the checkpoint's own weights
+])
+def test_resume_keeps_the_best_weights_seen_before_the_crash(tmp_path, metrics, best_epoch):
+    torch.manual_seed(0)
+    reference = Harness(metrics=metrics)
+    reference.run(tmp_path / "ref.pth")
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        Harness(metrics=metrics, fail_at=4 * 2 + 1).run(tmp_path / "run.pth")
+    resumed = Harness(metrics=metrics)
+    resumed.evals = 2  # the scripted metrics continue where the crashed run stopped
+    result = resumed.run(tmp_path / "run.pth")
+    assert result.best["epoch"] == best_epoch
+    expected = reference.weights_after_epoch[best_epoch - 1]
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key])
+        assert torch.equal(value, expected[key])

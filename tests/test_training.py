@@ -1,0 +1,97 @@
+"""Phase 1, the guidance cache and phase 2 on a tiny model and a tiny separable problem."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
+from utils.checkpoint import load_checkpoint
+from utils.profiles import get_profile
+from utils.training import cache_guidance, train_dcg, train_diffusion
+
+SHAPE = (32, 32, 32)
+
+
+class BlobVolumes(Dataset):
+    """(1, 32, 32, 32) volumes: noise, plus a bright 8^3 blob at a random place in class 1."""
+
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.labels = np.arange(n) % 2
+        self.images = rng.normal(0.3, 0.05, size=(n, 1, *SHAPE)).astype(np.float32)
+        for i in np.flatnonzero(self.labels):
+            h, w, d = rng.integers(0, 24, size=3)
+            self.images[i, 0, h:h + 8, w:w + 8, d:d + 8] += 0.6
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": torch.from_numpy(self.images[i]), "label": torch.tensor(self.labels[i]), "index": i,
+                "path": f"scan_{i}"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions: one intra-op thread is as fast, and immune to OpenMP oversubscription
+    on a busy 2-core runner (which slowed these tests 10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return get_profile("smoke", input_shape=SHAPE, dcg_epochs=5, diffusion_epochs=2, patience=5, batch_size=4,
+                       lr_dcg=3e-3, progress=False)
+
+
+def count_dcg_calls(model):
+    calls = []
+    model.dcg.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_phase1_loss_decreases_and_checkpoint_completes(tmp_path, config):
+    torch.manual_seed(0)
+    model = DiffMIC3D(config.model_config("cpu"))
+    result = train_dcg(model, BlobVolumes(16, 0), BlobVolumes(8, 1), config, torch.device("cpu"),
+                       tmp_path / "dcg.pth", meta={"label_mode": "binary"})
+    losses = result.history["train_loss"]
+    assert len(losses) == result.epochs_run >= 3
+    assert min(losses[-2:]) < losses[0] - 0.1, losses
+    ckpt = load_checkpoint(tmp_path / "dcg.pth")
+    assert ckpt["fit"]["complete"] and ckpt["label_mode"] == "binary"
+    assert ckpt["model_config"] == model.config.to_dict()
+
+
+def test_cache_guidance_runs_the_dcg_once_per_volume_in_index_order(config):
+    torch.manual_seed(0)
+    model = DiffMIC3D(config.model_config("cpu"))
+    data = BlobVolumes(6, 2)
+    calls = count_dcg_calls(model)
+    cache = cache_guidance(model, data, torch.device("cpu"), batch_size=4, progress=False)
+    assert sum(calls) == len(data) and calls == [4, 2]
+    assert set(GUIDANCE_KEYS) <= set(cache) and cache["global_probs"].shape == (6, 2)
+    single = model.guidance(data[4]["image"][None])
+    assert torch.allclose(cache["global_probs"][4], single.global_probs[0], atol=1e-5)
+    assert torch.allclose(cache["roi_features"][4], single.roi_features[0], atol=1e-5)
+
+
+def test_phase2_trains_on_cached_guidance_without_running_the_dcg(tmp_path, config):
+    torch.manual_seed(0)
+    model = DiffMIC3D(config.model_config("cpu"))
+    train, val = BlobVolumes(8, 0), BlobVolumes(4, 1)
+    train_cache = cache_guidance(model, train, torch.device("cpu"), progress=False)
+    val_cache = cache_guidance(model, val, torch.device("cpu"), progress=False)
+    dcg_before = {k: v.clone() for k, v in model.dcg.state_dict().items()}
+    calls = count_dcg_calls(model)
+    result = train_diffusion(model, train_cache, torch.from_numpy(train.labels), val_cache,
+                             torch.from_numpy(val.labels), config, torch.device("cpu"), tmp_path / "diffusion.pth")
+    assert calls == [] and result.epochs_run == 2
+    assert all(np.isfinite(result.history["train_loss"])) and 0 <= result.history["val_auc"][0] <= 1
+    for key, value in model.dcg.state_dict().items():  # frozen
+        assert torch.equal(value, dcg_before[key])
+    groups = load_checkpoint(tmp_path / "diffusion.pth")
+    assert groups["fit"]["complete"]

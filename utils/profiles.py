@@ -1,0 +1,253 @@
+"""Named run configurations (profiles) for the whole experiment, every value overridable.
+
+    smoke  CI: 12 phantoms of 32 x 32 in-plane, input (32, 32, 32), the tiny model,
+           2 epochs per stage, 2 DDIM steps: the full pipeline in about 10 s.
+    demo   the default main job on a 2-core CPU: the 100 embedded phantoms, input
+           (64, 64, 32), a reduced model (~1.6M parameters), up to 20 DCG / 40 diffusion /
+           20 baseline epochs with the seed's early stopping (< 20 minutes in all).
+    full   the seed's configuration: (128, 128, 64), ``ModelConfig.seed()``, 15 DCG and 30
+           diffusion epochs, batch 4, early stopping patience 7.
+
+``get_profile('demo', batch_size=2)`` or, on the command line,
+``python -m utils.run --profile demo --set batch_size=2 --set input_shape=48,48,32``.
+A ``TrainConfig`` is saved (``to_dict``) in every checkpoint and run folder, as nanoGPT and
+DiffMIC save theirs.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Optional
+
+from models.diffmic3d import ModelConfig
+from utils.seeding import amp_enabled
+
+MODEL_PRESETS = ("tiny", "small", "seed")
+BASELINE_NAMES = ("resnet18", "densenet121")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs besides the data location. Every field is a keyword argument.
+
+    Data:
+        input_shape: (H, W, D) the scans are resized to (network input); each divisible by 16.
+        label_mode: ``'binary'`` (Normal / COVID-19) or ``'severity'`` (CT-0 .. CT-4).
+        roi_scale: 1 (the seed: ROI crops from the input volume) or s > 1 (crops from a copy
+            at s times the in-plane resolution, GMIC's high-resolution crops).
+        n_phantoms: size of the generated phantom set when no real data is found.
+        phantom_size: in-plane matrix of generated phantoms (MosMedData: 512).
+        phantom_dir: folder (relative to the repository root) the phantoms are written to;
+            one per profile so profiles of different sizes never overwrite each other.
+        phantom_seed: seed of the phantom set (the data, fixed; ``seed`` varies the run).
+    Model:
+        model_preset: ``'tiny'`` (``ModelConfig.tiny``: Np = 4, K = 2, ~0.36M parameters),
+            ``'small'`` (Np = 8, K = 3, ~1.6M) or ``'seed'`` (``ModelConfig.seed``: ~19.5M).
+        grad_checkpoint: recompute the DCG global encoder in the backward pass (saves memory
+            on a T4); None = auto: on iff CUDA and the input is the seed's full size.
+    Optimisation (phase 1 = DCG, phase 2 = diffusion; DESIGN.md):
+        batch_size: volumes per step, every stage.
+        dcg_epochs / diffusion_epochs / baseline_epochs: epoch budgets (upper bounds: early
+            stopping may end a stage sooner). The baselines get the budget of phase 1 (the
+            encoder training) in every profile, with the same early stopping.
+        lr_dcg: AdamW learning rate of phase 1.
+        lr_diffusion: AdamW learning rate of phase 2, the same for its three parameter
+            groups (prior generator, U-Net, classifier head): the seed's groups are not
+            known to us, so one documented rate.
+        lr_baseline: AdamW learning rate of the 3D CNN baselines.
+        weight_decay: AdamW weight decay, every stage.
+        label_smoothing: of the cross-entropy losses of phase 1 and the baselines.
+        patience: early stopping: a stage ends after this many epochs without a better
+            validation AUC (ties broken by validation loss).
+        plateau_factor / plateau_patience: ReduceLROnPlateau on validation loss (phase 1 and
+            baselines).
+        cosine_t0: CosineAnnealingWarmRestarts first period in epochs (phase 2), stepped
+            every batch with a fractional epoch.
+        grad_clip: max global gradient norm (None = no clipping).
+        amp: float16 autocast + GradScaler; None = auto: on iff CUDA (never on CPU).
+    Sampling and evaluation:
+        num_samples: stochastic diffusion samples per test volume (their spread is the
+            reported uncertainty).
+        ddim_steps: DDIM steps for the test predictions.
+        val_num_samples / val_ddim_steps: the same for validation during phase 2 (cheap).
+        n_resamples: bootstrap resamples of the confidence intervals (>= 1000).
+        baselines: which 3D CNN baselines to train (subset of ``BASELINE_NAMES``).
+    Run:
+        num_workers: DataLoader workers.
+        seed: seed of the split, initialisation, data order, noise and sampling.
+        progress: show tqdm bars.
+    """
+
+    profile: str = "custom"
+    input_shape: tuple[int, int, int] = (128, 128, 64)
+    label_mode: str = "binary"
+    roi_scale: int = 1
+    n_phantoms: int = 100
+    phantom_size: int = 128
+    phantom_dir: str = "data/MosMedData"
+    phantom_seed: int = 0
+    model_preset: str = "seed"
+    grad_checkpoint: Optional[bool] = None
+    batch_size: int = 4
+    dcg_epochs: int = 15
+    diffusion_epochs: int = 30
+    baseline_epochs: int = 15
+    lr_dcg: float = 1e-3
+    lr_diffusion: float = 1e-3
+    lr_baseline: float = 1e-3
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    patience: int = 7
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    cosine_t0: int = 10
+    grad_clip: Optional[float] = 1.0
+    amp: Optional[bool] = None
+    num_samples: int = 10
+    ddim_steps: int = 10
+    val_num_samples: int = 1
+    val_ddim_steps: int = 5
+    n_resamples: int = 2000
+    baselines: tuple[str, ...] = BASELINE_NAMES
+    num_workers: int = 0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        baselines = self.baselines.split(",") if isinstance(self.baselines, str) else self.baselines
+        object.__setattr__(self, "baselines", tuple(b.strip() for b in baselines if b.strip()))
+        problems = []
+        if len(self.input_shape) != 3 or any(s <= 0 or s % 16 for s in self.input_shape):
+            problems.append(f"input_shape={self.input_shape} must be three positive multiples of 16")
+        if self.label_mode not in ("binary", "severity"):
+            problems.append(f"label_mode={self.label_mode!r} must be 'binary' or 'severity'")
+        if self.model_preset not in MODEL_PRESETS:
+            problems.append(f"model_preset={self.model_preset!r} must be one of {MODEL_PRESETS}")
+        unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
+        if unknown:
+            problems.append(f"baselines {unknown} unknown (choose from {BASELINE_NAMES})")
+        for name in ("roi_scale", "batch_size", "patience", "plateau_patience", "cosine_t0", "num_samples",
+                     "ddim_steps", "val_num_samples", "val_ddim_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("dcg_epochs", "diffusion_epochs", "baseline_epochs", "num_workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("lr_dcg", "lr_diffusion", "lr_baseline"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name}={getattr(self, name)} must be > 0")
+        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or not 0 < self.plateau_factor < 1:
+            problems.append("need 0 <= label_smoothing < 1, weight_decay >= 0, 0 < plateau_factor < 1")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip={self.grad_clip} must be > 0 or None")
+        if self.n_resamples < 1000:
+            problems.append(f"n_resamples={self.n_resamples} must be >= 1000 for a 95% bootstrap interval")
+        if self.n_phantoms < 6 or self.phantom_size < 32:
+            problems.append("n_phantoms must be >= 6 (3 per class to split) and phantom_size >= 32")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    # -- derived settings ----------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.label_mode == "binary" else 5
+
+    def use_amp(self, device) -> bool:
+        """``amp``, or (auto) whether ``device`` is CUDA."""
+        return amp_enabled(device) if self.amp is None else bool(self.amp)
+
+    def model_config(self, device) -> ModelConfig:
+        """The DiffMIC-3D configuration of this profile on ``device`` (gradient checkpointing)."""
+        ckpt = self.grad_checkpoint
+        if ckpt is None:  # auto: the seed's size on a GPU (conservative for a 15 GB T4; not measured here)
+            ckpt = str(device).startswith("cuda") and self.input_shape == (128, 128, 64)
+        presets = {
+            "tiny": lambda: ModelConfig.tiny(num_classes=self.num_classes, input_shape=self.input_shape),
+            "small": lambda: ModelConfig.create(
+                num_classes=self.num_classes, input_shape=self.input_shape, grid_size=8, feature_dim=128,
+                dcg=dict(global_channels=(16, 32, 64, 128), global_blocks=(1, 1, 1, 1), feature_dim=128,
+                         num_rois=3, local_channels=(16, 32, 64), local_blocks=(1, 1, 1), local_dim=64,
+                         attention_dim=64),
+                unet=dict(base_channels=32, channel_mults=(1, 2), time_dim=64)),
+            "seed": lambda: ModelConfig.create(num_classes=self.num_classes, input_shape=self.input_shape),
+        }
+        base = presets[self.model_preset]()
+        return ModelConfig(
+            dcg=replace(base.dcg, roi_scale=self.roi_scale, grad_checkpoint=bool(ckpt)), prior=base.prior,
+            unet=base.unet, diffusion=replace(base.diffusion, num_samples=self.num_samples,
+                                              ddim_steps=self.ddim_steps))
+
+    # -- plain data ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists) for JSON files and checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"TrainConfig.from_dict: unknown keys {unknown}")
+        return cls(**data)
+
+
+PROFILES: dict[str, TrainConfig] = {
+    "smoke": TrainConfig(
+        profile="smoke", input_shape=(32, 32, 32), n_phantoms=12, phantom_size=32,
+        phantom_dir="data/phantoms_smoke", model_preset="tiny", batch_size=4, dcg_epochs=2,
+        diffusion_epochs=2, baseline_epochs=2, patience=2, cosine_t0=2, num_samples=1,
+        ddim_steps=2, val_num_samples=1, val_ddim_steps=2, n_resamples=1000, progress=False),
+    "demo": TrainConfig(
+        profile="demo", input_shape=(64, 64, 32), n_phantoms=100, phantom_size=128,
+        phantom_dir="data/MosMedData", model_preset="small", batch_size=4, dcg_epochs=20,
+        diffusion_epochs=40, baseline_epochs=20, patience=7, cosine_t0=10, num_samples=10,
+        ddim_steps=10, val_num_samples=1, val_ddim_steps=5, n_resamples=2000),
+    "full": TrainConfig(
+        profile="full", input_shape=(128, 128, 64), n_phantoms=100, phantom_size=128,
+        phantom_dir="data/MosMedData", model_preset="seed", batch_size=4, dcg_epochs=15,
+        diffusion_epochs=30, baseline_epochs=15, patience=7, cosine_t0=10, num_samples=10,
+        ddim_steps=10, n_resamples=2000),
+}
+
+
+def get_profile(name: str, **overrides) -> TrainConfig:
+    """The profile ``name`` with ``overrides`` applied (field name -> value).
+
+    Raises:
+        ValueError: unknown profile or field, or an invalid value (the message says which).
+    """
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(f.name for f in fields(TrainConfig))}")
+    return replace(PROFILES[name], **overrides)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``['batch_size=2', 'input_shape=48,48,32', 'amp=auto']`` -> a dict of typed values.
+
+    Values are Python literals (``2``, ``1e-3``, ``48,48,32``, ``'x'``); ``true`` / ``false``
+    are booleans, ``none`` / ``auto`` are None (auto-select), anything else is a string.
+    """
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        text = raw.strip()
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        elif lowered in ("none", "auto"):
+            value = None
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+        out[key.strip()] = value
+    return out

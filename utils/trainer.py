@@ -1,0 +1,291 @@
+"""One epoch loop for every stage (DCG, diffusion, baselines), resumable at epoch granularity.
+
+:func:`fit` runs ``epochs`` epochs of ``train_step`` over ``train_batches(epoch)``, evaluates
+on the validation split after each, keeps the best weights (highest validation AUC; ties go
+to the lower validation loss), stops early after ``patience`` epochs without improvement, and
+writes a checkpoint atomically at the end of every epoch.
+
+Reproducible resume. Everything random in an epoch is a function of (seed, epoch) or is in
+the checkpoint:
+
+* data order and augmentation: ``train_batches(epoch)`` must derive them from
+  :func:`epoch_seed` (``make_epoch_loader`` does: its shuffling generator is seeded with
+  ``epoch_seed(seed, epoch, ORDER_STREAM)`` and it calls ``CTDataset.set_epoch(epoch)``);
+* noise drawn by the loss (diffusion timesteps and eps): the ``generator`` handed to
+  ``train_step``, re-seeded with ``epoch_seed(seed, epoch)`` at the start of each epoch;
+* torch's global generators (dropout, anything un-seeded): saved with
+  :func:`utils.checkpoint.rng_state` at the end of each epoch and restored on resume;
+* model, optimizer, scheduler, GradScaler, best weights, history and the early-stopping
+  counter: saved at the end of each epoch.
+
+A run killed at any point therefore restarts from its last finished epoch and ends with the
+weights and metrics of an uninterrupted run (on the same device and thread count).
+
+A finished stage rewrites its checkpoint with ``fit.complete = True`` and the BEST weights as
+``model_state_dict`` (optimizer state dropped); calling :func:`fit` again then only loads it.
+
+Checkpoint layout (``utils.checkpoint.save_checkpoint``, loads with ``weights_only=True``)::
+
+    {model_config, model_state_dict, **meta,            # meta: e.g. preprocess_config
+     "fit": {"name", "epoch" (epochs done), "complete", "stopped_early", "history",
+             "best": {"epoch", "val_auc", "val_loss", "val_acc"}, "bad_epochs",
+             [while training:] "optimizer", "scheduler", "scaler", "rng",
+             "best_state_dict" (None when the best weights are model_state_dict)}}
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, ReduceLROnPlateau
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from utils.checkpoint import check_config_matches, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.errors import DataError
+
+HISTORY_KEYS = ("train_loss", "val_loss", "val_auc", "val_acc", "lr")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Settings of one :func:`fit` call.
+
+    Args:
+        name: stage name, used in log lines and progress bars (e.g. ``'dcg'``).
+        epochs: maximum number of epochs.
+        patience: stop after this many consecutive epochs without a better validation score.
+        grad_clip: max global L2 norm of the gradients (None: no clipping).
+        amp: float16 autocast + GradScaler (only meaningful on CUDA).
+        seed: seed from which every epoch's generator is derived (:func:`epoch_seed`).
+        progress: show a tqdm bar per epoch.
+    """
+
+    name: str
+    epochs: int
+    patience: int
+    grad_clip: Optional[float] = 1.0
+    amp: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        history: series name (``HISTORY_KEYS``) -> one value per epoch run.
+        best: ``{'epoch' (1-based), 'val_auc', 'val_loss', 'val_acc'}`` of the kept weights.
+        epochs_run: epochs completed.
+        stopped_early: whether early stopping ended the stage before ``epochs``.
+    """
+
+    history: dict[str, list[float]]
+    best: dict
+    epochs_run: int
+    stopped_early: bool
+    resumed_from: int = 0
+    seconds: float = field(default=0.0, compare=False)
+
+
+STEP_STREAM, ORDER_STREAM = 0, 1  # epoch_seed streams: noise drawn by the loss, data order
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = STEP_STREAM) -> int:
+    """A 63-bit seed for ``stream`` in epoch ``epoch`` of a run seeded with ``seed``;
+    different (seed, epoch, stream) give statistically independent streams (SeedSequence)."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def make_epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
+                      pin_memory: bool = False) -> DataLoader:
+    """A shuffling DataLoader for one epoch: order from ``epoch_seed(seed, epoch, ORDER_STREAM)``, and
+    ``dataset.set_epoch(epoch)`` (augmentation draw) when the dataset has it. A last batch of
+    a single volume is dropped (BatchNorm, in the baselines, cannot train on it)."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, ORDER_STREAM))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=len(dataset) % batch_size == 1)
+
+
+def _score(metrics: Mapping) -> tuple[float, float]:
+    """Model-selection key, larger is better: (val AUC, -val loss); an undefined AUC
+    (one class in the validation split) counts as -inf so the loss decides."""
+    auc = metrics["val_auc"]
+    return (auc if auc is not None and math.isfinite(auc) else -math.inf, -metrics["val_loss"])
+
+
+def _cpu_state(state: Mapping) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _is_complete_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a stage that :func:`fit` finished."""
+    try:
+        return bool(load_checkpoint(path)["fit"]["complete"])
+    except (DataError, KeyError, TypeError):
+        return False
+
+
+def stage_complete(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` exists and its stage finished."""
+    return Path(path).is_file() and _is_complete_checkpoint(Path(path))
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
+        train_step: Callable[[object, torch.Generator], torch.Tensor],
+        evaluate: Callable[[], Mapping[str, float]],
+        train_batches: Callable[[int], Iterable],
+        config: FitConfig, checkpoint_path: str | Path, model_config: Mapping,
+        meta: Optional[Mapping] = None, device: Optional[torch.device] = None) -> FitResult:
+    """Train ``model`` with early stopping on validation; resume from ``checkpoint_path``.
+
+    Args:
+        model: the module whose ``state_dict`` is checkpointed (may include frozen parts).
+        optimizer: over the parameters being trained; their gradients are clipped.
+        scheduler: ``ReduceLROnPlateau`` (stepped on the validation loss after each epoch),
+            ``CosineAnnealingWarmRestarts`` (stepped after every batch with the fractional
+            epoch ``epoch + (i + 1) / n_batches``), any other scheduler (stepped once per
+            epoch), or None.
+        train_step: ``(batch, generator) -> scalar loss`` for one batch, run in train mode
+            under autocast; ``generator`` is the epoch's seeded torch.Generator on ``device``.
+        evaluate: ``() -> {'val_loss', 'val_auc', 'val_acc'}`` on the validation split, run in
+            eval mode without gradients. AUC from probabilities; NaN if undefined.
+        train_batches: ``epoch (0-based) -> iterable of batches`` whose order and
+            augmentation depend only on (seed, epoch) (see :func:`make_epoch_loader`).
+        config: epochs, patience, clipping, AMP, seed.
+        checkpoint_path: written atomically after every epoch; resumed from if present.
+        model_config: the model's configuration as plain data (checked on resume).
+        meta: further plain data stored in the checkpoint (preprocess config, class names, ...).
+        device: where ``model`` lives (default: its first parameter's device).
+
+    Returns:
+        a :class:`FitResult`; ``model`` holds the best weights on return.
+
+    Raises:
+        ValueError: the checkpoint's ``model_config`` differs from ``model_config``.
+        DataError: the checkpoint is unreadable or not a training checkpoint of ours.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    meta = dict(meta or {})
+    device = device or next(model.parameters()).device
+    device = torch.device(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    history = {key: [] for key in HISTORY_KEYS}
+    best = {"epoch": 0, "val_auc": -math.inf, "val_loss": math.inf, "val_acc": float("nan")}
+    best_state = _cpu_state(model.state_dict())
+    start_epoch, bad_epochs, stopped_early = 0, 0, False
+
+    def snapshot(complete: bool) -> None:
+        fit_state = {"name": config.name, "config": asdict(config), "epoch": epoch_done, "complete": complete,
+                     "stopped_early": stopped_early, "history": history, "best": best, "bad_epochs": bad_epochs}
+        if complete:
+            weights = best_state
+        else:
+            weights = model.state_dict()
+            # the best weights are stored only when they are not the current ones (saves a
+            # model's worth of disk writes per improving epoch; None means "model_state_dict")
+            fit_state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                             scheduler=None if scheduler is None else scheduler.state_dict(),
+                             best_state_dict=None if best["epoch"] == epoch_done else best_state, rng=rng_state())
+        save_checkpoint(checkpoint_path, model_config=model_config, model_state_dict=weights, **meta, fit=fit_state)
+
+    if checkpoint_path.exists():
+        ckpt = load_checkpoint(checkpoint_path, map_location=device)
+        check_config_matches(ckpt["model_config"], model_config)
+        if "fit" not in ckpt:
+            raise DataError(checkpoint_path, "not a training checkpoint (no 'fit' state); delete it to retrain")
+        state = ckpt["fit"]
+        history = {key: list(state["history"][key]) for key in HISTORY_KEYS}
+        best, bad_epochs, stopped_early = dict(state["best"]), state["bad_epochs"], state["stopped_early"]
+        start_epoch = state["epoch"]
+        if state["complete"]:
+            model.load_state_dict(ckpt["model_state_dict"])
+            return FitResult(history, best, start_epoch, stopped_early, resumed_from=start_epoch)
+        model.load_state_dict(ckpt["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        best_state = _cpu_state(ckpt["model_state_dict"] if state["best_state_dict"] is None
+                                else state["best_state_dict"])
+        set_rng_state(state["rng"])
+        tqdm.write(f"[{config.name}] resuming after epoch {start_epoch} from {checkpoint_path}")
+
+    started = time.perf_counter()
+    epoch_done = start_epoch
+    for epoch in range(start_epoch, config.epochs):
+        if bad_epochs >= config.patience:
+            break
+        tic = time.perf_counter()
+        generator = torch.Generator(device).manual_seed(epoch_seed(config.seed, epoch))
+        batches = train_batches(epoch)
+        n_batches = len(batches) if hasattr(batches, "__len__") else None
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(batches, total=n_batches, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}",
+                   leave=False, disable=not config.progress)
+        for i, batch in enumerate(bar):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=config.amp):
+                loss = train_step(batch, generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{config.name}] epoch {epoch + 1} batch {i}: loss is {loss.item()}")
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if isinstance(scheduler, CosineAnnealingWarmRestarts):
+                scheduler.step(epoch + (i + 1) / n_batches)
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.close()
+        lr = optimizer.param_groups[0]["lr"]
+        model.eval()
+        with torch.no_grad():
+            metrics = {key: float(value) for key, value in evaluate().items()}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step(metrics["val_loss"])
+        elif scheduler is not None and not isinstance(scheduler, CosineAnnealingWarmRestarts):
+            scheduler.step()
+
+        row = {"train_loss": total / max(count, 1), "val_loss": metrics["val_loss"],
+               "val_auc": metrics["val_auc"], "val_acc": metrics["val_acc"], "lr": lr}
+        for key in HISTORY_KEYS:
+            history[key].append(row[key])
+        improved = _score(metrics) > _score(best)
+        if improved:
+            best = {"epoch": epoch + 1, "val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"],
+                    "val_acc": metrics["val_acc"]}
+            best_state = _cpu_state(model.state_dict())
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        epoch_done = epoch + 1
+        stopped_early = bad_epochs >= config.patience and epoch_done < config.epochs
+        tqdm.write(f"[{config.name}] epoch {epoch_done}/{config.epochs} train_loss {row['train_loss']:.4f} "
+                   f"val_loss {row['val_loss']:.4f} val_auc {row['val_auc']:.3f} val_acc {row['val_acc']:.3f} "
+                   f"lr {lr:.2e} {time.perf_counter() - tic:.1f}s{' *best' if improved else ''}")
+        snapshot(complete=False)
+        if stopped_early:
+            tqdm.write(f"[{config.name}] early stop: no better validation AUC/loss for {config.patience} epochs")
+            break
+
+    model.load_state_dict(best_state)
+    snapshot(complete=True)
+    return FitResult(history, best, epoch_done, stopped_early, resumed_from=start_epoch,
+                     seconds=time.perf_counter() - started)
