@@ -379,7 +379,7 @@ class PriorShiftedDiffusion(nn.Module):
                              f"got {tuple(y0_samples.shape)} and {tuple(labels.shape)}")
         grid = torch.logspace(-2, 1, 200, dtype=torch.float64) if grid is None else grid.double()
         S, N = y0_samples.shape[:2]
-        flat = y0_samples.reshape(S * N, *y0_samples.shape[2:]).double()
+        flat = y0_samples.reshape(S * N, *y0_samples.shape[2:]).to(self.temperature.device, torch.float64)
         labels = labels.long().cpu()
         best, best_nll = 1.0, float("inf")
         for value in grid.tolist():

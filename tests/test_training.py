@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
 from utils.checkpoint import load_checkpoint
 from utils.profiles import get_profile
-from utils.training import cache_guidance, train_dcg, train_diffusion
+from utils.training import calibrate_temperature, cache_guidance, predict_guidance, train_dcg, train_diffusion
 
 SHAPE = (32, 32, 32)
 
@@ -95,3 +95,20 @@ def test_phase2_trains_on_cached_guidance_without_running_the_dcg(tmp_path, conf
         assert torch.equal(value, dcg_before[key])
     groups = load_checkpoint(tmp_path / "diffusion.pth")
     assert groups["fit"]["complete"]
+
+
+def test_temperature_is_fitted_on_validation_without_changing_predictions(config):
+    torch.manual_seed(0)
+    model = DiffMIC3D(config.model_config("cpu"))
+    val = BlobVolumes(6, 3)
+    val_cache = cache_guidance(model, val, torch.device("cpu"), progress=False)
+    before = predict_guidance(model, val_cache, torch.device("cpu"), 4, config.seed, config.num_samples,
+                              config.ddim_steps, keep_y0=True)
+    assert before["y0_samples"].shape == (config.num_samples, 6, 2, *[model.config.grid_size] * 3)
+    value = calibrate_temperature(model, val_cache, torch.from_numpy(val.labels), config, torch.device("cpu"))
+    after = predict_guidance(model, val_cache, torch.device("cpu"), 4, config.seed, config.num_samples,
+                             config.ddim_steps)
+    assert float(model.diffusion.temperature) == value
+    assert torch.equal(after["probs"].argmax(1), before["probs"].argmax(1))
+    assert calibrate_temperature(model, val_cache, torch.from_numpy(val.labels), config,
+                                 torch.device("cpu")) == value  # deterministic: a resumed run refits the same

@@ -56,7 +56,8 @@ from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
 from utils.seeding import pick_device, seed_everything
 from utils.splits import load_or_create_splits
 from utils.trainer import FitResult, epoch_seed
-from utils.training import cache_guidance, eval_loader, predict_guidance, train_dcg, train_diffusion
+from utils.training import (cache_guidance, calibrate_temperature, eval_loader, predict_guidance, train_dcg,
+                            train_diffusion)
 
 MAIN_CHECKPOINT = "diffmic3d_enhanced_model.pth"
 OURS = "DiffMIC-3D"
@@ -168,6 +169,9 @@ def run_experiment(config: TrainConfig, output_dir: Path, data_dir: Optional[Pat
     result = train_diffusion(model, guidance["train"], labels["train"], guidance["val"], labels["val"], config,
                              device, checkpoints / "diffusion.pth", meta)
     history["diffusion"] = history_entry(result)
+    temperature = calibrate_temperature(model, guidance["val"], labels["val"], config, device)
+    history["diffusion"]["temperature"] = temperature
+    print(f"softmax temperature fitted on the validation split: {temperature:.3f}")
     save_checkpoint(output_dir / MAIN_CHECKPOINT, model_config=model.config.to_dict(),
                     model_state_dict=model.state_dict(), **meta,
                     history={"dcg": history["dcg"], "diffusion": history["diffusion"]})

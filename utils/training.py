@@ -147,9 +147,13 @@ def diffusion_param_groups(model: DiffMIC3D, config: TrainConfig) -> list[dict]:
 
 
 def predict_guidance(model: DiffMIC3D, guidance: Mapping[str, torch.Tensor], device: torch.device,
-                     batch_size: int, seed: int, num_samples: int, steps: int) -> dict[str, torch.Tensor]:
+                     batch_size: int, seed: int, num_samples: int, steps: int,
+                     keep_y0: bool = False) -> dict[str, torch.Tensor]:
     """``model.predict`` over cached guidance in batches with ONE generator seeded with
-    ``seed`` (so the result depends on nothing else); tensors concatenated on CPU."""
+    ``seed`` (so the result depends on nothing else); tensors concatenated on CPU.
+
+    Returns probs (N, C), std (N, C), entropy (N,) and, with ``keep_y0``, the final class
+    maps y0_samples (S, N, C, Np, Np, Np)."""
     generator = torch.Generator(device).manual_seed(seed)
     n = len(guidance[GUIDANCE_KEYS[0]])
     outputs: dict[str, list[torch.Tensor]] = {}
@@ -157,9 +161,24 @@ def predict_guidance(model: DiffMIC3D, guidance: Mapping[str, torch.Tensor], dev
         rows = slice(start, start + batch_size)
         out = model.predict(select_guidance(guidance, rows, device), num_samples=num_samples, steps=steps,
                             generator=generator)
-        for key in ("probs", "std", "entropy"):
+        for key in ("probs", "std", "entropy") + (("y0_samples",) if keep_y0 else ()):
             outputs.setdefault(key, []).append(out[key].float().cpu())
-    return {key: torch.cat(values) for key, values in outputs.items()}
+    return {key: torch.cat(values, dim=1 if key == "y0_samples" else 0) for key, values in outputs.items()}
+
+
+def calibrate_temperature(model: DiffMIC3D, val_guidance: Mapping[str, torch.Tensor], val_labels: torch.Tensor,
+                          config: TrainConfig, device: torch.device) -> float:
+    """Fit the softmax temperature of the diffusion probabilities on the VALIDATION split.
+
+    Samples exactly as the test predictions will (``num_samples``, ``ddim_steps``, seed) and
+    sets ``model.diffusion.temperature`` to the value that minimises the validation NLL
+    (``PriorShiftedDiffusion.fit_temperature``). Each sample's argmax is unchanged; the mean
+    over several samples can shift marginally, since softmax is not linear in T.
+    Deterministic, so a resumed run refits the same value.
+    """
+    out = predict_guidance(model, val_guidance, device, config.batch_size, config.seed, config.num_samples,
+                           config.ddim_steps, keep_y0=True)
+    return model.diffusion.fit_temperature(out["y0_samples"], torch.as_tensor(val_labels))
 
 
 def train_diffusion(model: DiffMIC3D, train_guidance: Mapping[str, torch.Tensor], train_labels: torch.Tensor,
