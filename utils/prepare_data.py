@@ -20,7 +20,7 @@ from pathlib import Path
 from utils.cache import VolumeCache
 from utils.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
 from utils.errors import DataError
-from utils.phantoms import write_dataset
+from utils.phantoms import PhantomConfig, write_dataset
 from utils.preprocessing import PreprocessConfig
 from utils.splits import SPLITS, load_or_create_splits
 
@@ -28,12 +28,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_DATA = REPO_ROOT / "data" / "MosMedData"
 
 
-def resolve_data_dir(data_dir: Path | None, n_phantoms: int, seed: int) -> Path:
-    """The folder to read scans from; generates the embedded phantoms when that is the choice."""
-    chosen = Path(data_dir) if data_dir is not None else default_data_dir(REPO_ROOT)
-    if chosen.resolve() == EMBEDDED_DATA.resolve():
-        write_dataset(EMBEDDED_DATA, n_phantoms, seed)  # no-op when already complete
-    return chosen
+def resolve_data_dir(data_dir: Path | None, phantom_dir: Path = EMBEDDED_DATA, n_phantoms: int = 100,
+                     seed: int = 0, config: PhantomConfig = PhantomConfig(), progress: bool = True) -> Path:
+    """The folder to read scans from, first match wins: ``data_dir``; ``$MEDISCOPE_DATA_DIR``;
+    a MosMedData copy under ``/kaggle/input``; else phantoms generated into ``phantom_dir``
+    (a no-op when that folder already holds a complete set with the same settings)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    chosen = default_data_dir(REPO_ROOT)
+    if chosen.resolve() != EMBEDDED_DATA.resolve():
+        return chosen
+    write_dataset(phantom_dir, n_phantoms, seed, config=config, progress=progress)
+    return Path(phantom_dir)
 
 
 def split_summary(splits: dict, label_mode: str) -> str:
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        data_dir = resolve_data_dir(args.data_dir, args.phantoms, args.seed)
+        data_dir = resolve_data_dir(args.data_dir, n_phantoms=args.phantoms, seed=args.seed)
         root, layout = find_dataset_root(data_dir)
         records = discover_scans(root, args.label_mode)
         manifest = args.output_dir / "splits.csv"

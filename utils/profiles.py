@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
 from models.diffmic3d import ModelConfig
+from utils.phantoms import PhantomConfig
 from utils.seeding import amp_enabled
 
 MODEL_PRESETS = ("tiny", "small", "seed")
@@ -83,7 +84,7 @@ class TrainConfig:
     label_mode: str = "binary"
     roi_scale: int = 1
     n_phantoms: int = 100
-    phantom_size: int = 128
+    phantom_size: int = PhantomConfig.size  # the embedded default set (utils.phantoms)
     phantom_dir: str = "data/MosMedData"
     phantom_seed: int = 0
     model_preset: str = "seed"
@@ -201,12 +202,12 @@ PROFILES: dict[str, TrainConfig] = {
         diffusion_epochs=2, baseline_epochs=2, patience=2, cosine_t0=2, num_samples=1,
         ddim_steps=2, val_num_samples=1, val_ddim_steps=2, n_resamples=1000, progress=False),
     "demo": TrainConfig(
-        profile="demo", input_shape=(64, 64, 32), n_phantoms=100, phantom_size=128,
+        profile="demo", input_shape=(64, 64, 32), n_phantoms=100,
         phantom_dir="data/MosMedData", model_preset="small", batch_size=4, dcg_epochs=20,
         diffusion_epochs=40, baseline_epochs=20, patience=7, cosine_t0=10, num_samples=10,
         ddim_steps=10, val_num_samples=1, val_ddim_steps=5, n_resamples=2000),
     "full": TrainConfig(
-        profile="full", input_shape=(128, 128, 64), n_phantoms=100, phantom_size=128,
+        profile="full", input_shape=(128, 128, 64), n_phantoms=100,
         phantom_dir="data/MosMedData", model_preset="seed", batch_size=4, dcg_epochs=15,
         diffusion_epochs=30, baseline_epochs=15, patience=7, cosine_t0=10, num_samples=10,
         ddim_steps=10, n_resamples=2000),

@@ -45,12 +45,12 @@ from utils.baselines import DISPLAY_NAMES, train_baseline
 from utils.cache import VolumeCache
 from utils.checkpoint import save_checkpoint
 from utils.dataset import CTDataset
-from utils.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
+from utils.discovery import CLASS_NAMES, discover_scans, find_dataset_root
 from utils.errors import DataError
 from utils.evaluate import (Predictions, evaluate_experiment, format_results_table, predict_loader,
                             write_learning_curves, write_model_figures)
-from utils.phantoms import PhantomConfig, write_dataset
-from utils.prepare_data import EMBEDDED_DATA, REPO_ROOT, split_summary
+from utils.phantoms import PhantomConfig
+from utils.prepare_data import REPO_ROOT, resolve_data_dir, split_summary
 from utils.preprocessing import PreprocessConfig
 from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
 from utils.seeding import pick_device, seed_everything
@@ -65,19 +65,6 @@ ABLATION_GLOBAL = "DCG global prior only"
 ABLATION_FUSED = "DCG without diffusion"
 STAGES = ("dcg", "diffusion", "resnet18", "densenet121")
 _IGNORED_FOR_RESUME = ("progress",)  # settings that may change between a run and its resumption
-
-
-def resolve_data_dir(config: TrainConfig, data_dir: Optional[Path]) -> Path:
-    """The folder holding the scans; generates the profile's phantoms when they are the choice."""
-    if data_dir is not None:
-        return Path(data_dir)
-    chosen = default_data_dir(REPO_ROOT)
-    if chosen.resolve() != EMBEDDED_DATA.resolve():
-        return chosen  # $MEDISCOPE_DATA_DIR or a Kaggle input
-    target = REPO_ROOT / config.phantom_dir
-    write_dataset(target, config.n_phantoms, config.phantom_seed, config=PhantomConfig(size=config.phantom_size),
-                  progress=config.progress)
-    return target
 
 
 def reseed_stage(config: TrainConfig, stage: str) -> None:
@@ -124,7 +111,8 @@ def run_experiment(config: TrainConfig, output_dir: Path, data_dir: Optional[Pat
 
     # -- data ----------------------------------------------------------------------------
     tic = time.perf_counter()
-    data_dir = resolve_data_dir(config, data_dir)
+    data_dir = resolve_data_dir(data_dir, REPO_ROOT / config.phantom_dir, config.n_phantoms, config.phantom_seed,
+                                PhantomConfig(size=config.phantom_size), config.progress)
     root, layout = find_dataset_root(data_dir)
     records = discover_scans(root, config.label_mode)
     splits = load_or_create_splits(records, output_dir / "splits.csv", seed=config.seed, data_dir=root)
