@@ -35,7 +35,7 @@ def test_tissue_hu_plausible(seed):
     hu, _, info = _phantom(0, seed)
     lung = info["lung_mask"]
     assert 0.01 < lung.mean() < 0.5
-    assert -920 <= hu[lung].mean() <= -700
+    assert -920 <= np.median(hu[lung]) <= -700  # healthy parenchyma; the dependent band covers < 25 %
     centre = hu[hu.shape[0] // 2 - 2: hu.shape[0] // 2 + 2, :, hu.shape[2] // 2]
     assert (centre > 300).any()  # the vertebra on the midline
 
@@ -57,6 +57,21 @@ def test_lesions_only_inside_lungs_and_only_in_abnormal_scans(seed):
     lesion, lung = abnormal["lesion_mask"], abnormal["lung_mask"]
     assert lesion.any() and abnormal["lesion_count"] >= 1
     assert not (lesion & ~lung).any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 4])
+def test_normal_scans_spend_the_same_dense_volume_on_a_dependent_band(seed):
+    """Same seed, same patient and foci: the normal scan carries the abnormal scan's dense
+    volume as a posterior band instead of focal lesions."""
+    config = PhantomConfig(size=64)
+    scans = [generate_phantom(np.random.default_rng([seed, 9]), category, config) for category in (0, 1)]
+    dense = [(hu > -600) & info["lung_mask"] for hu, _, info in scans]  # GGO and consolidation range
+    (_, _, normal), (_, _, abnormal) = scans
+    assert normal["dependent_fraction"] > 0.05 and not normal["lesion_mask"].any()
+    assert abs(dense[0].sum() - dense[1].sum()) < 0.15 * dense[1].sum()
+    posterior_shift = [np.nonzero(d)[1].mean() - np.nonzero(info["lung_mask"])[1].mean()  # array Y = +posterior
+                       for d, (_, _, info) in zip(dense, scans)]
+    assert posterior_shift[0] > posterior_shift[1]
 
 
 def test_lesions_raise_attenuation_where_they_are():
@@ -81,6 +96,7 @@ def test_difficulty_presets_order_lesion_burden():
     assert easy.lesion_radius_mm[1] > default.lesion_radius_mm[1] > hard.lesion_radius_mm[1]
     assert easy.contrast >= default.contrast >= hard.contrast
     assert easy.mild_share <= default.mild_share <= hard.mild_share
+    assert easy.focal_share >= default.focal_share >= hard.focal_share
     burden = {}
     for name in ("easy", "hard"):
         config = PhantomConfig(size=48, difficulty=DIFFICULTIES[name])
@@ -89,7 +105,8 @@ def test_difficulty_presets_order_lesion_burden():
 
 
 @pytest.mark.parametrize("kwargs", [dict(lesion_count=(0, 3)), dict(lesion_count=(4, 2)), dict(contrast=1.5),
-                                    dict(mild_share=-0.1), dict(lesion_radius_mm=(0.0, 5.0))])
+                                    dict(mild_share=-0.1), dict(lesion_radius_mm=(0.0, 5.0)),
+                                    dict(focal_share=1.2), dict(patchiness=-0.5)])
 def test_difficulty_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match="Difficulty"):
         Difficulty(**kwargs)

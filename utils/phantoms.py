@@ -15,15 +15,26 @@ towards the periphery, fine lung texture and correlated Gaussian scanner noise.
 
 Lesions (categories 1..4) are ground-glass opacities (-700..-300 HU) and consolidation
 (-100..+50 HU): multifocal, drawn mostly in peripheral and posterior (dependent) lung,
-shaped as thresholded smoothed noise inside an ellipsoid, and confined to the lungs.
-Category 1 (and the binary ``CT-23`` class) takes its lesion count, size and contrast
-from a ``Difficulty``; categories 2..4 involve 25-50 %, 50-75 % and > 75 % of the lung
-volume, as MosMedData defines CT-2..CT-4.
+shaped as ellipsoids thresholded with smoothed noise (patchy, with a sharp edge) and
+confined to the lungs. Category 1 (and the binary ``CT-23`` class) takes its foci from a
+``Difficulty``; categories 2..4 involve 25-50 %, 50-75 % and > 75 % of the lung volume,
+as MosMedData defines CT-2..CT-4.
 
 Confounders appear in both classes so that global HU statistics do not give the label
-away: a posterior dependent-density gradient of random strength, lung mean attenuation
--920..-800 HU before partial volume (inspiration level, which also scales lung volume), vessel count and
-calibre, body fat, patient size and position, and noise level.
+away. The main one is lesion-volume matched: a normal scan draws foci exactly as an
+abnormal one does (a dense-volume budget with one distribution for both classes) and lays
+their density out as a smooth dependent band along the posterior lung (like dependent
+atelectasis), where an abnormal scan keeps most of it as focal lesions. The whole-volume
+histogram is then the same in distribution and only the shape (focal vs a posterior
+gradient) tells the classes apart. Further confounders: a posterior dependent-density
+gradient of random strength, lung mean attenuation -920..-800 HU before partial volume
+(inspiration level, which also scales lung volume), vessel count and calibre, body fat,
+patient size and position, and noise level.
+
+Calibration (160 scans at size 128, 100 train / 60 test, preprocessed to 64 x 64 x 32; a
+plain 3D CNN with BatchNorm and global average pooling; histogram = 5-fold logistic
+regression on 32 HU bins): easy CNN ~0.87, default ~0.73-0.80 (AUC 0.84-0.89), hard
+~0.6; the histogram baseline stays at 0.5-0.67 at the default for sizes 64, 128 and 256.
 
 Usage::
 
@@ -55,6 +66,7 @@ SEVERITY_BANDS = {0: (0.0, 0.0), 1: (0.0, 0.25), 2: (0.25, 0.50), 3: (0.50, 0.75
 LAYOUTS = ("ct0_ct23", "studies")
 SIDECAR = "phantoms.json"  # generator settings of a dataset folder written by this module
 GGO_HU = (-700.0, -300.0)
+EDGE_RAMP = 0.15  # lesion score over which the density ramps from 0 to full: the edge sharpness
 CONSOLIDATION_HU = (-100.0, 50.0)
 
 
@@ -62,26 +74,37 @@ CONSOLIDATION_HU = (-100.0, 50.0)
 class Difficulty:
     """How visible the lesions of a category-1 (binary 'abnormal') scan are.
 
+    Normal scans draw the same foci and turn all of their density into a dependent band
+    (the lesion-volume-matched confounder, see ``_lesions``), so every field here shapes
+    the dense-volume budget of both classes alike; only ``focal_share`` and the focus
+    shape decide how much of it an abnormal scan shows as focal lesions.
+
     Args:
-        lesion_count: inclusive (min, max) number of lesion foci of a regular abnormal scan.
+        lesion_count: inclusive (min, max) number of foci of a regular draw.
         lesion_radius_mm: (min, max) mean radius of a focus in mm, drawn log-uniformly so
             small and large foci are equally common per octave.
-        contrast: share of the difference between a lesion's target attenuation (GGO
+        contrast: share of the difference between a focus's target attenuation (GGO
             -700..-300 HU, consolidation -100..+50 HU) and the underlying lung applied at
-            the lesion core (1 = full attenuation, 0 = invisible). Also used by CT-2..CT-4.
+            its core (1 = full attenuation, 0 = invisible). Also used by CT-2..CT-4.
         consolidation_prob: probability that a focus is consolidation, not ground glass.
-        mild_share: share of abnormal scans that instead carry one small faint focus.
+        mild_share: share of draws that instead carry one small faint focus.
         mild_radius_mm: (min, max) radius in mm of that single focus.
         mild_contrast: contrast (as ``contrast``) of that single focus.
+        focal_share: probability that a focus of an abnormal scan stays focal (at least
+            one always does); the others become dependent density.
+        patchiness: amplitude of the smoothed noise added to a focus's ellipsoid before
+            thresholding (0 = solid ellipsoid; larger = patchier, more broken outline).
     """
 
-    lesion_count: tuple[int, int] = (1, 5)
-    lesion_radius_mm: tuple[float, float] = (8.0, 24.0)
-    contrast: float = 0.9
-    consolidation_prob: float = 0.2
-    mild_share: float = 0.25
-    mild_radius_mm: tuple[float, float] = (6.0, 12.0)
-    mild_contrast: float = 0.7
+    lesion_count: tuple[int, int] = (4, 10)
+    lesion_radius_mm: tuple[float, float] = (20.0, 45.0)
+    contrast: float = 1.0
+    consolidation_prob: float = 0.3
+    mild_share: float = 0.05
+    mild_radius_mm: tuple[float, float] = (10.0, 16.0)
+    mild_contrast: float = 0.8
+    focal_share: float = 0.9
+    patchiness: float = 0.3
 
     def __post_init__(self):
         if not 1 <= self.lesion_count[0] <= self.lesion_count[1]:
@@ -90,17 +113,20 @@ class Difficulty:
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"Difficulty.{name} must be 0 < min <= max, got {(lo, hi)}")
-        for name in ("contrast", "consolidation_prob", "mild_share", "mild_contrast"):
+        for name in ("contrast", "consolidation_prob", "mild_share", "mild_contrast", "focal_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"Difficulty.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.patchiness <= 1.5:
+            raise ValueError(f"Difficulty.patchiness must lie in [0, 1.5], got {self.patchiness}")
 
 
 DIFFICULTIES = {
-    "easy": Difficulty(lesion_count=(3, 8), lesion_radius_mm=(15.0, 40.0), contrast=1.0,
-                       consolidation_prob=0.3, mild_share=0.0),
+    "easy": Difficulty(lesion_count=(5, 12), lesion_radius_mm=(25.0, 50.0), consolidation_prob=0.35,
+                       mild_share=0.0, focal_share=1.0, patchiness=0.25),
     "default": Difficulty(),
-    "hard": Difficulty(lesion_count=(1, 4), lesion_radius_mm=(6.0, 18.0), contrast=0.8,
-                       consolidation_prob=0.1, mild_share=0.4, mild_radius_mm=(4.0, 8.0), mild_contrast=0.5),
+    "hard": Difficulty(lesion_count=(3, 8), lesion_radius_mm=(15.0, 40.0), contrast=0.9, consolidation_prob=0.25,
+                       mild_share=0.2, mild_radius_mm=(8.0, 14.0), mild_contrast=0.7, focal_share=0.8,
+                       patchiness=0.35),
 }
 
 
@@ -112,7 +138,7 @@ class PhantomConfig:
         size: in-plane matrix (X = Y = size voxels); MosMedData is 512. The default 256
             is twice the pipeline's 128 x 128 input, so the DCG's ``roi_scale = 2`` crops
             see real detail rather than interpolation, and a 100-scan set still takes
-            about 1.5-2.5 minutes on 2 CPU cores (128: ~25 s; 512: ~5x the time of 256).
+            about 1.5-2.5 minutes on 2 CPU cores (128: ~40 s; 512: ~5x the time of 256).
         slices: inclusive (min, max) number of axial slices per scan.
         slice_spacing_mm: (min, max) slice spacing in mm (MosMedData: 8 mm).
         pixel_spacing_512_mm: (min, max) in-plane spacing at a 512 matrix; the actual
@@ -300,57 +326,120 @@ def _vessel_fraction(rng: np.random.Generator, geom: _Geometry, params: dict) ->
 
 # ----------------------------------------------------------------------------- lesions
 
-def _lesions(rng: np.random.Generator, category: int, config: PhantomConfig, geom: _Geometry,
-             lung: np.ndarray, posterior: np.ndarray):
-    """Lesion score (> 0 inside a lesion), target HU and contrast fields, all (X, Y, Z).
+def _foci(rng: np.random.Generator, diff: Difficulty, geom: _Geometry, lung: np.ndarray, posterior: np.ndarray,
+          shape_noise: np.ndarray):
+    """Place the foci of a category-0/1 draw: score (> 0 inside), target HU, contrast, focus id, all (X, Y, Z).
 
     Centres are drawn from lung voxels with weight exp(-d / 25 mm) (1 + 2 * posterior),
-    d the distance to the lung boundary, so foci are mostly peripheral and dependent.
+    d the distance to the lung boundary, so foci are mostly peripheral and dependent. A
+    focus is an ellipsoid thresholded with smoothed noise (patchy, irregular edge); where
+    foci overlap the higher score wins (``focus`` holds the winner, -1 outside every focus).
     """
-    sx, sy, sz = geom.spacing
-    diff = config.difficulty
     score = np.full(geom.shape, -1.0, dtype=np.float32)
     target = np.zeros(geom.shape, dtype=np.float32)
     contrast = np.zeros(geom.shape, dtype=np.float32)
+    focus = np.full(geom.shape, -1, dtype=np.int16)
     depth = ndimage.distance_transform_edt(lung, sampling=geom.spacing).astype(np.float32)
-    peripheral = np.exp(-depth / 25.0)
+    mild = bool(rng.random() < diff.mild_share)
+    count = 1 if mild else int(rng.integers(diff.lesion_count[0], diff.lesion_count[1] + 1))
+    lung_idx = np.flatnonzero(lung)
+    prob = (np.exp(-depth / 25.0) * (1.0 + 2.0 * posterior)).ravel()[lung_idx]
+    centres = np.stack(np.unravel_index(rng.choice(lung_idx, size=count, p=prob / prob.sum()), geom.shape), 1)
+    for k, c in enumerate(centres):
+        radius = _log_uniform(rng, *(diff.mild_radius_mm if mild else diff.lesion_radius_mm))
+        radii = radius * np.array([rng.uniform(0.7, 1.3), rng.uniform(0.7, 1.3), rng.uniform(0.8, 1.5)])
+        half = np.ceil(1.6 * radii / np.array(geom.spacing)).astype(int)
+        box = tuple(slice(max(ci - h, 0), min(ci + h + 1, s)) for ci, h, s in zip(c, half, geom.shape))
+        grids = np.ogrid[box]
+        d2 = sum(((g - ci) * sp / r) ** 2 for g, ci, sp, r in zip(grids, c, geom.spacing, radii))
+        s_l = 1.0 - np.sqrt(d2) + diff.patchiness * shape_noise[box]
+        consolidation = rng.random() < diff.consolidation_prob
+        wins = s_l > score[box]
+        score[box] = np.where(wins, s_l, score[box])
+        target[box] = np.where(wins, rng.uniform(*(CONSOLIDATION_HU if consolidation else GGO_HU)), target[box])
+        contrast[box] = np.where(wins, diff.mild_contrast if mild else diff.contrast, contrast[box])
+        focus[box] = np.where(wins, k, focus[box])
+        score[tuple(c)] = max(score[tuple(c)], 0.1)  # never empty: the centre voxel is always inside
+    lung_scores = score[lung]
+    if np.mean(lung_scores > 0) >= SEVERITY_BANDS[1][1] - 0.01:  # keep CT-1 below 25 % of the lung
+        score -= np.quantile(lung_scores, 0.8)
+    return score, target, contrast, focus, mild, count
+
+
+def _dependent_band(rng: np.random.Generator, geom: _Geometry, lung: np.ndarray, posterior: np.ndarray,
+                    weight: np.ndarray, target: np.ndarray, moved: np.ndarray) -> None:
+    """Move the density of the ``moved`` voxels into a smooth dependent band, in place.
+
+    The (weight, target) pairs of the moved voxels are sorted by the attenuation they add
+    and laid, densest first, onto the most dependent free lung voxels (ranked by the
+    posterior coordinate plus a broad 20 mm noise field, so the band's thickness varies
+    along the lung). The multiset of added densities, and so the whole-volume HU
+    histogram, is unchanged; only the shape changes from focal blobs to a posterior
+    gradient like dependent atelectasis.
+    """
+    src = np.flatnonzero(moved)
+    if src.size == 0:
+        return
+    sx, sy, sz = geom.spacing
+    excess = weight.flat[src] * (target.flat[src] - geom.lung_mean_hu)
+    order = src[np.argsort(-excess, kind="stable")]
+    w_vals, t_vals = weight.flat[order].copy(), target.flat[order].copy()
+    weight.flat[src] = 0.0
+    free = np.flatnonzero(lung & (weight == 0))  # the moved voxels and healthy lung
+    rank = (posterior + 0.15 * _smooth_noise(rng, geom.shape, (20.0 / sx, 20.0 / sy, 20.0 / sz))).flat[free]
+    top = np.argpartition(-rank, src.size - 1)[: src.size]
+    dest = free[top[np.argsort(-rank[top], kind="stable")]]
+    weight.flat[dest], target.flat[dest] = w_vals, t_vals
+
+
+def _lesions(rng: np.random.Generator, category: int, config: PhantomConfig, geom: _Geometry,
+             lung: np.ndarray, posterior: np.ndarray):
+    """Lesion density of a scan: weight, target HU and lesion mask (X, Y, Z), and a summary.
+
+    The lung becomes ``parenchyma + weight * (target - parenchyma)``: weight in [0, 1] is
+    the focus contrast times a soft edge ramp, target the GGO/consolidation HU plus fine
+    texture.
+
+    Categories 0 and 1 draw foci from ``config.difficulty`` in exactly the same way, a
+    dense-volume budget with one distribution for both classes. A category-1 scan keeps
+    each focus as a focal lesion with probability ``focal_share`` (at least one); the
+    density of its other foci, and of every focus of a normal scan, is moved into a
+    dependent band (:func:`_dependent_band`). Both classes therefore carry the same
+    amount of GGO/consolidation-range tissue in distribution, and only its shape (focal,
+    patchy, sharp-edged vs a smooth posterior gradient) tells them apart. Categories 2..4
+    threshold a broad field to 25-50 %, 50-75 % or > 75 % of the lung.
+    """
+    sx, sy, sz = geom.spacing
+    diff = config.difficulty
     fine = _smooth_noise(rng, geom.shape, (2.5 / sx, 2.5 / sy, 2.5 / sz))
     coarse = _smooth_noise(rng, geom.shape, (8.0 / sx, 8.0 / sy, 8.0 / sz))
     shape_noise = np.clip(0.6 * fine + 0.4 * coarse, -1.5, 1.5)
-    mild, count = False, 0
-    if category == 1:
-        mild = bool(rng.random() < diff.mild_share)
-        count = 1 if mild else int(rng.integers(diff.lesion_count[0], diff.lesion_count[1] + 1))
-        lung_idx = np.flatnonzero(lung)
-        prob = (peripheral * (1.0 + 2.0 * posterior)).ravel()[lung_idx]
-        centres = np.stack(np.unravel_index(rng.choice(lung_idx, size=count, p=prob / prob.sum()), geom.shape), 1)
-        for c in centres:
-            radius = _log_uniform(rng, *(diff.mild_radius_mm if mild else diff.lesion_radius_mm))
-            radii = radius * np.array([rng.uniform(0.7, 1.3), rng.uniform(0.7, 1.3), rng.uniform(0.8, 1.5)])
-            half = np.ceil(1.6 * radii / np.array(geom.spacing)).astype(int)
-            box = tuple(slice(max(ci - h, 0), min(ci + h + 1, s)) for ci, h, s in zip(c, half, geom.shape))
-            grids = np.ogrid[box]
-            d2 = sum(((g - ci) * sp / r) ** 2 for g, ci, sp, r in zip(grids, c, geom.spacing, radii))
-            s_l = 1.0 - np.sqrt(d2) + 0.6 * shape_noise[box]  # >= 0.1 at the centre: never empty
-            consolidation = rng.random() < diff.consolidation_prob
-            hu = rng.uniform(*(CONSOLIDATION_HU if consolidation else GGO_HU))
-            wins = s_l > score[box]
-            score[box] = np.where(wins, s_l, score[box])
-            target[box] = np.where(wins, hu, target[box])
-            contrast[box] = np.where(wins, diff.mild_contrast if mild else diff.contrast, contrast[box])
-        lung_scores = score[lung]
-        if np.mean(lung_scores > 0) >= SEVERITY_BANDS[1][1] - 0.01:  # keep CT-1 below 25 % of the lung
-            score -= np.quantile(lung_scores, 0.8)
-    else:
+    if category >= 2:
         lo, hi = SEVERITY_BANDS[category]
         involved = rng.uniform(lo + 0.03, hi - 0.03)
+        peripheral = np.exp(-ndimage.distance_transform_edt(lung, sampling=geom.spacing) / 25.0)
         broad = _smooth_noise(rng, geom.shape, (15.0 / sx, 15.0 / sy, 15.0 / sz))
         field_ = broad + 0.3 * shape_noise + 1.0 * posterior + 0.8 * peripheral
         score = (field_ - np.quantile(field_[lung], 1.0 - involved)).astype(np.float32)
         consolidated = score > np.quantile(score[lung], 1.0 - 0.3 * involved)  # the densest third is consolidation
         target = np.where(consolidated, rng.uniform(*CONSOLIDATION_HU), rng.uniform(*GGO_HU)).astype(np.float32)
-        contrast = np.full(geom.shape, diff.contrast, dtype=np.float32)
-    return score, target, contrast, fine, mild, count
+        weight = np.clip(score / EDGE_RAMP, 0.0, 1.0) * lung * diff.contrast
+        return weight, target + 40.0 * fine, lung & (score > 0), dict(lesion_count=0, mild=False,
+                                                                      dependent_fraction=0.0)
+    score, target, contrast, focus, mild, count = _foci(rng, diff, geom, lung, posterior, shape_noise)
+    weight = (np.clip(score / EDGE_RAMP, 0.0, 1.0) * lung * contrast).astype(np.float32)
+    target += 40.0 * fine
+    focal = np.zeros(count, dtype=bool)
+    if category == 1:
+        focal = rng.random(count) < diff.focal_share
+        focal[rng.integers(count)] |= not focal.any()
+    inside = lung & (score > 0)
+    lesion = inside & np.concatenate([[False], focal])[focus + 1]
+    moved = inside & ~lesion
+    _dependent_band(rng, geom, lung, posterior, weight, target, moved)
+    summary = dict(lesion_count=int(focal.sum()), mild=mild and category == 1,
+                   dependent_fraction=float(moved.sum()) / max(int(lung.sum()), 1))
+    return weight, target, lesion, summary
 
 
 # ----------------------------------------------------------------------------- public API
@@ -369,10 +458,12 @@ def generate_phantom(rng: np.random.Generator, category: int,
     Returns:
         hu: (X, Y, Z) int16 HU, X = Y = ``config.size``, in DICOM LPS voxel order.
         affine: (4, 4) float64 voxel-to-world matrix ``diag(-sx, -sy, sz)`` plus offset.
-        info: ``category``, ``lesion_count`` (foci placed; 0 for 2..4 where lesions are a
-            thresholded field), ``mild`` (single faint focus), ``involved_fraction`` (share
-            of lung voxels inside a lesion), ``spacing`` (sx, sy, sz) mm, ``lung_mask`` and
-            ``lesion_mask`` ((X, Y, Z) bool, lesion_mask within lung_mask).
+        info: ``category``, ``lesion_count`` (focal foci kept; 0 for category 0, and for
+            2..4 where lesions are a thresholded field), ``mild`` (single faint focus),
+            ``dependent_fraction`` (share of lung voxels that received the dependent band
+            of moved foci), ``involved_fraction`` (share of lung voxels inside a lesion),
+            ``spacing`` (sx, sy, sz) mm, ``lung_mask`` and ``lesion_mask`` ((X, Y, Z) bool,
+            lesion_mask within lung_mask).
     """
     if category not in SEVERITY_BANDS:
         raise ValueError(f"category must be one of 0..4, got {category!r}")
@@ -429,14 +520,8 @@ def generate_phantom(rng: np.random.Generator, category: int,
     healthy = parenchyma + vessels * (vessel_hu - parenchyma)
     parenchyma += (geom.lung_mean_hu - healthy[lung].mean()) / max(1.0 - float(vessels[lung].mean()), 0.5)
 
-    mild, count = False, 0
-    if category:
-        score, target, contrast, fine, mild, count = _lesions(rng, category, config, geom, lung, posterior)
-        lesion = lung & (score > 0)
-        ramp = np.clip(score / 0.15, 0.0, 1.0) * lung  # soft lesion edge, never outside the lung
-        parenchyma += ramp * contrast * (target + 40.0 * fine - parenchyma)
-    else:
-        lesion = np.zeros(geom.shape, dtype=bool)
+    weight, target, lesion, summary = _lesions(rng, category, config, geom, lung, posterior)
+    parenchyma += weight * (target - parenchyma)  # weight is 0 outside the lung
     parenchyma += vessels * (vessel_hu - parenchyma)  # vessels run through lesions too
     hu = np.where(lung, parenchyma, hu)
 
@@ -448,7 +533,7 @@ def generate_phantom(rng: np.random.Generator, category: int,
 
     affine = _affine(rng, geom)
     n_lung = int(lung.sum())
-    info = dict(category=category, lesion_count=count, mild=mild,
+    info = dict(category=category, **summary,
                 involved_fraction=float(lesion.sum()) / max(n_lung, 1), spacing=geom.spacing,
                 lung_mask=lung, lesion_mask=lesion)
     return hu, affine, info
@@ -481,7 +566,7 @@ def _plan(n: int, layout: str) -> list[tuple[int, int, str]]:
 
 
 def _settings(n: int, seed: int, layout: str, config: PhantomConfig) -> dict:
-    return {"generator": "utils.phantoms", "version": 1, "n": n, "seed": seed, "layout": layout,
+    return {"generator": "utils.phantoms", "version": 2, "n": n, "seed": seed, "layout": layout,
             "config": json.loads(json.dumps(asdict(config)))}
 
 
