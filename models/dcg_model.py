@@ -24,13 +24,12 @@ Layouts follow the seed: a volume is (H, W, D), a batch (B, Ch, H, W, D).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from models.plain_config import PlainConfig
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -41,7 +40,7 @@ _TUPLE_FIELDS = ("input_shape", "global_channels", "global_blocks", "roi_size",
 
 
 @dataclass
-class DCGConfig:
+class DCGConfig(PlainConfig):
     """Hyperparameters of the DCG; every field is a constructor argument.
 
     Args:
@@ -163,18 +162,6 @@ class DCGConfig:
         return (h * self.roi_scale, w * self.roi_scale, d)
 
     # plain-data round trip -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (tuples as lists) for JSON files and checkpoints."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DCGConfig":
-        """Inverse of ``to_dict``; unknown keys are an error (a stale or foreign config)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DCGConfig.from_dict: unknown keys {unknown}")
-        return cls(**data)
 
 
 # ---------------------------------------------------------------------------------------------

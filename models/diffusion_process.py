@@ -25,13 +25,14 @@ Sections: config, helpers, process.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from models.plain_config import PlainConfig
 
 # config
 
@@ -41,7 +42,7 @@ PROB_FROM = ("y0", "y0_points")
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(PlainConfig):
     """Schedule, loss and sampling settings of :class:`PriorShiftedDiffusion`.
 
     Args:
@@ -90,17 +91,6 @@ class DiffusionConfig:
         _check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
         _check_choice("prob_from", self.prob_from, PROB_FROM)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON files and checkpoints."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DiffusionConfig":
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"DiffusionConfig.from_dict: unknown keys {unknown}")
-        return cls(**data)
 
 
 @dataclass

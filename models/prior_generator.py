@@ -23,15 +23,16 @@ Two priors condition the denoiser (DiffMIC, Yang et al. MICCAI 2023, section 2.2
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
+from models.plain_config import PlainConfig
 
 
 @dataclass
-class PriorConfig:
+class PriorConfig(PlainConfig):
     """Sizes of the prior generator.
 
     Args:
@@ -57,17 +58,6 @@ class PriorConfig:
         if self.num_classes < 2:
             raise ValueError(f"PriorConfig.num_classes must be >= 2, got {self.num_classes}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON files and checkpoints."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PriorConfig":
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"PriorConfig.from_dict: unknown keys {unknown}")
-        return cls(**data)
 
 
 @dataclass

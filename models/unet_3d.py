@@ -20,18 +20,18 @@ Sections: config, helpers, blocks, model.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from models.plain_config import PlainConfig
 
 # config
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(PlainConfig):
     """Hyperparameters of :class:`UNet3D`.
 
     Args:
@@ -79,17 +79,6 @@ class UNetConfig:
                 )
         check_grid_size(self.grid_size, len(self.channel_mults))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (tuples as lists) for JSON files and checkpoints."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UNetConfig":
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"UNetConfig.from_dict: unknown keys {unknown}")
-        return cls(**data)
 
 
 def check_grid_size(grid_size: int, num_levels: int) -> None:

@@ -16,19 +16,20 @@ DiffMIC save theirs.
 from __future__ import annotations
 
 import ast
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
 from models.diffmic3d import ModelConfig
 from utils.phantoms import PhantomConfig
 from utils.seeding import amp_enabled
+from models.plain_config import PlainConfig
 
 MODEL_PRESETS = ("tiny", "small", "seed")
 BASELINE_NAMES = ("resnet18", "densenet121")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(PlainConfig):
     """Everything a run needs besides the data location. Every field is a keyword argument.
 
     Data:
@@ -180,19 +181,6 @@ class TrainConfig:
             unet=base.unet, diffusion=replace(base.diffusion, num_samples=self.num_samples,
                                               ddim_steps=self.ddim_steps))
 
-    # -- plain data ----------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (tuples as lists) for JSON files and checkpoints."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"TrainConfig.from_dict: unknown keys {unknown}")
-        return cls(**data)
 
 
 PROFILES: dict[str, TrainConfig] = {

@@ -1,0 +1,28 @@
+"""One way for every configuration dataclass to become plain data and come back.
+
+Configs are saved in checkpoints (loaded with ``torch.load(weights_only=True)``) and in
+JSON run folders, so they must be dicts of plain values: tuples are written as lists, and
+each dataclass's ``__post_init__`` turns its sequence fields back into tuples.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from typing import Any, Mapping, TypeVar
+
+C = TypeVar("C", bound="PlainConfig")
+
+
+class PlainConfig:
+    """Mixin for ``@dataclass`` configs: ``to_dict`` / ``from_dict`` with unknown keys refused."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists) for JSON files and checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Inverse of ``to_dict``; unknown keys are an error (a stale or foreign config)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_dict: unknown keys {unknown}")
+        return cls(**data)
