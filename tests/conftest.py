@@ -9,6 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,3 +44,36 @@ def toy_ct(shape=(24, 20, 8), seed=0):
 def toy_nifti(tmp_path):
     """Path of a small valid int16 CT NIfTI file (24 x 20 x 8 voxels)."""
     return write_nifti(tmp_path / "toy.nii.gz", toy_ct())
+
+
+@pytest.fixture
+def one_thread():
+    """Run tiny models on one intra-op thread: their ops gain nothing from more, and OpenMP
+    threads spin-waiting on a busy 2-core machine made them 10-100x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SHAPE = (32, 32, 32)
+
+
+class BlobVolumes(Dataset):
+    """(1, 32, 32, 32) volumes: noise, plus a bright 8^3 blob at a random place in class 1."""
+
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.labels = np.arange(n) % 2
+        self.images = rng.normal(0.3, 0.05, size=(n, 1, *SHAPE)).astype(np.float32)
+        for i in np.flatnonzero(self.labels):
+            h, w, d = rng.integers(0, 24, size=3)
+            self.images[i, 0, h:h + 8, w:w + 8, d:d + 8] += 0.6
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": torch.from_numpy(self.images[i]), "label": torch.tensor(self.labels[i]), "index": i,
+                "path": f"scan_{i}"}

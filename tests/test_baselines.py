@@ -5,7 +5,9 @@ import torch
 from utils.baselines import baseline_from_checkpoint, build_baseline, train_baseline
 from utils.checkpoint import load_checkpoint
 from utils.profiles import get_profile
-from tests.test_training import BlobVolumes, one_thread  # noqa: F401  (autouse fixture)
+from conftest import BlobVolumes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name, num_classes, shape, expected", [

@@ -12,13 +12,7 @@ from models.prior_generator import PriorConfig
 SHAPE = (32, 32, 16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny 3D convs run fastest single-threaded (and CI's 2 cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(num_classes=2, seed=0):

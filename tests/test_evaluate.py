@@ -24,14 +24,7 @@ from utils.metrics import CSV_COLUMNS, SCALAR_METRICS, classification_metrics
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Run the tiny models on one thread: their ops are too small to gain from more, and
-    OpenMP threads spin-waiting on a busy 2-core machine made them 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_png(path):

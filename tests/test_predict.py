@@ -22,14 +22,7 @@ INPUT_SHAPE = (32, 32, 16)
 CLASS_NAMES = ["Normal", "COVID-19"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Run the tiny models on one thread: their ops are too small to gain from more, and
-    OpenMP threads spin-waiting on a busy 2-core machine made them 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def preprocess_dict(shape):

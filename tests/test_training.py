@@ -2,43 +2,14 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
 
+from conftest import SHAPE, BlobVolumes
 from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
 from utils.checkpoint import load_checkpoint
 from utils.profiles import get_profile
-from utils.training import calibrate_temperature, cache_guidance, predict_guidance, train_dcg, train_diffusion
+from utils.training import cache_guidance, calibrate_temperature, predict_guidance, train_dcg, train_diffusion
 
-SHAPE = (32, 32, 32)
-
-
-class BlobVolumes(Dataset):
-    """(1, 32, 32, 32) volumes: noise, plus a bright 8^3 blob at a random place in class 1."""
-
-    def __init__(self, n, seed):
-        rng = np.random.default_rng(seed)
-        self.labels = np.arange(n) % 2
-        self.images = rng.normal(0.3, 0.05, size=(n, 1, *SHAPE)).astype(np.float32)
-        for i in np.flatnonzero(self.labels):
-            h, w, d = rng.integers(0, 24, size=3)
-            self.images[i, 0, h:h + 8, w:w + 8, d:d + 8] += 0.6
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"image": torch.from_numpy(self.images[i]), "label": torch.tensor(self.labels[i]), "index": i,
-                "path": f"scan_{i}"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one intra-op thread is as fast, and immune to OpenMP oversubscription
-    on a busy 2-core runner (which slowed these tests 10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
