@@ -24,12 +24,12 @@ Layouts follow the seed: a volume is (H, W, D), a batch (B, Ch, H, W, D).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from models.plain_config import PlainConfig
+from models.plain_config import PlainConfig, TensorFields
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -169,7 +169,7 @@ class DCGConfig(PlainConfig):
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class DCGOutput:
+class DCGOutput(TensorFields):
     """Everything one DCG forward pass produces (B batch, C classes, K ROIs).
 
     Attributes:
@@ -202,17 +202,6 @@ class DCGOutput:
     roi_features: torch.Tensor
     attention: torch.Tensor
 
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        """Field name -> tensor (for ``torch.save`` caches); ``DCGOutput(**d)`` restores."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def detach(self) -> "DCGOutput":
-        """A copy with every tensor detached from the autograd graph."""
-        return DCGOutput(**{k: v.detach() for k, v in self.as_dict().items()})
-
-    def to(self, device: torch.device | str) -> "DCGOutput":
-        """A copy with every tensor moved to ``device``."""
-        return DCGOutput(**{k: v.to(device) for k, v in self.as_dict().items()})
 
 
 # ---------------------------------------------------------------------------------------------

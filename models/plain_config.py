@@ -1,4 +1,4 @@
-"""One way for every configuration dataclass to become plain data and come back.
+"""Plain-data mixins: configs to dicts and back, tensor outputs to dicts, devices, detached copies.
 
 Configs are saved in checkpoints (loaded with ``torch.load(weights_only=True)``) and in
 JSON run folders, so they must be dicts of plain values: tuples are written as lists, and
@@ -26,3 +26,22 @@ class PlainConfig:
         if unknown:
             raise ValueError(f"{cls.__name__}.from_dict: unknown keys {unknown}")
         return cls(**data)
+
+
+T = TypeVar("T", bound="TensorFields")
+
+
+class TensorFields:
+    """Mixin for ``@dataclass`` outputs whose fields are all tensors (``DCGOutput``, ``Priors``)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Field name -> tensor (for ``torch.save`` caches); ``cls(**d)`` restores."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def detach(self: T) -> T:
+        """A copy with every tensor detached from the autograd graph."""
+        return type(self)(**{k: v.detach() for k, v in self.as_dict().items()})
+
+    def to(self: T, device) -> T:
+        """A copy with every tensor moved to ``device``."""
+        return type(self)(**{k: v.to(device) for k, v in self.as_dict().items()})

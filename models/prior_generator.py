@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from models.plain_config import PlainConfig
+from models.plain_config import PlainConfig, TensorFields
 
 
 @dataclass
@@ -61,7 +61,7 @@ class PriorConfig(PlainConfig):
 
 
 @dataclass
-class Priors:
+class Priors(TensorFields):
     """The priors of one batch.
 
     Attributes:
@@ -75,17 +75,6 @@ class Priors:
     feature_prior: torch.Tensor
     gates: torch.Tensor
 
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        """Field name -> tensor (for ``torch.save``); ``Priors(**d)`` restores."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def detach(self) -> "Priors":
-        """A copy with every tensor detached from the autograd graph."""
-        return Priors(**{k: v.detach() for k, v in self.as_dict().items()})
-
-    def to(self, device: torch.device | str) -> "Priors":
-        """A copy with every tensor moved to ``device``."""
-        return Priors(**{k: v.to(device) for k, v in self.as_dict().items()})
 
 
 def guidance_distance_map(grid_size: int, device: torch.device | str | None = None,
