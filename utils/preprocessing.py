@@ -7,7 +7,7 @@ grid (H, W, D) = (128, 128, 64), channel first. Array layout: H, W are the in-pl
 """
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,8 +42,9 @@ class PreprocessConfig:
         return f"hu{self.hu_min:g}_{self.hu_max:g}_{h}x{w}x{d}"
 
     def as_dict(self) -> dict:
-        """Plain-Python fields, for run folders and checkpoints."""
-        return dict(zip(("hu_min", "hu_max", "target_shape"), astuple(self)))
+        """Plain data (target_shape as a list), for run folders and checkpoints;
+        ``PreprocessConfig(**d)`` restores the config."""
+        return {"hu_min": self.hu_min, "hu_max": self.hu_max, "target_shape": list(self.target_shape)}
 
 
 def preprocess(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:

@@ -133,9 +133,8 @@ def run_experiment(config: TrainConfig, output_dir: Path, data_dir: Optional[Pat
 
     train_aug, train_plain, val, test = dataset("train", True), dataset("train"), dataset("val"), dataset("test")
     meta = {
-        "preprocess_config": {**prep.as_dict(), "target_shape": list(prep.target_shape)},
-        "hires_preprocess_config": (None if hires_prep is None
-                                    else {**hires_prep.as_dict(), "target_shape": list(hires_prep.target_shape)}),
+        "preprocess_config": prep.as_dict(),
+        "hires_preprocess_config": None if hires_prep is None else hires_prep.as_dict(),
         "label_mode": config.label_mode, "class_names": class_names, "train_config": config.to_dict(),
     }
     timings["data"] = time.perf_counter() - tic
