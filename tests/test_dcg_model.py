@@ -102,10 +102,18 @@ def test_param_counts_near_targets():
     assert counts["total"] == sum(p.numel() for p in DCG(DCGConfig()).parameters())
 
 
-def test_no_batchnorm():
+def _is_bn(m):
+    return isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def test_batchnorm_only_in_the_global_encoder():
+    # the global encoder is conv-BN-ReLU-maxpool (training recomputes its statistics); the
+    # local encoder, which sees a batch of B * K crops, keeps GroupNorm
     model = DCG(small_config())
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert any(_is_bn(m) for m in model.global_encoder.modules())
+    assert sum(isinstance(m, torch.nn.MaxPool3d) for m in model.global_encoder.modules()) == 3
+    assert not any(_is_bn(m) for m in model.local_encoder.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.local_encoder.modules())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +421,7 @@ def test_grad_checkpoint_matches_plain_forward_and_backward():
     outs, stage_calls = [], []
     for model in (plain, ckpt):
         calls = []
-        first_conv = model.global_encoder.stages[0][0].body[0]
+        first_conv = model.global_encoder.stages[0][0][0]
         hook = first_conv.register_forward_hook(lambda *_: calls.append(1))
         out = model(x)
         (out.global_logits.sum() + out.local_logits.sum()).backward()

@@ -8,6 +8,7 @@ import torch
 from models.dcg_model import DCGConfig
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from models.prior_generator import PriorConfig
+from utils.precise_bn import recompute_batchnorm_stats
 
 SHAPE = (32, 32, 16)
 
@@ -165,10 +166,12 @@ def test_two_phase_training_overfits_a_tiny_problem():
         loss.backward()
         opt.step()
 
-    # phase 2: frozen DCG, cached guidance, diffusion loss
+    # phase 2: frozen DCG with precise BatchNorm statistics (as utils.training), cached
+    # guidance, diffusion loss
+    recompute_batchnorm_stats(model.dcg, [x], lambda batch: model.dcg(batch))
     model.freeze_dcg()
     cache = model.guidance(x).as_dict()
-    steps = 600
+    steps = 800
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(0)

@@ -1,11 +1,15 @@
 """Phase 1, the guidance cache and phase 2 on a tiny model and a tiny separable problem."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import SHAPE, BlobVolumes
 from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
 from utils.checkpoint import load_checkpoint
+from utils.precise_bn import recompute_batchnorm_stats
 from utils.profiles import get_profile
 from utils.training import cache_guidance, calibrate_temperature, predict_guidance, train_dcg, train_diffusion
 
@@ -35,6 +39,22 @@ def test_phase1_loss_decreases_and_checkpoint_completes(tmp_path, config):
     ckpt = load_checkpoint(tmp_path / "dcg.pth")
     assert ckpt["fit"]["complete"] and ckpt["label_mode"] == "binary"
     assert ckpt["model_config"] == model.config.to_dict()
+
+
+def test_phase1_keeps_precise_batchnorm_statistics(tmp_path, config):
+    # the kept DCG's BatchNorm statistics are the training-split average for its weights
+    # (recomputed before every evaluation), not the running estimate of the last batches
+    torch.manual_seed(0)
+    model = DiffMIC3D(config.model_config("cpu"))
+    train = BlobVolumes(12, 0)
+    train_dcg(model, train, BlobVolumes(8, 1), replace(config, dcg_epochs=2, patience=5), torch.device("cpu"),
+              tmp_path / "dcg.pth")
+    bns = [m for m in model.dcg.global_encoder.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    kept = [m.running_mean.clone() for m in bns]
+    loader = DataLoader(train, batch_size=config.batch_size)
+    assert recompute_batchnorm_stats(model.dcg, loader, lambda b: model.dcg(b["image"])) == len(bns) > 0
+    for before, m in zip(kept, bns):
+        assert torch.allclose(before, m.running_mean, atol=1e-5)
 
 
 def test_cache_guidance_runs_the_dcg_once_per_volume_in_index_order(config):

@@ -12,11 +12,10 @@ resolution, about 8x the compute, for no gain at these input sizes. DenseNet-121
 MONAI's default (growth rate 32, blocks 6-12-24-16, stride-2 stem and pooling).
 
 Both networks use BatchNorm, and with the small batches a 3D CT volume allows (4) the
-running statistics that eval mode uses are poor estimates (validation losses of 9-31 were
-measured while training loss was ~0.8). Before every evaluation the statistics are therefore
-recomputed over the training split with the current weights (:func:`recompute_batchnorm_stats`,
-"precise BN", Wu & Johnson, "Rethinking Batch in BatchNorm", 2021), so the checkpoint that
-validation selects carries statistics that match its weights.
+running statistics that eval mode uses are poor estimates. Before every evaluation the
+statistics are therefore recomputed over the training split with the current weights
+(``utils.precise_bn``), so the checkpoint that validation selects carries statistics that
+match its weights.
 
 Training (:func:`train_baseline`) uses the same splits, preprocessing, train-time flips,
 epoch loop (``utils.trainer.fit``), early stopping on validation AUC (patience), AdamW with
@@ -36,6 +35,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import Dataset
 
+from utils.precise_bn import recompute_batchnorm_stats
 from utils.profiles import BASELINE_NAMES, TrainConfig
 from utils.trainer import FitResult, fit, make_epoch_loader
 from utils.training import _inputs, eval_loader, fit_config, validation_metrics
@@ -71,31 +71,6 @@ def baseline_from_checkpoint(checkpoint: Mapping) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def recompute_batchnorm_stats(model: nn.Module, batches, device: torch.device) -> int:
-    """Set every BatchNorm's running mean / variance to the average over ``batches``.
-
-    Runs the model in train mode without gradients over ``batches`` (CTDataset batches) with
-    each BatchNorm's momentum set to None (a cumulative average), then restores momentum and
-    the model's mode. Returns the number of BatchNorm layers updated (0: nothing to do).
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return 0
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for batch in batches:
-        model(batch["image"].to(device))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
-    return len(norms)
-
-
 def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: TrainConfig, device: torch.device,
                    checkpoint_path: str | Path, meta: Optional[Mapping] = None) -> tuple[nn.Module, FitResult]:
     """Build and train baseline ``name`` (see the module docstring); returns (best model, result)."""
@@ -111,7 +86,7 @@ def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: Trai
         return F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
 
     def evaluate():
-        recompute_batchnorm_stats(model, eval_loader(train_set, config), device)  # restores eval mode
+        recompute_batchnorm_stats(model, eval_loader(train_set, config), lambda b: model(b["image"].to(device)))
         loss, probs, labels = 0.0, [], []
         for batch in eval_loader(val_set, config):
             x, _, y = _inputs(batch, device)

@@ -3,7 +3,9 @@
 Phase 1 (:func:`train_dcg`): the DCG alone, CE(global logits) + CE(local logits) with label
 smoothing, AdamW (lr ``lr_dcg``, weight decay), ReduceLROnPlateau on the validation loss,
 early stopping on validation AUC of the DCG's fused prediction, train-time H / W flips
-(``CTDataset(augment=True)``).
+(``CTDataset(augment=True)``). Before every evaluation the BatchNorm statistics of the
+global encoder are recomputed over the training split (``utils.precise_bn``), so the kept
+(best) weights carry statistics that match them, and so does the guidance cached from them.
 
 Between the phases (:func:`cache_guidance`): the frozen DCG runs ONCE per volume and its
 outputs are kept as tensors stacked in dataset order. Phase 2 therefore trains on the
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 
 from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
 from utils.metrics import classification_metrics
+from utils.precise_bn import recompute_batchnorm_stats
 from utils.profiles import TrainConfig
 from utils.trainer import ORDER_STREAM, FitConfig, FitResult, epoch_seed, fit, make_epoch_loader
 
@@ -83,6 +86,8 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         return model.dcg_loss(x, y, x_hires, label_smoothing=config.label_smoothing)["loss"]
 
     def evaluate():
+        recompute_batchnorm_stats(model.dcg, eval_loader(train_set, config),
+                                  lambda batch: model.dcg(*_inputs(batch, device)[:2]))
         losses, probs, labels = [], [], []
         for batch in eval_loader(val_set, config):
             x, x_hires, y = _inputs(batch, device)

@@ -1,0 +1,44 @@
+"""Precise BatchNorm statistics (Wu & Johnson, "Rethinking Batch in BatchNorm", 2021).
+
+With the batches a 3D CT volume allows (4), the running statistics BatchNorm keeps during
+training are poor estimates of the population statistics eval mode needs: validation losses
+of 9-31 were measured while the training loss was ~0.8. :func:`recompute_batchnorm_stats`
+replaces them by the average over a pass of the training split with the current weights, so
+that a model evaluated (or checkpointed) right after carries statistics that match its
+weights. It is a deterministic function of the weights and the batches.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[Mapping],
+                              forward: Callable[[Mapping], object]) -> int:
+    """Set every BatchNorm's running mean / variance of ``model`` to the average over ``batches``.
+
+    Runs ``forward(batch)`` (which must call ``model``) in train mode without gradients for
+    each batch, with each BatchNorm's momentum set to None (a cumulative average), then
+    restores momentum and the model's mode. Returns the number of BatchNorm layers updated
+    (0: nothing to do, ``batches`` is not read).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for batch in batches:
+            forward(batch)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)
