@@ -171,3 +171,41 @@ def test_save_figure_writes_png_and_closes(tmp_path):
 def test_bad_inputs_raise_clear_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_guidance_map_one_panel_per_slice_on_a_shared_scale():
+    from utils.visualization import plot_guidance_map
+    grid = torch.softmax(torch.randn(2, 4, 4, 4), dim=0)  # (C, Np, Np, Np)
+    fig = plot_guidance_map(grid, 1, ["Normal", "COVID-19"])
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 4  # k = 0..3
+    for k, image in enumerate(images):
+        assert image.get_clim() == (0, 1)
+        np.testing.assert_allclose(image.get_array(), grid[1, :, :, k].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="class_index"):
+        plot_guidance_map(grid, 2, ["Normal", "COVID-19"])
+
+
+def test_feature_prior_heatmap_and_mean_gate_per_source():
+    from utils.visualization import plot_feature_prior
+    feats = RNG.normal(size=(3, 16))
+    gates = torch.softmax(torch.randn(4, 16), dim=0)  # K + 1 = 4 sources
+    fig = plot_feature_prior(feats, gates)
+    bar_axis = next(ax for ax in fig.axes if len(ax.patches) == 4)
+    heights = [p.get_height() for p in bar_axis.patches]
+    np.testing.assert_allclose(heights, gates.mean(1).numpy(), rtol=1e-6)
+    assert [t.get_text() for t in bar_axis.get_xticklabels()] == ["global", "ROI 1", "ROI 2", "ROI 3"]
+    with pytest.raises(ValueError, match="channels"):
+        plot_feature_prior(feats, gates[:, :8])
+
+
+def test_uncertainty_scatter_marks_misclassified_scans_hollow():
+    from utils.visualization import plot_uncertainty
+    probs, std, y = np.array([0.9, 0.2, 0.7, 0.4]), np.array([0.05, 0.1, 0.2, 0.3]), np.array([1, 0, 0, 1])
+    fig = plot_uncertainty(probs, std, y, ["Normal", "COVID-19"])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["Normal", "Normal (misclassified)", "COVID-19", "COVID-19 (misclassified)"]
+    offsets = np.concatenate([c.get_offsets() for c in fig.axes[0].collections])
+    assert sorted(map(tuple, offsets)) == sorted(zip(probs, std))
+    with pytest.raises(ValueError, match="same length"):
+        plot_uncertainty(probs, std[:3], y, ["Normal", "COVID-19"])

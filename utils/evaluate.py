@@ -128,7 +128,7 @@ def _to_device(batch: Mapping, device: torch.device | str) -> dict:
 
 
 def predict_loader(predict_batch: PredictBatch, loader: DataLoader, device: torch.device | str,
-                   desc: str = "predict") -> Predictions:
+                   desc: str = "predict", progress: bool = True) -> Predictions:
     """Run ``predict_batch`` over every batch of ``loader`` without gradients.
 
     Args:
@@ -139,6 +139,7 @@ def predict_loader(predict_batch: PredictBatch, loader: DataLoader, device: torc
         loader: an unshuffled loader over the split to predict.
         device: where the batch tensors are moved.
         desc: tqdm progress-bar label.
+        progress: show the progress bar.
 
     Returns:
         the concatenated :class:`Predictions`, in loader order.
@@ -146,7 +147,7 @@ def predict_loader(predict_batch: PredictBatch, loader: DataLoader, device: torc
     paths, labels, probs = [], [], []
     optional = {"std": [], "entropy": []}
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, leave=False):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
             n = len(batch["path"])
             out = predict_batch(_to_device(batch, device))
             p = out["probs"]

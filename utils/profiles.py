@@ -71,7 +71,9 @@ class TrainConfig(PlainConfig):
         num_samples: stochastic diffusion samples per test volume (their spread is the
             reported uncertainty).
         ddim_steps: DDIM steps for the test predictions.
-        val_num_samples / val_ddim_steps: the same for validation during phase 2 (cheap).
+        val_num_samples / val_ddim_steps: the same for validation during phase 2. One sample
+            is too noisy to select on: on the demo's validation split the same weights scored
+            AUC 0.59 with one 5-step sample and 0.78 averaged over ten 10-step samples.
         n_resamples: bootstrap resamples of the confidence intervals (>= 1000).
         baselines: which 3D CNN baselines to train (subset of ``BASELINE_NAMES``).
     Run:
@@ -107,8 +109,8 @@ class TrainConfig(PlainConfig):
     amp: Optional[bool] = None
     num_samples: int = 10
     ddim_steps: int = 10
-    val_num_samples: int = 1
-    val_ddim_steps: int = 5
+    val_num_samples: int = 4
+    val_ddim_steps: int = 10
     n_resamples: int = 2000
     baselines: tuple[str, ...] = BASELINE_NAMES
     num_workers: int = 0
@@ -193,7 +195,7 @@ PROFILES: dict[str, TrainConfig] = {
         profile="demo", input_shape=(64, 64, 32), n_phantoms=100,
         phantom_dir="data/MosMedData", model_preset="small", batch_size=4, dcg_epochs=20,
         diffusion_epochs=40, baseline_epochs=20, patience=7, cosine_t0=10, num_samples=10,
-        ddim_steps=10, val_num_samples=1, val_ddim_steps=5, n_resamples=2000),
+        ddim_steps=10, val_num_samples=4, val_ddim_steps=10, n_resamples=2000),
     "full": TrainConfig(
         profile="full", input_shape=(128, 128, 64), n_phantoms=100,
         phantom_dir="data/MosMedData", model_preset="seed", batch_size=4, dcg_epochs=15,

@@ -350,3 +350,98 @@ def plot_hu_histograms(volumes: Mapping[str, object], bins: int = 120, hu_range:
     ax.set(xlabel="HU", ylabel="share of voxels per bin", xlim=hu_range, title=title)
     ax.legend(fontsize="small")
     return fig
+
+
+def plot_guidance_map(guidance_map, class_index: int, class_names: Sequence[str],
+                      title: str = "Dense guidance map") -> Figure:
+    """One class's probability at every point of the Np x Np x Np guidance grid, slice by slice.
+
+    Args:
+        guidance_map: (C, Np, Np, Np) probabilities of one scan (``Priors.guidance_map[b]``):
+            the global prior at the grid centre blending into the local prior at the corners.
+        class_index: the class whose probability is drawn.
+        class_names: (C,) names.
+    Returns:
+        A figure with one heatmap per grid slice k (i down, j across), on a shared [0, 1] scale.
+    """
+    grid = _as_numpy(guidance_map, "guidance_map", 4)
+    if grid.shape[0] != len(class_names) or not 0 <= class_index < grid.shape[0]:
+        raise ValueError(f"guidance_map has C = {grid.shape[0]} classes; got {len(class_names)} names and "
+                         f"class_index {class_index}")
+    values = grid[class_index]  # (Np, Np, Np)
+    n = values.shape[2]
+    fig = Figure(figsize=(1.9 * n + 1, 2.4), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for k, ax in enumerate(axes):
+        image = ax.imshow(values[:, :, k], cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"k = {k}", fontsize="small")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label=f"p({class_names[class_index]})")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_feature_prior(feature_prior, gates, source_names: Sequence[str] | None = None,
+                       title: str = "Image feature prior") -> Figure:
+    """The feature prior F of a few scans and the gates that mixed it from its sources.
+
+    Args:
+        feature_prior: (B, F) the prior of B scans (``Priors.feature_prior``).
+        gates: (K + 1, F) or (B, K + 1, F) softmax weights of the sources per channel (global
+            features, then the K ROIs); with a batch, its mean is drawn.
+        source_names: (K + 1,) names; default ``global, ROI 1 .. ROI K``.
+    """
+    feats = _as_numpy(feature_prior, "feature_prior", 2)
+    weights = _as_numpy(gates, "gates", (2, 3))
+    if weights.ndim == 3:
+        weights = weights.mean(axis=0)
+    if weights.shape[1] != feats.shape[1]:
+        raise ValueError(f"gates have {weights.shape[1]} channels but feature_prior has {feats.shape[1]}")
+    names = list(source_names or ["global"] + [f"ROI {j + 1}" for j in range(weights.shape[0] - 1)])
+    if len(names) != weights.shape[0]:
+        raise ValueError(f"{len(names)} source names for {weights.shape[0]} gate rows")
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=(3, 2))
+    image = left.imshow(feats, aspect="auto", cmap="coolwarm", interpolation="nearest",
+                        vmin=-np.abs(feats).max(), vmax=np.abs(feats).max())
+    left.set(xlabel="channel", ylabel="scan", title="F per scan")
+    left.set_yticks(range(len(feats)))
+    fig.colorbar(image, ax=left, shrink=0.8)
+    share = weights.mean(axis=1)  # (K + 1,) mean gate per source
+    right.bar(names, share, color=sns.color_palette("tab10", len(names)))
+    right.axhline(1 / len(names), color="grey", ls=":", label="uniform")
+    right.set(ylabel="mean gate over channels", title="Sources of F", ylim=(0, max(1.0, share.max())))
+    right.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_uncertainty(probs, std, y_true, class_names: Sequence[str], positive_class: int = 1,
+                     title: str = "Per-scan prediction and uncertainty") -> Figure:
+    """Each test scan's probability of ``positive_class`` against its sampling spread.
+
+    Args:
+        probs: (N,) predicted probability of ``positive_class`` per scan.
+        std: (N,) its standard deviation over the diffusion samples (the uncertainty).
+        y_true: (N,) true labels; marker colour = true class, hollow markers = misclassified.
+    """
+    p = _as_numpy(probs, "probs", 1)
+    s = _as_numpy(std, "std", 1)
+    y = _as_numpy(y_true, "y_true", 1).astype(int)
+    if not len(p) == len(s) == len(y):
+        raise ValueError(f"probs, std and y_true must have the same length, got {len(p)}, {len(s)}, {len(y)}")
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    colours = sns.color_palette("tab10", len(class_names))
+    predicted = (p >= 0.5).astype(int) * positive_class
+    for c, name in enumerate(class_names):
+        for wrong in (False, True):
+            sel = (y == c) & ((predicted != y) == wrong)
+            if sel.any():
+                ax.scatter(p[sel], s[sel], s=40, label=f"{name}{' (misclassified)' if wrong else ''}",
+                           facecolors="none" if wrong else colours[c], edgecolors=colours[c], linewidths=1.5)
+    ax.axvline(0.5, color="grey", ls=":")
+    ax.set(xlabel=f"p({class_names[positive_class]})", ylabel="std over samples", xlim=(-0.02, 1.02), title=title)
+    ax.legend(fontsize="small")
+    return fig

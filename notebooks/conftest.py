@@ -1,0 +1,15 @@
+"""``pytest --nbval-lax notebooks/`` runs the seven notebooks at the smoke profile.
+
+The kernels nbval starts inherit this process' environment, and the notebooks' parameters
+cell falls back to it (``utils.notebook.resolve_parameters``): the profile is forced to
+``smoke``, the run goes to a fresh temporary folder (unless ``MEDISCOPE_OUTPUT_DIR`` is set)
+and progress bars are off. The notebooks run in file order, 01 to 07, each reading what the
+previous ones wrote. Cells marked ``# NBVAL_CHECK_OUTPUT`` print invariants that hold at
+every profile, so the committed ``demo`` outputs are what the smoke run must reproduce.
+"""
+import os
+import tempfile
+
+os.environ["MEDISCOPE_PROFILE"] = "smoke"
+os.environ["MEDISCOPE_PROGRESS"] = "0"
+os.environ.setdefault("MEDISCOPE_OUTPUT_DIR", tempfile.mkdtemp(prefix="mediscope-nbval-"))

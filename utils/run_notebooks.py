@@ -1,0 +1,154 @@
+"""Execute the seven notebooks in order with papermill: the main job.
+
+    python -m utils.run_notebooks [--profile demo] [--data-dir DIR] [--output-dir outputs]
+                                  [--seed 0] [--update-notebooks]
+
+Each notebook ``notebooks/NN_name.ipynb`` runs with the ``python3`` kernel, its working
+directory set to ``notebooks/`` and its ``parameters`` cell given DATA_DIR, OUTPUT_DIR, PROFILE
+and SEED; the executed copy goes to ``OUTPUT_DIR/notebooks/``. The notebooks pass state through
+files in OUTPUT_DIR only (``utils.pipeline``), so a run stopped at any point continues where it
+stopped when started again (finished training stages are loaded, not redone). On a fresh
+machine the embedded phantoms are generated first when no dataset is found.
+
+A failing notebook stops the run: its name, the cell (execution count and first line) and the
+error are printed, and the exit status is 1. ``--update-notebooks`` copies the executed
+notebooks back over ``notebooks/`` (how the committed outputs are made, from the ``demo``
+profile). Paths in the executed copies are written relative to the repository, so they
+carry no machine's folder names. Progress bars inside the notebooks are off
+(``MEDISCOPE_PROGRESS=0``): the runner shows its own per-notebook progress.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import nbformat
+
+from utils.notebook import NOTEBOOKS, PROGRESS_ENV
+from utils.phantoms import PhantomConfig
+from utils.prepare_data import REPO_ROOT, resolve_data_dir
+from utils.profiles import PROFILES, get_profile
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+KERNEL = "python3"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+def relative_to(path: Path, start: Path) -> str:
+    """``path`` relative to ``start`` when both lie in the repository, else absolute.
+
+    Parameters are passed to the kernel (working directory ``notebooks/``) in this form, so
+    an executed notebook of a run inside the repository names no machine's folders.
+    """
+    path = Path(path).resolve()
+    try:
+        path.relative_to(REPO_ROOT)
+    except ValueError:
+        return str(path)
+    return os.path.relpath(path, Path(start).resolve())
+
+
+def scrub_metadata(notebook_path: Path, name: str) -> None:
+    """Replace the absolute input/output paths papermill records in the notebook metadata."""
+    nb = nbformat.read(notebook_path, as_version=4)
+    meta = nb.metadata.get("papermill")
+    if meta is not None:
+        meta["input_path"] = f"{name}.ipynb"
+        meta["output_path"] = f"{name}.ipynb"
+        nbformat.write(nb, notebook_path)
+
+
+def execute(name: str, notebook_dir: Path, out_dir: Path, parameters: dict, progress: bool = True) -> Path:
+    """Run one notebook with papermill; returns the executed copy's path.
+
+    Raises:
+        NotebookFailed: the notebook raised (the executed copy, with the error, is kept).
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = notebook_dir / f"{name}.ipynb"
+    if not source.is_file():
+        raise NotebookFailed(f"{name}: notebook not found at {source}")
+    target = out_dir / f"{name}.ipynb"
+    try:
+        papermill.execute_notebook(str(source), str(target), parameters=parameters, kernel_name=KERNEL,
+                                   cwd=str(notebook_dir), progress_bar=progress)
+    except PapermillExecutionError as err:
+        first_line = next((line for line in err.source.splitlines() if line.strip()), "")
+        raise NotebookFailed(f"{name} failed in cell In [{err.exec_count}] ({first_line.strip()!r}): "
+                             f"{err.ename}: {err.evalue}\n  executed copy with the traceback: {target}") from None
+    finally:
+        if target.is_file():
+            scrub_metadata(target, name)
+    return target
+
+
+def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output_dir: Path = REPO_ROOT / "outputs",
+                  seed: int = 0, notebook_dir: Path = NOTEBOOK_DIR, names: Sequence[str] = NOTEBOOKS,
+                  progress: bool = True) -> list[Path]:
+    """Execute ``names`` in order (see the module docstring); returns the executed copies.
+
+    Raises:
+        NotebookFailed: at the first notebook that raises.
+    """
+    config = get_profile(profile, seed=seed)
+    output_dir = Path(output_dir)
+    out_dir = output_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if data_dir is None:  # the embedded phantoms, generated here (with progress) on first use
+        data_dir_used = resolve_data_dir(None, REPO_ROOT / config.phantom_dir, config.n_phantoms,
+                                         config.phantom_seed, PhantomConfig(size=config.phantom_size), progress)
+        data_param = None if data_dir_used.resolve() == (REPO_ROOT / config.phantom_dir).resolve() \
+            else relative_to(data_dir_used, notebook_dir)
+    else:
+        data_param = relative_to(Path(data_dir), notebook_dir)
+    parameters = {"DATA_DIR": data_param, "OUTPUT_DIR": relative_to(output_dir, notebook_dir),
+                  "PROFILE": profile, "SEED": int(seed)}
+    os.environ.setdefault(PROGRESS_ENV, "0")  # inherited by the kernels
+    executed = []
+    for i, name in enumerate(names, 1):
+        tic = time.perf_counter()
+        print(f"[{i}/{len(names)}] {name} ...", flush=True)
+        executed.append(execute(name, Path(notebook_dir), out_dir, parameters, progress))
+        print(f"[{i}/{len(names)}] {name} done in {time.perf_counter() - tic:.0f} s", flush=True)
+    return executed
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.run_notebooks", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="demo")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding a MosMedData layout")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--update-notebooks", action="store_true",
+                        help="copy the executed notebooks back over notebooks/ (their committed outputs)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        executed = run_notebooks(args.profile, args.data_dir, args.output_dir, args.seed, args.notebooks_dir,
+                                 progress=not args.no_progress)
+    except NotebookFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.update_notebooks:
+        for path in executed:
+            shutil.copyfile(path, Path(args.notebooks_dir) / path.name)
+        print(f"updated {len(executed)} notebooks in {args.notebooks_dir}")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"all {len(executed)} notebooks ran in {minutes:.1f} min; executed copies in {args.output_dir / 'notebooks'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
