@@ -12,8 +12,8 @@ machine the embedded phantoms are generated first when no dataset is found.
 
 A failing notebook stops the run: its name, the cell (execution count and first line) and the
 error are printed, and the exit status is 1. ``--update-notebooks`` copies the executed
-notebooks back over ``notebooks/`` (how the committed outputs are made, from the ``demo``
-profile). Paths in the executed copies are written relative to the repository, so they
+notebooks back over ``notebooks/`` without papermill's injected-parameters cell (how the
+committed outputs are made, from a default ``demo`` run, whose parameters are the defaults). Paths in the executed copies are written relative to the repository, so they
 carry no machine's folder names. Progress bars inside the notebooks are off
 (``MEDISCOPE_PROGRESS=0``): the runner shows its own per-notebook progress.
 """
@@ -64,6 +64,15 @@ def scrub_metadata(notebook_path: Path, name: str) -> None:
         meta["input_path"] = f"{name}.ipynb"
         meta["output_path"] = f"{name}.ipynb"
         nbformat.write(nb, notebook_path)
+
+
+def strip_injected_parameters(notebook_path: Path) -> None:
+    """Remove the cell papermill injects after the ``parameters`` cell (for committed copies,
+    which read their parameters from their own cell; the runner passes only the defaults'
+    values for a default run)."""
+    nb = nbformat.read(notebook_path, as_version=4)
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    nbformat.write(nb, notebook_path)
 
 
 def execute(name: str, notebook_dir: Path, out_dir: Path, parameters: dict, progress: bool = True) -> Path:
@@ -143,7 +152,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     if args.update_notebooks:
         for path in executed:
-            shutil.copyfile(path, Path(args.notebooks_dir) / path.name)
+            target = Path(args.notebooks_dir) / path.name
+            shutil.copyfile(path, target)
+            strip_injected_parameters(target)
         print(f"updated {len(executed)} notebooks in {args.notebooks_dir}")
     minutes = (time.perf_counter() - started) / 60
     print(f"all {len(executed)} notebooks ran in {minutes:.1f} min; executed copies in {args.output_dir / 'notebooks'}")
