@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import toy_ct, write_nifti
+from helpers import toy_ct, write_nifti
 
 from utils.cache import VolumeCache
 from utils.discovery import discover_scans

@@ -5,7 +5,7 @@ import torch
 from utils.baselines import baseline_from_checkpoint, build_baseline, train_baseline
 from utils.checkpoint import load_checkpoint
 from utils.profiles import get_profile
-from conftest import BlobVolumes
+from helpers import BlobVolumes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import toy_ct, write_nifti
+from helpers import toy_ct, write_nifti
 
 from utils.cache import VolumeCache
 from utils.errors import DataError

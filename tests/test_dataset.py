@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import toy_ct, write_nifti
+from helpers import toy_ct, write_nifti
 
 from utils.cache import VolumeCache
 from utils.dataset import CTDataset, make_loader

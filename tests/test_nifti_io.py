@@ -4,7 +4,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import DATA, toy_ct, write_nifti
+from helpers import DATA, toy_ct, write_nifti
 
 from utils.nifti_io import HUWarning, load_dicom_series, load_nifti, load_scan, save_nifti
 from utils.preprocessing import PreprocessConfig, preprocess

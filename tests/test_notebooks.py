@@ -14,7 +14,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from conftest import write_nifti
+from helpers import write_nifti
 from nbformat.v4 import new_code_cell, new_notebook
 
 from utils.errors import DataError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, toy_ct, write_nifti
+from helpers import DATA, toy_ct, write_nifti
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.checkpoint import save_checkpoint
 from utils.errors import DataError

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import SHAPE, BlobVolumes
+from helpers import SHAPE, BlobVolumes
 from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
 from utils.checkpoint import load_checkpoint
 from utils.precise_bn import recompute_batchnorm_stats
