@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Optional
 
 from utils.atomic import atomic_write_text
-from utils.baselines import DISPLAY_NAMES
 from utils.errors import DataError
 from utils.evaluate import format_results_table
 from utils.pipeline import (build_model, cache_split_guidance, display_path, evaluate_test, history_entry,
