@@ -27,7 +27,7 @@ from typing import Optional
 from utils.discovery import default_data_dir
 from utils.errors import DataError
 from utils.pipeline import Experiment, display_path, prepare_experiment
-from utils.prepare_data import REPO_ROOT
+from utils.prepare_data import EMBEDDED_DATA, REPO_ROOT
 from utils.profiles import PROFILES, TrainConfig, get_profile
 
 OUTPUT_DIR_ENV = "MEDISCOPE_OUTPUT_DIR"
@@ -86,8 +86,7 @@ def resolve_parameters(data_dir=None, output_dir=None, profile=None, seed=None,
     environ = os.environ if environ is None else environ
     if data_dir is None:
         found = default_data_dir(REPO_ROOT, kaggle_input, environ)
-        embedded = (REPO_ROOT / "data" / "MosMedData").resolve()
-        data_dir = None if found.resolve() == embedded else found
+        data_dir = None if found.resolve() == EMBEDDED_DATA.resolve() else found
     if output_dir is None:
         if environ.get(OUTPUT_DIR_ENV):
             output_dir = Path(environ[OUTPUT_DIR_ENV]).expanduser()
