@@ -10,13 +10,17 @@ from sklearn.metrics import roc_auc_score
 from utils.metrics import (
     CSV_COLUMNS,
     SCALAR_METRICS,
+    _auc_from_counts,
+    _counts,
     _metrics_from_indices,
     _resample_indices,
     bootstrap_ci,
     classification_metrics,
     expected_calibration_error,
     metrics_table,
+    paired_auc_difference,
     reliability_curve,
+    seed_summary,
     write_metrics_csv,
 )
 
@@ -233,3 +237,125 @@ def test_ece_small_when_calibrated_and_large_when_overconfident():
     y_over = np.where(rng.random(n) < 0.6, predicted, 1 - predicted)  # 60% right at 99% confidence
     over = binary_probs(np.where(predicted == 1, 0.99, 0.01))
     assert expected_calibration_error(y_over, over) == pytest.approx(0.39, abs=0.02)
+
+
+# ----------------------------------------------------------------------------------------
+# paired bootstrap of AUC differences
+# ----------------------------------------------------------------------------------------
+
+def correlated_scorers(n_per_class=30, seed=0):
+    """Labels and two binary scorers that share most of their noise (positively correlated):
+    b is a plus a little extra noise, so AUC(a) - AUC(b) varies far less than either AUC."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n_per_class)
+    a = y * 1.0 + rng.normal(size=y.size)
+    b = a + 0.4 * rng.normal(size=y.size)
+    return y, a, b
+
+
+def test_paired_identical_scores_give_zero_difference():
+    y, probs = synthetic(15)
+    out = paired_auc_difference(y, probs, probs, n_resamples=1000)
+    assert (out["diff"], out["ci_low"], out["ci_high"]) == (0.0, 0.0, 0.0)
+    assert out["p_value"] == 1.0
+
+
+def test_paired_perfect_vs_random_scorer_has_interval_above_zero():
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 20)
+    perfect = y + 0.1 * rng.random(y.size)  # every positive above every negative
+    random_scores = rng.random(y.size)
+    out = paired_auc_difference(y, perfect, random_scores, n_resamples=1000, seed=0)
+    assert out["diff"] == pytest.approx(1.0 - roc_auc_score(y, random_scores))
+    assert 0 < out["ci_low"] <= out["diff"] <= out["ci_high"]
+    assert out["p_value"] < 0.01
+
+
+def test_paired_swapping_models_negates_difference_and_interval():
+    y, a, b = correlated_scorers()
+    ab = paired_auc_difference(y, a, b, n_resamples=1000, seed=3)
+    ba = paired_auc_difference(y, b, a, n_resamples=1000, seed=3)
+    assert ba["diff"] == pytest.approx(-ab["diff"])
+    assert ba["ci_low"] == pytest.approx(-ab["ci_high"])
+    assert ba["ci_high"] == pytest.approx(-ab["ci_low"])
+    assert ba["p_value"] == pytest.approx(ab["p_value"])
+
+
+def test_paired_is_deterministic_for_a_seed():
+    y, a, b = correlated_scorers()
+    first = paired_auc_difference(y, a, b, n_resamples=1000, seed=7)
+    assert paired_auc_difference(y, a, b, n_resamples=1000, seed=7) == first
+    assert paired_auc_difference(y, a, b, n_resamples=1000, seed=8) != first
+
+
+@pytest.mark.parametrize("stratified", [True, False])
+def test_paired_interval_equals_sklearn_on_the_same_resamples(stratified):
+    y, probs_a = synthetic(10, separation=1.0, seed=4)
+    _, probs_b = synthetic(10, separation=0.5, seed=5)
+    probs_a = np.round(probs_a, 1)  # ties: the half-credit term of the AUC
+    probs_a /= probs_a.sum(axis=1, keepdims=True)
+    out = paired_auc_difference(y, probs_a, probs_b, n_resamples=1000, seed=2, stratified=stratified)
+    idx = _resample_indices(y, 1000, np.random.default_rng(2), stratified)
+    diffs = np.array([roc_auc_score(y[r], probs_a[r, 1]) - roc_auc_score(y[r], probs_b[r, 1])
+                      for r in idx if 0 < y[r].sum() < len(r)])
+    diffs = np.round(diffs, 12)  # sklearn's trapezoids leave ~1e-16 where the difference is exactly 0
+    assert out["diff"] == pytest.approx(roc_auc_score(y, probs_a[:, 1]) - roc_auc_score(y, probs_b[:, 1]))
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    side = (diffs <= 0) if out["diff"] > 0 else (diffs >= 0)
+    assert out["p_value"] == pytest.approx(min(1.0, 2 * side.mean()))
+
+
+def test_paired_interval_is_narrower_than_an_unpaired_one_for_correlated_scorers():
+    """Mutation check: the two AUCs of a resample must come from the SAME resampled scans.
+    Drawing them from independent resamples (an unpaired bootstrap) ignores the shared noise
+    of positively correlated scorers and gives a much wider interval."""
+    y, a, b = correlated_scorers()
+    paired = paired_auc_difference(y, a, b, n_resamples=2000, seed=0)
+    rng = np.random.default_rng(0)
+    idx_a, idx_b = (_resample_indices(y, 2000, rng, True) for _ in range(2))  # independent draws
+    auc_a = _auc_from_counts(_counts(idx_a, y.size), y == 1, a)
+    auc_b = _auc_from_counts(_counts(idx_b, y.size), y == 1, b)
+    np.testing.assert_allclose(auc_a[:3], [roc_auc_score(y[r], a[r]) for r in idx_a[:3]])
+    unpaired_width = np.subtract(*np.percentile(auc_a - auc_b, [97.5, 2.5]))
+    assert paired["ci_high"] - paired["ci_low"] < 0.6 * unpaired_width
+
+
+def test_paired_multiclass_uses_the_macro_one_vs_rest_rule():
+    y, probs_a = synthetic(8, n_classes=5, separation=1.5, seed=6)
+    _, probs_b = synthetic(8, n_classes=5, separation=0.5, seed=7)
+    out = paired_auc_difference(y, probs_a, probs_b, n_resamples=1000)
+    expected = classification_metrics(y, probs_a)["roc_auc"] - classification_metrics(y, probs_b)["roc_auc"]
+    assert out["diff"] == pytest.approx(expected)
+    assert out["ci_low"] <= out["diff"] <= out["ci_high"]
+
+
+def test_paired_binary_probabilities_and_positive_class_scores_agree():
+    y, probs_a = synthetic(12, seed=8)
+    _, probs_b = synthetic(12, separation=0.3, seed=9)
+    from_probs = paired_auc_difference(y, probs_a, probs_b, n_resamples=1000)
+    from_scores = paired_auc_difference(y, probs_a[:, 1], probs_b[:, 1], n_resamples=1000)
+    assert from_probs == pytest.approx(from_scores)
+    flipped = paired_auc_difference(1 - y, probs_a[:, ::-1], probs_b[:, ::-1], n_resamples=1000, positive_class=0)
+    assert flipped["diff"] == pytest.approx(from_probs["diff"])
+
+
+@pytest.mark.parametrize("labels, a, b, kwargs", [
+    ([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], [0.1, 0.9, 0.2], {}),                      # lengths differ
+    ([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], binary_probs([0.1, 0.9, 0.2, 0.8]), {}),  # shapes differ
+    ([1, 1, 1, 1], [0.1, 0.9, 0.2, 0.8], [0.3, 0.9, 0.2, 0.8], {}),                # one class
+    ([0, 1, 2, 1], [0.1, 0.9, 0.2, 0.8], [0.3, 0.9, 0.2, 0.8], {}),                # (N,) scores, 3 classes
+    ([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], [0.3, 0.9, 0.2, 0.8], {"n_resamples": 10}),
+    ([0, 1, 0, 1], [0.1, 0.9, np.nan, 0.8], [0.3, 0.9, 0.2, 0.8], {}),
+])
+def test_paired_rejects_bad_inputs(labels, a, b, kwargs):
+    with pytest.raises(ValueError):
+        paired_auc_difference(labels, a, b, **kwargs)
+
+
+def test_seed_summary_is_mean_and_sample_sd():
+    mean, sd = seed_summary([0.39, 0.43, 0.41])
+    assert mean == pytest.approx(0.41)
+    assert sd == pytest.approx(0.02)  # ddof = 1
+    assert math.isnan(seed_summary([0.5])[1])
+    with pytest.raises(ValueError):
+        seed_summary([])
