@@ -15,7 +15,9 @@ Both networks use BatchNorm, and with the small batches a 3D CT volume allows (4
 running statistics that eval mode uses are poor estimates. Before every evaluation the
 statistics are therefore recomputed over the training split with the current weights
 (``utils.precise_bn``), so the checkpoint that validation selects carries statistics that
-match its weights.
+match its weights. That pass reads the split in a fixed SHUFFLED order
+(:func:`bn_stats_loader`): the splits are stored sorted by class, and single-class batches
+would leave the between-class variance out of the averaged batch variances.
 
 Training (:func:`train_baseline`) uses the same splits, preprocessing, train-time flips,
 epoch loop (``utils.trainer.fit``), early stopping on validation AUC (patience), AdamW with
@@ -35,7 +37,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import Dataset
 
-from utils.precise_bn import recompute_batchnorm_stats
+from utils.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.profiles import BASELINE_NAMES, TrainConfig
 from utils.trainer import FitResult, fit, make_epoch_loader
 from utils.training import _inputs, eval_loader, fit_config, validation_metrics
@@ -72,11 +74,17 @@ def baseline_from_checkpoint(checkpoint: Mapping) -> nn.Module:
 
 
 def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: TrainConfig, device: torch.device,
-                   checkpoint_path: str | Path, meta: Optional[Mapping] = None) -> tuple[nn.Module, FitResult]:
-    """Build and train baseline ``name`` (see the module docstring); returns (best model, result)."""
+                   checkpoint_path: str | Path, meta: Optional[Mapping] = None, num_classes: Optional[int] = None,
+                   stats_set: Optional[Dataset] = None) -> tuple[nn.Module, FitResult]:
+    """Build and train baseline ``name`` (see the module docstring); returns (best model, result).
+
+    ``stats_set``: the split the BatchNorm statistics are recomputed over before each
+    evaluation (default ``train_set``; the pipeline may pass its un-augmented training split,
+    ``train_plain``), always read in the shuffled order of :func:`bn_stats_loader`.
+    """
     if name == "densenet121" and min(config.input_shape) < 32:
         raise ValueError(f"densenet121 needs every input side >= 32 (its stride is 32), got {config.input_shape}")
-    model = build_baseline(name, config.num_classes).to(device)
+    model = build_baseline(name, num_classes or config.num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr_baseline, weight_decay=config.weight_decay)
     scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
                                   patience=config.plateau_patience)
@@ -86,7 +94,9 @@ def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: Trai
         return F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
 
     def evaluate():
-        recompute_batchnorm_stats(model, eval_loader(train_set, config), lambda b: model(b["image"].to(device)))
+        stats = train_set if stats_set is None else stats_set
+        recompute_batchnorm_stats(model, bn_stats_loader(stats, config.batch_size, config.seed, config.num_workers),
+                                  lambda b: model(b["image"].to(device)))
         loss, probs, labels = 0.0, [], []
         for batch in eval_loader(val_set, config):
             x, _, y = _inputs(batch, device)
@@ -101,5 +111,5 @@ def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: Trai
                  train_batches=lambda epoch: make_epoch_loader(train_set, config.batch_size, config.seed, epoch,
                                                                config.num_workers),
                  config=fit_config(config, name, config.baseline_epochs, device), checkpoint_path=checkpoint_path,
-                 model_config=baseline_config(name, config.num_classes), meta=meta, device=device)
+                 model_config=baseline_config(name, num_classes or config.num_classes), meta=meta, device=device)
     return model, result

@@ -13,6 +13,26 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+BN_STATS_STREAM = 3  # utils.trainer.epoch_seed stream of the batch order of the statistics pass
+
+
+def bn_stats_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """The batches BatchNorm statistics are recomputed over: the whole split in a SHUFFLED
+    order fixed by ``seed`` (the same order at every evaluation, so the statistics stay a
+    deterministic function of the weights).
+
+    Shuffled because the splits are stored sorted by class (``splits.csv``): an unshuffled
+    loader gives single-class batches, whose averaged per-batch variances leave out the
+    between-class variance, and eval mode then normalises with statistics that match no
+    (shuffled, mixed) training batch. A last batch of one volume is dropped, as in training.
+    """
+    from utils.trainer import epoch_seed  # utils.trainer imports this module's users
+
+    generator = torch.Generator().manual_seed(epoch_seed(seed, 0, BN_STATS_STREAM))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers,
+                      drop_last=len(dataset) % batch_size == 1)
 
 
 @torch.no_grad()
