@@ -47,13 +47,26 @@ def test_first_get_computes_second_hits(tmp_path, toy_nifti):
 
 @pytest.mark.parametrize("changed", [PreprocessConfig(target_shape=(16, 16, 6)),
                                      PreprocessConfig(hu_min=-900, target_shape=(16, 16, 8)),
-                                     PreprocessConfig(hu_max=300, target_shape=(16, 16, 8))])
+                                     PreprocessConfig(hu_max=300, target_shape=(16, 16, 8)),
+                                     PreprocessConfig(target_shape=(16, 16, 8), anti_alias=False),
+                                     PreprocessConfig(target_shape=(16, 16, 8), target_spacing=(2.0, 2.0, 1.0))])
 def test_config_change_recomputes(tmp_path, toy_nifti, changed):
     loader = CountingLoader()
     base = VolumeCache(tmp_path, SMALL, loader=loader).get(toy_nifti)
     other = VolumeCache(tmp_path, changed, loader=loader).get(toy_nifti)
     assert loader.calls == 2
     assert other.shape != base.shape or not np.array_equal(other, base)
+    assert VolumeCache(tmp_path, changed).folder != VolumeCache(tmp_path, SMALL).folder
+    assert len([f for f in cached_files(tmp_path) if f.endswith(".npy")]) == 2  # another entry beside the first
+
+
+def test_target_spacing_uses_the_scan_spacing(tmp_path):
+    path = write_nifti(tmp_path / "scan.nii.gz", toy_ct(), affine=np.diag([2.0, 2.0, 3.0, 1.0]))
+    config = PreprocessConfig(target_shape=(16, 16, 8), target_spacing=(1.0, 1.0, 1.0))
+    scan = load_scan(path)
+    assert tuple(scan.spacing) == (2.0, 2.0, 3.0)
+    np.testing.assert_array_equal(VolumeCache(tmp_path / "processed", config).get(path),
+                                  preprocess(scan.hu, config, spacing=scan.spacing))
 
 
 def test_source_change_recomputes(tmp_path):

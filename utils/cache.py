@@ -4,7 +4,8 @@ Loading a 512 x 512 x 45 NIfTI and resizing it takes about a second; an epoch re
 scan, so the (1, H, W, D) float32 network input is computed once and stored under
 ``<root>/<config.key()>/``. Settings therefore live side by side (the default 128x128x64
 and a high-resolution 256x256x64 copy for ``roi_scale = 2``), and changing any field of
-``PreprocessConfig`` selects a different folder.
+``PreprocessConfig`` (window, shape, ``anti_alias``, ``target_spacing``) selects a different folder.
+The scan's voxel spacing from the loader is passed to ``preprocess`` (used with ``target_spacing``).
 
 A cache file's name holds a hash of the scan's resolved path, size and modification time
 (for a DICOM folder: of every file in it), so an edited or replaced scan is recomputed,
@@ -90,7 +91,8 @@ class VolumeCache:
         volume = self._read(cached) if cached.is_file() else None
         if volume is not None:
             return volume
-        volume = preprocess(self.loader(path).hu, self.config)  # (1, H, W, D)
+        scan = self.loader(path)
+        volume = preprocess(scan.hu, self.config, spacing=scan.spacing)  # (1, H, W, D)
         with atomic_path(cached) as tmp, open(tmp, "wb") as handle:
             np.save(handle, volume, allow_pickle=False)
         for stale in self.folder.glob(f"{self._stem(path)}_*.npy"):

@@ -1,10 +1,16 @@
 """PyTorch dataset and loader over cached, preprocessed CT volumes.
 
 Augmentation is a pure function of (seed, epoch, index): item ``index`` in epoch ``epoch``
-draws its flips from ``np.random.default_rng([seed, epoch, index])``, so a run is
+draws its flip (and optional intensity jitter) from ``np.random.default_rng([seed, epoch,
+index])``, so a run is
 reproducible regardless of worker count or the order items are fetched in. Call
 ``set_epoch`` before each epoch (DataLoader workers copy the dataset when an iterator is
 created, so this works with ``num_workers > 0`` unless ``persistent_workers`` is set).
+
+Only anatomically plausible views are drawn: a left-right mirror (along H, canonical X) with
+probability 0.5; never anterior-posterior (W: a supine CT never shows the spine on top) nor
+along the slice axis D. ``intensity_jitter`` j > 0 (off by default) also rescales the
+intensities as ``clip(x * (1 + a) + b, 0, 1)`` with a, b uniform in [-j, j].
 """
 from __future__ import annotations
 
@@ -23,18 +29,23 @@ class CTDataset(Dataset):
     Args:
         records: scans to serve, in order.
         cache: preprocessed-volume cache giving the (1, H, W, D) network input.
-        augment: apply random H / W flips (training only).
+        augment: apply random left-right flips (along H) (training only).
         seed: augmentation seed.
         hires_cache: optional second cache (e.g. (256, 256, 64) for ``roi_scale = 2``);
-            its volume gets exactly the same flips as ``image``.
+            its volume gets exactly the same flips (and jitter) as ``image``.
+        intensity_jitter: j >= 0; with ``augment``, intensities become
+            ``clip(x * (1 + a) + b, 0, 1)``, a and b uniform in [-j, j] per item (0: off).
 
     Items are dicts: ``image`` (1, H, W, D) float32, ``label`` int64 scalar, ``index`` int,
     ``path`` str, and ``image_hires`` (1, H', W', D') float32 when ``hires_cache`` is given.
     """
 
     def __init__(self, records: list[ScanRecord], cache: VolumeCache, augment: bool = False,
-                 seed: int = 0, hires_cache: VolumeCache | None = None):
+                 seed: int = 0, hires_cache: VolumeCache | None = None, intensity_jitter: float = 0.0):
+        if not 0.0 <= intensity_jitter < 1.0:
+            raise ValueError(f"intensity_jitter must be in [0, 1), got {intensity_jitter}")
         self.records = list(records)
+        self.intensity_jitter = float(intensity_jitter)
         self.cache = cache
         self.augment = augment
         self.seed = seed
@@ -53,19 +64,38 @@ class CTDataset(Dataset):
         """(N,) int64 labels, e.g. for class weights."""
         return np.array([r.label for r in self.records], dtype=np.int64)
 
+    def augmentation(self, index: int) -> tuple[tuple[bool, bool], float, float]:
+        """``(flips, scale, shift)`` of item ``index`` in the current epoch (identity when
+        ``augment`` is off): a pure function of (seed, epoch, index)."""
+        if not self.augment:
+            return (False, False), 1.0, 0.0
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        flips = sample_flips(rng)  # left-right only
+        if self.intensity_jitter > 0:
+            a, b = rng.uniform(-self.intensity_jitter, self.intensity_jitter, size=2)
+            return flips, 1.0 + float(a), float(b)
+        return flips, 1.0, 0.0
+
+    @staticmethod
+    def _apply(volume: np.ndarray, augmentation: tuple[tuple[bool, bool], float, float]) -> torch.Tensor:
+        flips, scale, shift = augmentation
+        out = apply_flips(volume, flips)  # a copy: the cached array is never modified
+        if scale != 1.0 or shift != 0.0:
+            out = np.clip(out * np.float32(scale) + np.float32(shift), 0.0, 1.0).astype(np.float32, copy=False)
+        return torch.from_numpy(out)
+
     def __getitem__(self, index: int) -> dict:
         index = range(len(self.records))[index]  # negative indices -> 0..N-1, seeds must be >= 0
         record = self.records[index]
-        flips = (sample_flips(np.random.default_rng([self.seed, self.epoch, index]))
-                 if self.augment else (False, False))
+        augmentation = self.augmentation(index)
         item = {
-            "image": torch.from_numpy(apply_flips(self.cache.get(record.path), flips)),  # (1, H, W, D)
+            "image": self._apply(self.cache.get(record.path), augmentation),  # (1, H, W, D)
             "label": torch.tensor(record.label, dtype=torch.int64),
             "index": index,
             "path": str(record.path),
         }
         if self.hires_cache is not None:
-            item["image_hires"] = torch.from_numpy(apply_flips(self.hires_cache.get(record.path), flips))
+            item["image_hires"] = self._apply(self.hires_cache.get(record.path), augmentation)
         return item
 
 
