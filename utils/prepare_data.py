@@ -42,13 +42,15 @@ def resolve_data_dir(data_dir: Path | None, phantom_dir: Path = EMBEDDED_DATA, n
     return Path(phantom_dir)
 
 
-def split_summary(splits: dict, label_mode: str) -> str:
-    """A small table: one row per split, one column per class."""
-    names = CLASS_NAMES[label_mode]
-    rows = [f"{'split':<6}" + "".join(f"{n:>10}" for n in names) + f"{'total':>8}"]
+def split_summary(splits: dict, classes) -> str:
+    """A small table: one row per split, one column per class; ``classes`` is a label mode
+    (``'binary'``, ``'severity'``) or the class names (label k = names[k])."""
+    names = CLASS_NAMES[classes] if isinstance(classes, str) else list(classes)
+    width = max(10, *(len(n) + 2 for n in names))
+    rows = [f"{'split':<6}" + "".join(f"{n:>{width}}" for n in names) + f"{'total':>8}"]
     for split in SPLITS:
         counts = Counter(r.label for r in splits[split])
-        rows.append(f"{split:<6}" + "".join(f"{counts.get(k, 0):>10}" for k in range(len(names)))
+        rows.append(f"{split:<6}" + "".join(f"{counts.get(k, 0):>{width}}" for k in range(len(names)))
                     + f"{len(splits[split]):>8}")
     return "\n".join(rows)
 
