@@ -14,13 +14,25 @@ Layouts follow the seed: a volume is (H, W, D), a batch (B, Ch, H, W, D).
   spatial mean, so that a small lesion that lights up a few cells drives the logit.
 * ROI retrieval (GMIC section 3.2, made 3D): each class map is min-max normalised per sample,
   the maps are summed over classes, and the K most salient cells are chosen greedily with
-  non-maximum suppression; each cell is mapped to a fixed-size crop of the input volume (or of
+  non-maximum suppression, among FOREGROUND cells only (``roi_foreground``: a cell whose
+  input region is air / background, e.g. outside the body, is never a ROI unless fewer than
+  K foreground cells exist; see :func:`foreground_cells`); each cell is mapped to a fixed-size crop of the input volume (or of
   a copy at ``roi_scale`` times the in-plane resolution), clamped to lie inside it. Selection
   is by index and therefore not differentiable, as in GMIC.
 * Local stream: a small 3D CNN encodes every crop to a vector (B, K, L); gated-attention MIL
   (Ilse et al., ICML 2018, eq. 9) pools the K vectors and a linear layer gives local logits.
 
 ``DCG.forward`` returns a ``DCGOutput``; nothing is stored on the module.
+
+Phase-1 objective (:func:`dcg_objective`, measured on AdrenalMNIST3D and the blob test, see
+the README): CE(global) + CE(local) with a curriculum over ``progress`` (fraction of phase 1
+done). Top-t% pooling of an untrained saliency map trains only the few cells that happen to
+be highest (often bright anatomy or air), so the global logits start from mean pooling and
+anneal log-linearly to top-t% over the first ``pool_warmup`` of phase 1
+(:func:`warmup_top_t`); the local CE, which can only learn from ROIs chosen by an informative
+saliency, is switched on at ``local_start`` and ramped to full weight over ``local_ramp``
+(:func:`local_ce_weight`). At ``progress = 1`` (the default, inference, validation) the
+objective is exactly the design's.
 
 Why BatchNorm and max pooling in the global encoder (measured, see the README's "Model"):
 with 64 training phantoms a GroupNorm ResNet with strided convolutions fits the training
@@ -38,6 +50,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from models.plain_config import PlainConfig, TensorFields
@@ -89,6 +102,21 @@ class DCGConfig(PlainConfig):
             channel count not above this is used).
         grad_checkpoint: recompute the global encoder stages in the backward pass
             (torch.utils.checkpoint) while training, trading compute for memory (e.g. on a T4).
+        roi_foreground: choose ROIs only among foreground cells (:func:`foreground_cells`),
+            so a saliency that lights up air outside the body cannot send crops there; when
+            fewer than K foreground cells exist, background cells fill up the K.
+        foreground_threshold: a voxel is foreground when its intensity (mean over input
+            channels) exceeds this; 0.05 on CT scaled from the HU window [-1000, 400] to
+            [0, 1] is -930 HU (air is ~0, lung parenchyma ~0.07-0.15), and MedMNIST shape
+            masks have background exactly 0.
+        foreground_fraction: a saliency cell is foreground when at least this fraction of
+            the voxels of its input region (cell_stride^3) is foreground.
+        roi_weighting: how the normalised class maps are combined into ROI scores:
+            ``'sum'`` (GMIC: equal weights) or ``'probs'`` (weighted by the detached global
+            class probabilities). With softmax classes one map is the "normal" class, whose
+            maxima mark normal tissue; summing it in made the 2-ROI tiny DCG miss the lesion
+            the class-1 map had found in up to 2 of 3 positive volumes of the blob test,
+            weighting by the prediction follows the map of the class the DCG predicts.
     """
 
     num_classes: int = 2
@@ -110,6 +138,10 @@ class DCGConfig(PlainConfig):
     bottleneck_divisor: int = 2
     norm_groups: int = 8
     grad_checkpoint: bool = False
+    roi_foreground: bool = True
+    foreground_threshold: float = 0.05
+    foreground_fraction: float = 0.1
+    roi_weighting: str = "probs"
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:
@@ -138,9 +170,14 @@ class DCGConfig(PlainConfig):
             raise ValueError(f"DCGConfig.pooling must be 'topt' or 'mean', got {self.pooling!r}")
         if not 0.0 < self.top_t <= 1.0:
             raise ValueError(f"DCGConfig.top_t must be in (0, 1], got {self.top_t}")
+        if self.roi_weighting not in ("sum", "probs"):
+            raise ValueError(f"DCGConfig.roi_weighting must be 'sum' or 'probs', got {self.roi_weighting!r}")
         if self.roi_scale < 1 or self.nms_radius < 0:
             raise ValueError("DCGConfig.roi_scale must be >= 1 and nms_radius >= 0, got "
                              f"{self.roi_scale}, {self.nms_radius}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError("DCGConfig.foreground_fraction must be in [0, 1], got "
+                             f"{self.foreground_fraction}")
         n_cells = math.prod(self.saliency_shape)
         if not 1 <= self.num_rois <= n_cells:
             raise ValueError(f"DCGConfig.num_rois={self.num_rois} must be in [1, {n_cells}] "
@@ -242,12 +279,16 @@ def pool_maps(maps: torch.Tensor, pooling: str, top_t: float) -> torch.Tensor:
     raise ValueError(f"pooling must be 'topt' or 'mean', got {pooling!r}")
 
 
-def roi_scores(saliency: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def roi_scores(saliency: torch.Tensor, eps: float = 1e-6,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """ROI selection score per cell: class maps min-max normalised to [0, 1] per sample and
-    class (so no class dominates by scale), then summed over classes.
+    class (so no class dominates by scale), then summed over classes (GMIC), or, with
+    ``weights``, averaged with those per-sample class weights.
 
     Args:
         saliency: (B, C, h, w, d)
+        weights: optional (B, C) non-negative class weights (e.g. the global class
+            probabilities: ``roi_weighting='probs'``).
     Returns:
         (B, h, w, d); a constant map normalises to 0.
     """
@@ -255,10 +296,13 @@ def roi_scores(saliency: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     lo = flat.min(dim=-1, keepdim=True).values
     hi = flat.max(dim=-1, keepdim=True).values
     norm = (flat - lo) / (hi - lo).clamp_min(eps)  # (B, C, N) in [0, 1]
+    if weights is not None:
+        norm = norm * weights.detach().to(norm.dtype)[..., None]
     return norm.sum(dim=1).view(saliency.shape[0], *saliency.shape[2:])
 
 
-def select_cells(scores: torch.Tensor, num_rois: int, nms_radius: int) -> torch.Tensor:
+def select_cells(scores: torch.Tensor, num_rois: int, nms_radius: int,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy top-K cells with non-maximum suppression (loop over K only, batched over B).
 
     Step k picks the highest-scoring cell that is neither chosen nor within Chebyshev distance
@@ -266,10 +310,16 @@ def select_cells(scores: torch.Tensor, num_rois: int, nms_radius: int) -> torch.
     K well separated cells), the best remaining unchosen cell is taken instead, so exactly K
     distinct cells are always returned. Ties go to the lowest flat index (deterministic).
 
+    With ``valid`` (e.g. the foreground cells), invalid cells count as score -inf: every step
+    prefers, in this order, a valid unsuppressed cell, a valid suppressed one, an invalid
+    unsuppressed one, any unchosen one; so invalid cells are taken only when fewer than K
+    valid cells exist, and then by score.
+
     Args:
         scores: (B, h, w, d)
         num_rois: K <= h * w * d
         nms_radius: suppression radius in cells (0: only no repeats)
+        valid: optional (B, h, w, d) bool, the cells allowed as ROIs.
     Returns:
         (B, K, 3) int64 cell indices (i, j, k) in choice order.
     """
@@ -285,17 +335,40 @@ def select_cells(scores: torch.Tensor, num_rois: int, nms_radius: int) -> torch.
     chosen = torch.zeros(b, n, dtype=torch.bool, device=device)
     suppressed = torch.zeros_like(chosen)
     rows = torch.arange(b, device=device)
+    ok = None if valid is None else valid.reshape(b, n).to(device=device, dtype=torch.bool)
     picks = []
     for _ in range(num_rois):
-        strict = flat.masked_fill(chosen | suppressed, float("-inf")).argmax(dim=1)  # (B,)
-        fallback = flat.masked_fill(chosen, float("-inf")).argmax(dim=1)  # (B,)
-        has_candidate = (~(chosen | suppressed)).any(dim=1)
-        pick = torch.where(has_candidate, strict, fallback)  # (B,)
+        free = ~chosen
+        tiers = [free & ~suppressed, free] if ok is None else \
+            [free & ok & ~suppressed, free & ok, free & ~suppressed, free]  # best first
+        pick = flat.masked_fill(~tiers[-1], float("-inf")).argmax(dim=1)  # (B,)
+        for tier in reversed(tiers[:-1]):
+            candidate = flat.masked_fill(~tier, float("-inf")).argmax(dim=1)  # (B,)
+            pick = torch.where(tier.any(dim=1), candidate, pick)
         picks.append(pick)
         chosen[rows, pick] = True
         dist = (grid[None] - grid[pick][:, None]).abs().amax(dim=-1)  # (B, N) Chebyshev
         suppressed |= dist <= nms_radius
     return grid[torch.stack(picks, dim=1)]  # (B, K, 3)
+
+
+def foreground_cells(x: torch.Tensor, cell_stride: int, threshold: float,
+                     fraction: float) -> torch.Tensor:
+    """Which saliency cells cover foreground (batched, no loop): the fraction of voxels of each
+    cell's input region whose intensity (mean over channels) exceeds ``threshold``, by average
+    pooling with kernel = stride = ``cell_stride``, compared with ``fraction``.
+
+    Args:
+        x: (B, Ch, H, W, D) input volumes, each of H, W, D divisible by ``cell_stride``.
+        cell_stride: voxels per cell along each axis.
+        threshold: voxel intensity above which a voxel is foreground.
+        fraction: minimal foreground fraction of a foreground cell.
+    Returns:
+        (B, H/s, W/s, D/s) bool.
+    """
+    voxels = (x.detach().float().mean(dim=1, keepdim=True) > threshold).float()  # (B, 1, H, W, D)
+    share = F.avg_pool3d(voxels, kernel_size=cell_stride, stride=cell_stride)  # (B, 1, h, w, d)
+    return share[:, 0] >= fraction
 
 
 def cells_to_boxes(cells: torch.Tensor, cell_stride: tuple[int, int, int],
@@ -520,13 +593,17 @@ class DCG(nn.Module):
             raise ValueError(f"DCG with roi_scale={c.roi_scale} needs x_hires of shape "
                              f"{expected_hr} (B, Ch, sH, sW, D), got {got}")
 
-    def forward(self, x: torch.Tensor, x_hires: torch.Tensor | None = None) -> DCGOutput:
+    def forward(self, x: torch.Tensor, x_hires: torch.Tensor | None = None,
+                top_t: float | None = None) -> DCGOutput:
         """Run both streams.
 
         Args:
             x: (B, Ch, H, W, D) volumes matching ``config.in_channels`` / ``input_shape``.
             x_hires: (B, Ch, sH, sW, D) the same volumes at s = ``roi_scale`` times the
                 in-plane resolution; required iff roi_scale > 1.
+            top_t: overrides ``config.top_t`` for the global LOGITS only (the pooling warmup
+                of :func:`dcg_objective`); ignored with ``pooling='mean'``. None (default):
+                the configured top-t.
         Returns:
             DCGOutput (see its docstring for every field's layout).
         """
@@ -538,12 +615,16 @@ class DCG(nn.Module):
         use_ckpt = c.grad_checkpoint and self.training and torch.is_grad_enabled()
         feats = self.global_encoder(x, grad_checkpoint=use_ckpt)  # (B, F, h, w, d)
         saliency = self.saliency_head(feats)  # (B, C, h, w, d)
-        global_logits = pool_maps(saliency, c.pooling, c.top_t)  # (B, C)
+        global_logits = pool_maps(saliency, c.pooling, c.top_t if top_t is None else top_t)  # (B, C)
         global_features = pool_maps(feats, c.pooling, c.top_t)  # (B, F)
 
         # ROI retrieval (index selection, not differentiable)
         with torch.no_grad():
-            cells = select_cells(roi_scores(saliency), c.num_rois, c.nms_radius)  # (B, K, 3)
+            valid = (foreground_cells(x, c.cell_stride, c.foreground_threshold, c.foreground_fraction)
+                     if c.roi_foreground else None)  # (B, h, w, d) or None
+            weights = global_logits.softmax(dim=-1) if c.roi_weighting == "probs" else None  # (B, C)
+            scores = roi_scores(saliency, weights=weights)  # (B, h, w, d)
+            cells = select_cells(scores, c.num_rois, c.nms_radius, valid)  # (B, K, 3)
             stride = (c.cell_stride * c.roi_scale, c.cell_stride * c.roi_scale, c.cell_stride)
             boxes = cells_to_boxes(cells, stride, c.crop_size, c.crop_source_shape)  # (B, K, 6)
         source = x if x_hires is None else x_hires
@@ -563,3 +644,66 @@ class DCG(nn.Module):
             fused_probs=0.5 * (global_probs + local_probs),
             saliency=saliency, roi_boxes=boxes, roi_cells=cells,
             global_features=global_features, roi_features=roi_features, attention=attention)
+
+
+def warmup_top_t(progress: float, top_t: float, pool_warmup: float) -> float:
+    """Pooling fraction of the global logits at ``progress`` of phase 1: log-linear from 1
+    (mean pooling) at progress 0 to ``top_t`` at ``progress >= pool_warmup``, i.e.
+    ``top_t ** (progress / pool_warmup)``; exactly ``top_t`` when ``pool_warmup == 0``."""
+    if not 0.0 <= pool_warmup <= 1.0:
+        raise ValueError(f"pool_warmup must be in [0, 1], got {pool_warmup}")
+    if pool_warmup == 0.0 or progress >= pool_warmup:
+        return float(top_t)
+    return float(top_t ** (max(0.0, progress) / pool_warmup))
+
+
+def local_ce_weight(progress: float, local_start: float, local_ramp: float) -> float:
+    """Weight of the local CE at ``progress``: 0 before ``local_start``, then linear to 1 over
+    ``local_ramp`` (a step to 1 when ``local_ramp == 0``)."""
+    if not (0.0 <= local_start <= 1.0 and local_ramp >= 0.0):
+        raise ValueError(f"need 0 <= local_start <= 1 and local_ramp >= 0, got {local_start}, {local_ramp}")
+    if progress < local_start:
+        return 0.0
+    if local_ramp == 0.0:
+        return 1.0
+    return float(min(1.0, (progress - local_start) / local_ramp))
+
+
+def dcg_objective(dcg: DCG, scan: torch.Tensor, labels: torch.Tensor, x_hires: torch.Tensor | None = None,
+                  label_smoothing: float = 0.0, progress: float = 1.0, pool_warmup: float = 0.3,
+                  local_start: float = 0.3, local_ramp: float = 0.1) -> dict:
+    """Phase-1 objective: CE(global logits) + w * CE(local logits), with a curriculum.
+
+    Args:
+        dcg: the DCG (train or eval mode).
+        scan, labels, x_hires: (B, Ch, H, W, D), (B,) int64, optional high-resolution copy.
+        label_smoothing: of both cross-entropies.
+        progress: fraction of phase 1 done, in [0, 1] (global step / total steps); the
+            default 1.0 (validation, inference) gives exactly the design's objective.
+        pool_warmup: the global logits pool the top ``warmup_top_t(progress, top_t,
+            pool_warmup)`` fraction of cells, annealed from mean pooling to top-t% until
+            ``progress == pool_warmup`` (with ``pooling='topt'``).
+        local_start / local_ramp: the local CE weight w is 0 before ``local_start`` and reaches
+            1 after a linear ramp of ``local_ramp`` (``local_ce_weight``).
+
+    Returns:
+        dict(loss, global_ce, local_ce, output, top_t, local_weight): ``loss`` has the value
+        ``global_ce + local_ce`` at every progress (so train losses stay comparable along the
+        schedule and with the validation loss) but the gradient of ``global_ce + w *
+        local_ce`` (the rest of the local CE is detached); ``output`` is the DCGOutput,
+        ``top_t`` and ``local_weight`` (floats) the curriculum values used.
+    """
+    progress = float(min(max(progress, 0.0), 1.0))
+    top_t = warmup_top_t(progress, dcg.config.top_t, pool_warmup)
+    weight = local_ce_weight(progress, local_start, local_ramp)
+    out = dcg(scan, x_hires, top_t=top_t)
+    global_ce = F.cross_entropy(out.global_logits, labels, label_smoothing=label_smoothing)
+    local_ce = F.cross_entropy(out.local_logits, labels, label_smoothing=label_smoothing)
+    if weight >= 1.0:
+        local_term = local_ce
+    elif weight <= 0.0:
+        local_term = local_ce.detach()  # no gradient at all into the local stream
+    else:
+        local_term = weight * local_ce + (1.0 - weight) * local_ce.detach()
+    return {"loss": global_ce + local_term, "global_ce": global_ce, "local_ce": local_ce, "output": out,
+            "top_t": top_t, "local_weight": weight}

@@ -2,12 +2,16 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.dcg_model import (DCG, DCGConfig, DCGOutput, GatedAttentionMIL, cells_to_boxes,
-                              crop_rois, pool_maps, roi_scores, select_cells, top_t_pool)
+                              crop_rois, dcg_objective, foreground_cells, local_ce_weight, pool_maps,
+                              roi_scores, select_cells, top_t_pool, warmup_top_t)
+from models.diffmic3d import ModelConfig
 
 
 MID = dict(input_shape=(64, 64, 32), num_rois=5)  # saliency (4, 4, 2): 32 cells
@@ -362,7 +366,8 @@ def test_model_crops_the_selected_cells():
     x, _ = make_inputs(cfg, 2)
     with torch.no_grad():
         out = make_model(cfg)(x)
-    expected_cells = select_cells(roi_scores(out.saliency), cfg.num_rois, cfg.nms_radius)
+    expected_cells = select_cells(roi_scores(out.saliency, weights=out.global_probs), cfg.num_rois,
+                                  cfg.nms_radius)
     assert torch.equal(out.roi_cells, expected_cells)
     expected_boxes = cells_to_boxes(expected_cells, (16, 16, 16), cfg.crop_size, cfg.input_shape)
     assert torch.equal(out.roi_boxes, expected_boxes)
@@ -462,3 +467,172 @@ def test_output_detach_and_to_keep_every_field():
     for name, value in out.as_dict().items():
         assert torch.equal(moved.as_dict()[name], value.detach())
     assert DCGOutput(**det.as_dict()).as_dict().keys() == out.as_dict().keys()
+
+
+# ---------------------------------------------------------------------------------------------
+# foreground-restricted ROI selection
+# ---------------------------------------------------------------------------------------------
+
+def test_foreground_cells_pool_the_input_per_cell():
+    x = torch.zeros(2, 1, 32, 32, 16)
+    x[0, 0, :16, :, :] = 0.5  # cells (0, *, 0) foreground
+    x[1, 0, 16:, 16:, :2] = 1.0  # 2/16 of the cell's voxels: fraction 0.125
+    fg = foreground_cells(x, 16, threshold=0.05, fraction=0.1)
+    assert fg.shape == (2, 2, 2, 1) and fg.dtype == torch.bool
+    assert fg[0].flatten().tolist() == [True, True, False, False]
+    assert fg[1].flatten().tolist() == [False, False, False, True]
+    assert not foreground_cells(x, 16, threshold=0.05, fraction=0.2)[1].any()
+
+
+def test_select_cells_prefers_valid_cells_and_fills_up_when_too_few():
+    scores = torch.tensor([[9.0, 8.0, 1.0, 2.0, 3.0, 0.5]]).view(1, 6, 1, 1)
+    valid = torch.tensor([[False, False, True, True, True, False]]).view(1, 6, 1, 1)
+    cells = select_cells(scores, 3, nms_radius=1, valid=valid)[0, :, 0].tolist()
+    assert cells == [4, 2, 3]  # valid only, by score, suppressed valid cells before invalid ones
+    cells = select_cells(scores, 5, nms_radius=0, valid=valid)[0, :, 0].tolist()
+    assert cells == [4, 3, 2, 0, 1]  # fewer than K valid: the best invalid ones fill up
+    assert select_cells(scores, 2, 0)[0, :, 0].tolist() == [0, 1]  # without a mask, as before
+
+
+def test_rois_avoid_background_even_where_saliency_is_highest():
+    # the saliency is forced to peak in the air (zero) half of the volume: every ROI still lies
+    # in the body half; with roi_foreground=False the same maps send the ROIs into the air
+    x = torch.zeros(2, 1, 64, 64, 32)
+    x[:, :, :32] = 0.4 + 0.05 * torch.rand(2, 1, 32, 64, 32)  # body: cells i in {0, 1}
+    forced = torch.zeros(2, 2, 4, 4, 2)
+    forced[:, :, 2:] = torch.rand(2, 2, 2, 4, 2) + 5.0  # all of the background is most salient
+
+    def run(**kw):
+        model = make_model(small_config(**MID, **kw))
+        model.saliency_head.register_forward_hook(lambda mod, args, out: forced)
+        with torch.no_grad():
+            return model(x)
+
+    out = run()
+    assert (out.roi_cells[..., 0] < 2).all(), out.roi_cells
+    assert (out.roi_boxes[..., 3] <= 32).all()  # boxes end inside the body half
+    assert (run(roi_foreground=False).roi_cells[:, 0, 0] >= 2).all()  # the top ROI is in the air
+
+
+def test_roi_weighting_follows_the_predicted_class_map():
+    sal = torch.zeros(1, 2, 4, 1, 1)
+    sal[0, 0, :, 0, 0] = torch.tensor([0.0, 3.0, 2.5, 1.0])  # class-0 ("normal") map
+    sal[0, 1, :, 0, 0] = torch.tensor([3.0, 0.0, 1.0, 2.0])  # class-1 map peaks in cell 0
+    assert roi_scores(sal).flatten().argmax() == 2  # GMIC sum: neither class's peak
+    weighted = roi_scores(sal, weights=torch.tensor([[0.1, 0.9]]))
+    assert weighted.flatten().argmax() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# phase-1 curriculum
+# ---------------------------------------------------------------------------------------------
+
+def test_warmup_top_t_goes_from_mean_to_top_t():
+    assert warmup_top_t(0.0, 0.05, 0.3) == 1.0
+    assert warmup_top_t(0.15, 0.05, 0.3) == pytest.approx(0.05 ** 0.5)
+    assert warmup_top_t(0.3, 0.05, 0.3) == 0.05 == warmup_top_t(1.0, 0.05, 0.3)
+    assert warmup_top_t(0.0, 0.05, 0.0) == 0.05
+    values = [warmup_top_t(p / 20, 0.05, 0.3) for p in range(21)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_local_ce_weight_schedule():
+    assert local_ce_weight(0.29, 0.3, 0.1) == 0.0
+    assert local_ce_weight(0.35, 0.3, 0.1) == pytest.approx(0.5)
+    assert local_ce_weight(0.4, 0.3, 0.1) == 1.0 == local_ce_weight(1.0, 0.3, 0.1)
+    assert local_ce_weight(0.3, 0.3, 0.0) == 1.0
+    with pytest.raises(ValueError):
+        local_ce_weight(0.5, 1.5, 0.1)
+
+
+def test_dcg_objective_curriculum():
+    cfg = small_config(**MID, top_t=0.1)
+    model = make_model(cfg).train()
+    x, _ = make_inputs(cfg, 2)
+    y = torch.tensor([0, 1])
+    torch.manual_seed(0)
+    early = dcg_objective(model, x, y, progress=0.0)
+    assert early["top_t"] == 1.0 and early["local_weight"] == 0.0
+    # progress 0: global logits are the mean of the class maps; the loss value is still
+    # CE_g + CE_l, but no gradient reaches the local stream
+    torch.testing.assert_close(early["output"].global_logits, early["output"].saliency.flatten(2).mean(-1))
+    torch.testing.assert_close(early["loss"], early["global_ce"] + early["local_ce"])
+    early["loss"].backward()
+    assert all(p.grad is None for p in model.local_classifier.parameters())
+    assert model.saliency_head.weight.grad.abs().sum() > 0
+    # progress 1 (the default): exactly the design's objective, top-t pooling
+    late = dcg_objective(model.eval(), x, y)
+    assert late["top_t"] == cfg.top_t and late["local_weight"] == 1.0
+    torch.testing.assert_close(late["output"].global_logits, top_t_pool(late["output"].saliency, cfg.top_t))
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) a short training localises a planted lesion
+# ---------------------------------------------------------------------------------------------
+
+LESION_SHAPE = (64, 64, 16)  # saliency (4, 4, 1): 16 cells of 16^3 voxels
+
+
+def lesion_volumes(n, seed):
+    """Half of each volume is a noisy body (0.3), the other half air (0); class 1 has a 6^3
+    lesion (+0.6) inside one random body cell, near its centre. Returns x, y, lesion cells."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 1, *LESION_SHAPE), np.float32)
+    y = np.arange(n) % 2
+    cells = np.zeros((n, 3), np.int64)
+    for i in range(n):
+        axis, side = rng.integers(2), rng.integers(2)
+        body = [slice(None)] * 3
+        body[axis] = slice(32 * side, 32 * side + 32)
+        x[i, 0][tuple(body)] = 0.3 + 0.05 * rng.standard_normal((32, 64, 16) if axis == 0 else (64, 32, 16))
+        if y[i]:
+            cell = rng.integers(0, 4, size=3)
+            cell[2], cell[axis] = 0, 2 * side + rng.integers(2)
+            h, w, d = cell * 16 + rng.integers(3, 8, size=3)
+            x[i, 0, h:h + 6, w:w + 6, d:d + 6] += 0.6
+            cells[i] = cell
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(cells)
+
+
+def localisation(model, x, y, cells):
+    """(share of positive volumes whose class-1 saliency peaks in the lesion cell, share with
+    a ROI box containing the lesion centre)."""
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    pos = y == 1
+    flat_index = torch.tensor([4, 1, 1])
+    peak = (out.saliency[pos, 1].flatten(1).argmax(1) == cells[pos] @ flat_index).float().mean().item()
+    centre = (cells[pos] * 16 + 8)[:, None]  # (P, 1, 3)
+    boxes = out.roi_boxes[pos]  # (P, K, 6)
+    inside = ((centre >= boxes[..., :3]) & (centre < boxes[..., 3:])).all(-1).any(-1)
+    return peak, inside.float().mean().item()
+
+
+def test_short_training_localises_a_planted_lesion(one_thread):
+    from utils.precise_bn import recompute_batchnorm_stats
+    from utils.training import dcg_lr_factor
+
+    cfg = ModelConfig.tiny(input_shape=LESION_SHAPE).dcg
+    x, y, _ = lesion_volumes(48, 0)
+    xv, yv, cv = lesion_volumes(32, 1)
+    torch.manual_seed(0)
+    model = DCG(cfg)
+    untrained = localisation(model, xv, yv, cv)
+    assert untrained[0] < 0.5  # chance is 1 in 8 body cells
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    steps = 300
+    model.train()
+    for step in range(steps):
+        index = torch.randint(0, len(y), (8,), generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 * dcg_lr_factor(step, steps, 0.05)
+        loss = dcg_objective(model, x[index], y[index], label_smoothing=0.1, progress=step / steps)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    recompute_batchnorm_stats(model, [x[i:i + 8] for i in range(0, len(x), 8)], model)
+    peak, in_roi = localisation(model, xv, yv, cv)
+    assert peak >= 0.7 and in_roi >= 0.7, (peak, in_roi, untrained)
