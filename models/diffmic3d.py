@@ -1,23 +1,27 @@
 """DiffMIC-3D: the DCG-guided diffusion classifier for 3D CT, composed from its parts.
 
-Pipeline (DiffMIC, Yang et al. MICCAI 2023, fig. 2, made 3D; DESIGN.md):
+Pipeline (DiffMIC, Yang et al. MICCAI 2023, fig. 2, made 3D; CARD, Han et al. 2022):
 
     scan (B, 1, H, W, D) --DCG (frozen in phase 2, run ONCE per volume)--> DCGOutput
         --PriorGenerator--> M (B, C, Np, Np, Np), F (B, feature_dim)
-        --PriorShiftedDiffusion(UNet3D)--> y_0 (B, C, Np, Np, Np) --> probabilities (B, C)
+        --ConditionalDenoiser.condition(scan, M, F)--> cond (B, E, Np, Np, Np)   (once per volume)
+        --PriorShiftedDiffusion.sample(per-point head)--> y_0 (B, C, Np, Np, Np)  (S chains)
+        --softmax(grid mean of y_0 / temperature), mean over S--> probabilities (B, C)
 
-Training is two-phase: phase 1 trains the DCG alone (``dcg_loss``: CE on its global and
-local logits); phase 2 freezes it (``freeze_dcg``), caches its outputs per volume
-(``guidance``) and trains the prior generator, the U-Net and the classifier head on
-``diffusion_loss`` (heterologous denoising MSE + lambda CE of the head on F). Sampling
-(``predict``) reuses one set of priors for every denoising step.
+Training is two-phase: phase 1 trains the DCG alone (``dcg_loss``); phase 2 freezes it
+(``freeze_dcg``), caches its outputs per volume and trains the prior generator and the
+denoiser (its own image encoder, the condition U-Net, the per-point head) on
+``diffusion_loss``: heterologous y_0-prediction MSE + CE, with prior dropout (a share of the
+volumes see a uniform guidance map and no feature prior, so the denoiser must read the scan).
+The softmax temperature is learned state of this model, fitted on the validation split by
+the training code (``set_temperature``); the noise schedule holds none.
 
 Checkpoints hold ``{'model_config': config.to_dict(), 'model_state_dict': state_dict()}``:
 
     checkpoint = torch.load(path, weights_only=True)
     model = DiffMIC3D(ModelConfig.from_dict(checkpoint['model_config']))
     model.load_state_dict(checkpoint['model_state_dict'])
-    probs = model(scan, training=False)   # (B, C), rows sum to 1
+    probs = model(scan)   # (B, C), rows sum to 1
 """
 from __future__ import annotations
 
@@ -26,13 +30,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.dcg_model import DCG, DCGConfig, DCGOutput
+from models.dcg_model import DCG, DCGConfig, DCGOutput, dcg_objective
+from models.denoiser import ConditionalDenoiser, DenoiserConfig
 from models.diffusion_process import DiffusionConfig, PriorShiftedDiffusion
-from models.prior_generator import PriorConfig, PriorGenerator, Priors
-from models.unet_3d import UNet3D, UNetConfig
+from models.prior_generator import PriorConfig, PriorGenerator
 
 # config
 
@@ -44,33 +47,26 @@ Guidance = Union[DCGOutput, Mapping]  # a DCGOutput, or a cache dict holding GUI
 class ModelConfig:
     """One config per concern, checked for consistency.
 
-    Build it with :meth:`create` (or the presets :meth:`seed`, :meth:`tiny`), where the
-    shared sizes -- num_classes, grid_size, feature_dim -- are given once and propagated;
+    Build it with :meth:`create` or a preset (:meth:`tiny`, :meth:`small`, :meth:`full`), where
+    the shared sizes -- num_classes, grid_size, feature_dim -- are given once and propagated;
     a hand-built inconsistent combination raises ValueError listing every mismatch.
-
-    Args:
-        dcg: the guidance network.
-        prior: the prior generator; its num_classes / num_rois / global_dim / roi_dim must
-            match the DCG, its grid_size / feature_dim the U-Net.
-        unet: the denoiser.
-        diffusion: schedule, loss weight and sampling defaults.
     """
 
     dcg: DCGConfig
     prior: PriorConfig
-    unet: UNetConfig
+    denoiser: DenoiserConfig
     diffusion: DiffusionConfig
 
     def __post_init__(self):
-        d, p, u = self.dcg, self.prior, self.unet
+        d, p, n = self.dcg, self.prior, self.denoiser
         pairs = [
             ("dcg.num_classes", d.num_classes, "prior.num_classes", p.num_classes),
-            ("dcg.num_classes", d.num_classes, "unet.num_classes", u.num_classes),
+            ("dcg.num_classes", d.num_classes, "denoiser.num_classes", n.num_classes),
             ("dcg.num_rois", d.num_rois, "prior.num_rois", p.num_rois),
             ("dcg.feature_dim", d.feature_dim, "prior.global_dim", p.global_dim),
             ("dcg.local_dim", d.local_dim, "prior.roi_dim", p.roi_dim),
-            ("prior.grid_size", p.grid_size, "unet.grid_size", u.grid_size),
-            ("prior.feature_dim", p.feature_dim, "unet.feature_dim", u.feature_dim),
+            ("prior.grid_size", p.grid_size, "denoiser.grid_size", n.grid_size),
+            ("prior.feature_dim", p.feature_dim, "denoiser.feature_dim", n.feature_dim),
         ]
         bad = [f"{a}={va} != {b}={vb}" for a, va, b, vb in pairs if va != vb]
         if bad:
@@ -87,44 +83,56 @@ class ModelConfig:
     @classmethod
     def create(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (128, 128, 64),
                grid_size: int = 8, feature_dim: int = 256, dcg: Optional[dict[str, Any]] = None,
-               unet: Optional[dict[str, Any]] = None,
+               denoiser: Optional[dict[str, Any]] = None,
                diffusion: Optional[dict[str, Any]] = None) -> "ModelConfig":
         """The one place where shared sizes are set.
 
         Args:
-            num_classes: C, for the DCG, the priors, the U-Net and the head.
+            num_classes: C, for the DCG, the priors and the denoiser.
             input_shape: (H, W, D) of the preprocessed volume.
-            grid_size: Np of the guidance grid (priors and U-Net).
-            feature_dim: width of the feature prior F (prior generator output, U-Net FiLM input).
-            dcg, unet, diffusion: overrides of the remaining fields of each config (the shared
-                fields above may not be overridden here).
+            grid_size: Np of the guidance grid (priors and denoiser).
+            feature_dim: width of the feature prior F.
+            dcg, denoiser, diffusion: overrides of the remaining fields of each config.
         """
-        reserved = {"dcg": {"num_classes", "input_shape"}, "unet": {"num_classes", "grid_size", "feature_dim"}}
-        for name, overrides in (("dcg", dcg), ("unet", unet)):
+        reserved = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"}}
+        for name, overrides in (("dcg", dcg), ("denoiser", denoiser)):
             clash = reserved[name] & set(overrides or {})
             if clash:
                 raise ValueError(f"ModelConfig.create: set {sorted(clash)} as create() arguments, not in {name}=")
         dcg_cfg = DCGConfig(num_classes=num_classes, input_shape=tuple(input_shape), **(dcg or {}))
         prior_cfg = PriorConfig(num_classes=num_classes, num_rois=dcg_cfg.num_rois, global_dim=dcg_cfg.feature_dim,
                                 roi_dim=dcg_cfg.local_dim, feature_dim=feature_dim, grid_size=grid_size)
-        unet_cfg = UNetConfig(num_classes=num_classes, grid_size=grid_size, feature_dim=feature_dim, **(unet or {}))
-        return cls(dcg=dcg_cfg, prior=prior_cfg, unet=unet_cfg, diffusion=DiffusionConfig(**(diffusion or {})))
+        den_cfg = DenoiserConfig(num_classes=num_classes, grid_size=grid_size, feature_dim=feature_dim,
+                                 **(denoiser or {}))
+        return cls(dcg=dcg_cfg, prior=prior_cfg, denoiser=den_cfg, diffusion=DiffusionConfig(**(diffusion or {})))
 
     @classmethod
-    def seed(cls, num_classes: int = 2) -> "ModelConfig":
-        """The seed's full size: 128x128x64 input, Np = 8, K = 5, T = 500, every default."""
-        return cls.create(num_classes=num_classes)
+    def full(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (128, 128, 64)) -> "ModelConfig":
+        """The full size: 128x128x64 input, Np = 8, K = 5, T = 1000, every default."""
+        return cls.create(num_classes=num_classes, input_shape=input_shape)
+
+    @classmethod
+    def small(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (64, 64, 32)) -> "ModelConfig":
+        """A ~2M-parameter model for CPU runs (the ``demo`` profile and the benchmark)."""
+        return cls.create(
+            num_classes=num_classes, input_shape=input_shape, grid_size=8, feature_dim=128,
+            dcg=dict(global_channels=(16, 32, 64, 128), global_blocks=(1, 1, 1, 1), feature_dim=128,
+                     num_rois=3, local_channels=(16, 32, 64), local_blocks=(1, 1, 1), local_dim=64,
+                     attention_dim=64),
+            denoiser=dict(encoder_channels=(16, 32, 64, 128), encoder_blocks=(1, 1, 1, 1), image_dim=32,
+                          prior_dim=32, cond_dim=64, unet_base=32, unet_mults=(1, 2), time_dim=64))
 
     @classmethod
     def tiny(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (32, 32, 16)) -> "ModelConfig":
-        """A few-hundred-thousand-parameter model for tests and CI (Np = 4, K = 2, 5 DDIM steps)."""
+        """A few-hundred-thousand-parameter model for tests and CI (Np = 4, K = 2, 5 DDIM steps, 4 samples)."""
         return cls.create(
             num_classes=num_classes, input_shape=input_shape, grid_size=4, feature_dim=32,
             dcg=dict(global_channels=(8, 16, 16, 32), global_blocks=(1, 1, 1, 1), feature_dim=32, top_t=0.25,
                      num_rois=2, roi_size=(8, 8, 8), nms_radius=0, local_channels=(8, 16), local_blocks=(1, 1),
                      local_dim=16, attention_dim=16, norm_groups=4),
-            unet=dict(base_channels=16, channel_mults=(1, 2), time_dim=32, groups=8),
-            diffusion=dict(ddim_steps=5),
+            denoiser=dict(encoder_channels=(8, 16, 16, 32), encoder_blocks=(1, 1, 1, 1), image_dim=16,
+                          prior_dim=16, cond_dim=32, unet_base=16, unet_mults=(1, 2), time_dim=32),
+            diffusion=dict(ddim_steps=5, num_samples=4),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +142,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: Mapping) -> "ModelConfig":
         """Inverse of ``to_dict``; missing or unknown sections are an error."""
-        expected = {"dcg": DCGConfig, "prior": PriorConfig, "unet": UNetConfig, "diffusion": DiffusionConfig}
+        expected = {"dcg": DCGConfig, "prior": PriorConfig, "denoiser": DenoiserConfig, "diffusion": DiffusionConfig}
         if set(data) != set(expected):
             raise ValueError(f"ModelConfig.from_dict needs exactly the sections {sorted(expected)}, got {sorted(data)}")
         return cls(**{name: kind.from_dict(dict(data[name])) for name, kind in expected.items()})
@@ -154,20 +162,18 @@ def guidance_tensors(guidance: Guidance) -> dict[str, torch.Tensor]:
 
 
 class DiffMIC3D(nn.Module):
-    """DCG + prior generator + 3D U-Net denoiser + prior-shifted diffusion + classifier head.
-
-    The head (Linear on F -> C) supplies the CE term of the phase-2 loss, which shapes the
-    feature prior F; predictions come from the diffusion.
-    """
+    """DCG + prior generator + conditional denoiser + prior-shifted diffusion + temperature."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.dcg = DCG(config.dcg)
         self.prior_generator = PriorGenerator(config.prior)
-        self.unet = UNet3D(config.unet)
+        self.denoiser = ConditionalDenoiser(config.denoiser)
         self.diffusion = PriorShiftedDiffusion(config.diffusion)
-        self.head = nn.Linear(config.prior.feature_dim, config.num_classes)
+        # Softmax temperature of the readout (Guo et al. 2017), fitted on the validation split
+        # after phase 2 (utils.diffusion_training.calibrate_temperature); learned state.
+        self.register_buffer("temperature", torch.ones(()))
 
     @classmethod
     def from_config_dict(cls, data: Mapping) -> "DiffMIC3D":
@@ -177,15 +183,13 @@ class DiffMIC3D(nn.Module):
     # -- phase 1 -------------------------------------------------------------------------
 
     def dcg_loss(self, scan: torch.Tensor, labels: torch.Tensor, x_hires: Optional[torch.Tensor] = None,
-                 label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-        """Phase-1 objective: CE(global logits) + CE(local logits).
+                 **kwargs) -> dict[str, torch.Tensor]:
+        """Phase-1 objective of the DCG (``models.dcg_model.dcg_objective``; keyword arguments
+        such as ``label_smoothing`` and ``progress`` are passed on).
 
         Returns dict(loss, global_ce, local_ce, output) with ``output`` the DCGOutput.
         """
-        out = self.dcg(scan, x_hires)
-        global_ce = F.cross_entropy(out.global_logits, labels, label_smoothing=label_smoothing)
-        local_ce = F.cross_entropy(out.local_logits, labels, label_smoothing=label_smoothing)
-        return {"loss": global_ce + local_ce, "global_ce": global_ce, "local_ce": local_ce, "output": out}
+        return dcg_objective(self.dcg, scan, labels, x_hires, **kwargs)
 
     def freeze_dcg(self) -> "DiffMIC3D":
         """Freeze the DCG for phase 2 (no gradients, eval mode); returns self."""
@@ -200,75 +204,113 @@ class DiffMIC3D(nn.Module):
         """Run the (frozen) DCG once on ``scan`` (B, 1, H, W, D); cache the result per volume."""
         return self.dcg(scan, x_hires)
 
-    def priors(self, global_probs: torch.Tensor, local_probs: torch.Tensor, global_features: torch.Tensor,
-               roi_features: torch.Tensor) -> Priors:
-        """M (B, C, Np, Np, Np) and F (B, feature_dim) from (cached) DCG tensors."""
-        return self.prior_generator(global_probs, local_probs, global_features, roi_features)
+    def condition(self, scan: torch.Tensor, guidance: Guidance,
+                  drop_prior: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M (B, C, Np, Np, Np), cond (B, E, Np, Np, Np)) for a batch; run once per volume.
 
-    def diffusion_loss(self, guidance: Guidance, labels: torch.Tensor,
+        ``drop_prior`` (B,) bool: those volumes get a uniform M (1/C) and a zero feature prior
+        (prior dropout, training only).
+        """
+        priors = self.prior_generator(**guidance_tensors(guidance))
+        M, F_prior = priors.guidance_map, priors.feature_prior  # (B, C, Np^3), (B, feature_dim)
+        if drop_prior is not None:
+            keep = (~drop_prior).to(M.dtype)
+            M = M * keep[:, None, None, None, None] + (1 - keep[:, None, None, None, None]) / M.shape[1]
+            F_prior = F_prior * keep[:, None]
+        return M, self.denoiser.condition(scan, M, F_prior)
+
+    def diffusion_loss(self, scan: torch.Tensor, guidance: Guidance, labels: torch.Tensor,
+                       prior_dropout: float = 0.0,
                        generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-        """Phase-2 objective from cached guidance: dict(loss, mse, ce), see ``training_loss``."""
-        priors = self.priors(**guidance_tensors(guidance))
-        logits = self.head(priors.feature_prior)  # (B, C)
-        return self.diffusion.training_loss(self.unet, priors.guidance_map, priors.feature_prior, logits,
-                                            labels, generator=generator)
-
-    @torch.no_grad()
-    def predict(self, inputs: Union[torch.Tensor, Guidance], x_hires: Optional[torch.Tensor] = None,
-                num_samples: Optional[int] = None, sampler: Optional[str] = None, steps: Optional[int] = None,
-                eta: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                return_trajectory: bool = False) -> dict[str, torch.Tensor]:
-        """Class probabilities with uncertainty.
+        """Phase-2 objective: dict(loss, mse, ce) of ``PriorShiftedDiffusion.training_loss``.
 
         Args:
-            inputs: a scan (B, 1, H, W, D) -- the DCG then runs once here -- or cached
-                guidance (a DCGOutput or a mapping with GUIDANCE_KEYS).
-            x_hires: the high-resolution copy for ``roi_scale > 1`` (scans only).
-            num_samples, sampler, eta: override the DiffusionConfig defaults.
-            steps: DDIM steps (default ``config.diffusion.ddim_steps``; ignored by DDPM).
+            scan: (B, 1, H, W, D) the volumes (the denoiser's own encoder reads them).
+            guidance: the frozen DCG's outputs for them (cached).
+            labels: (B,) class indices.
+            prior_dropout: probability that a volume's priors are replaced (see ``condition``).
+        """
+        drop = None
+        if prior_dropout > 0:
+            drop = torch.rand(labels.shape[0], generator=generator,
+                              device=generator.device if generator is not None else "cpu") < prior_dropout
+            drop = drop.to(scan.device)
+        M, cond = self.condition(scan, guidance, drop)
+        return self.diffusion.training_loss(lambda y_t, t: self.denoiser(y_t, M, t, cond), M, labels,
+                                            generator=generator)
+
+    def probabilities(self, y: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (..., C) of class maps (..., C, Np, Np, Np): softmax over C of
+        the grid-averaged map divided by the fitted temperature."""
+        return torch.softmax(y.float().mean(dim=(-3, -2, -1)) / self.temperature, dim=-1)
+
+    def set_temperature(self, value: float) -> None:
+        """Store the validation-fitted softmax temperature (> 0)."""
+        if not value > 0:
+            raise ValueError(f"temperature must be > 0, got {value}")
+        self.temperature.fill_(float(value))
+
+    @torch.no_grad()
+    def predict(self, scan: torch.Tensor, guidance: Optional[Guidance] = None,
+                x_hires: Optional[torch.Tensor] = None, num_samples: Optional[int] = None,
+                sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
+                generator: Optional[torch.Generator] = None,
+                return_trajectory: bool = False) -> dict[str, torch.Tensor]:
+        """Class probabilities with uncertainty from ``num_samples`` reverse chains.
+
+        Args:
+            scan: (B, 1, H, W, D) volumes (always needed: the denoiser encodes them).
+            guidance: cached DCG outputs for them; None runs the DCG here (once).
+            x_hires: the high-resolution copy for ``roi_scale > 1`` (when the DCG runs here).
+            num_samples, sampler, steps, eta: override the DiffusionConfig defaults.
             generator: the source of all sampling noise (same seed -> same output).
-            return_trajectory: add per-step probabilities (S, steps + 1, B, C).
+            return_trajectory: add the per-step class probabilities.
 
         Returns:
-            dict(probs (B, C), std (B, C), entropy (B,), samples (S, B, C),
-            y0_samples (S, B, C, Np, Np, Np)[, trajectory]);
-            probabilities are the softmax of the grid-averaged final y_0 (``prob_from``).
+            dict(probs (B, C) mean over samples, std (B, C) their spread, entropy (B,) of the
+            mean, samples (S, B, C), y0_mean (S, B, C) grid means of the final y_0 (for
+            temperature fitting), timesteps (n,) and, if asked, trajectory (S, n + 1, B, C)).
+            The condition is computed once; the S chains run as one batch of S*B.
         """
-        if isinstance(inputs, torch.Tensor):
-            guidance = self.guidance(inputs, x_hires)
-        elif x_hires is not None:
-            raise ValueError("DiffMIC3D.predict: x_hires is only used with a scan, not with cached guidance")
-        else:
-            guidance = inputs
-        priors = self.priors(**guidance_tensors(guidance))
-        sampler = sampler or self.config.diffusion.sampler
-        if sampler == "ddim" and steps is None:
-            steps = self.config.diffusion.ddim_steps
-        return self.diffusion.predict_proba(self.unet, priors.guidance_map, priors.feature_prior,
-                                            num_samples=num_samples, sampler=sampler, steps=steps, eta=eta,
-                                            generator=generator, return_trajectory=return_trajectory)
+        if guidance is None:
+            guidance = self.guidance(scan, x_hires)
+        S = num_samples or self.config.diffusion.num_samples
+        B = scan.shape[0]
+        M, cond = self.condition(scan, guidance)
+        M_rep, cond_rep = M.repeat(S, 1, 1, 1, 1), cond.repeat(S, 1, 1, 1, 1)  # sample-major (S*B, ...)
+        out = self.diffusion.sample(lambda y_t, t: self.denoiser(y_t, M_rep, t, cond_rep), M_rep, steps=steps,
+                                    sampler=sampler, eta=eta, generator=generator,
+                                    return_trajectory=return_trajectory)
+        y0 = out.y0.reshape(S, B, *out.y0.shape[1:])  # (S, B, C, Np, Np, Np)
+        samples = self.probabilities(y0)  # (S, B, C)
+        probs = samples.mean(dim=0)
+        result = {"probs": probs, "std": samples.std(dim=0, unbiased=False),
+                  "entropy": -(probs * probs.clamp(min=1e-12).log()).sum(dim=1), "samples": samples,
+                  "y0_mean": y0.float().mean(dim=(-3, -2, -1)), "timesteps": out.timesteps}
+        if return_trajectory:
+            states = out.trajectory.reshape(out.trajectory.shape[0], S, B, *out.trajectory.shape[2:])
+            result["trajectory"] = self.probabilities(states).transpose(0, 1)  # (S, n + 1, B, C)
+        return result
 
-    def forward(self, scan: torch.Tensor, training: bool = False, labels: Optional[torch.Tensor] = None,
-                x_hires: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None):
-        """``training=False``: probabilities (B, C). ``training=True``: the phase-2 loss dict
-        (needs ``labels`` (B,)); the DCG is run without gradients either way."""
-        if training:
-            if labels is None:
-                raise ValueError("DiffMIC3D.forward(training=True) needs labels (B,)")
-            return self.diffusion_loss(self.guidance(scan, x_hires), labels, generator=generator)
+    def forward(self, scan: torch.Tensor, x_hires: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Probabilities (B, C) of ``scan`` (the DCG runs once, then the sampler)."""
         return self.predict(scan, x_hires=x_hires, generator=generator)["probs"]
 
     # -- reporting -----------------------------------------------------------------------
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters per component: dcg_global, dcg_local, prior_generator, unet, head, total."""
+        """Parameters per component: dcg_global, dcg_local, prior_generator, image_encoder,
+        condition_unet, point_head, total."""
         dcg = self.dcg.param_counts()
+        d = self.denoiser
         counts = {
             "dcg_global": dcg["global_encoder"] + dcg["saliency_head"],
             "dcg_local": dcg["local_encoder"] + dcg["attention"] + dcg["local_classifier"],
             "prior_generator": _count(self.prior_generator),
-            "unet": _count(self.unet),
-            "head": _count(self.head),
+            "image_encoder": _count(d.image_encoder) + _count(d.image_proj),
+            "condition_unet": _count(d.unet) + _count(d.prior_norm) + _count(d.prior_proj),
+            "point_head": _count(d.head),
         }
         counts["total"] = sum(counts.values())
         return counts
@@ -276,8 +318,9 @@ class DiffMIC3D(nn.Module):
     def format_param_table(self) -> str:
         """Markdown table of ``param_counts`` for the README."""
         names = {"dcg_global": "DCG global stream", "dcg_local": "DCG local stream + MIL",
-                 "prior_generator": "Prior generator", "unet": "3D U-Net denoiser",
-                 "head": "Classifier head", "total": "**Total**"}
+                 "prior_generator": "Prior generator", "image_encoder": "Denoiser image encoder",
+                 "condition_unet": "Condition 3D U-Net", "point_head": "Per-point denoiser head",
+                 "total": "**Total**"}
         rows = ["| Component | Parameters |", "|---|---:|"]
         rows += [f"| {names[k]} | {_human(v)} ({v:,}) |" for k, v in self.param_counts().items()]
         return "\n".join(rows)

@@ -299,11 +299,12 @@ def test_write_model_figures(tmp_path, tiny_model, monkeypatch):
         assert centres <= set(slices) and len(slices) == 4 and slices == sorted(slices)
 
     # trajectory: states at T, the DDIM timesteps (+1), then 0; the last state is the prediction
-    expected = tiny_model.predict(guidance, num_samples=2, generator=torch.Generator().manual_seed(3))
+    expected = tiny_model.predict(torch.from_numpy(np.stack(volumes)), guidance, num_samples=2,
+                                  generator=torch.Generator().manual_seed(3))
     steps = tiny_model.config.diffusion.ddim_steps
     for i, (probs, timesteps) in enumerate(captured["trajectory"]):
         assert probs.shape == (steps + 1, 2, 2)  # (steps + 1, S, C)
-        assert timesteps == [500, 400, 300, 200, 100, 0]
+        assert timesteps == [1000, 800, 600, 400, 200, 0]  # T = 1000, 5 trailing DDIM steps
         np.testing.assert_allclose(probs[-1].mean(axis=0), expected["probs"][i].numpy(), atol=1e-5)
 
 

@@ -115,11 +115,19 @@ def bad_checkpoints(tmp: Path) -> dict:
                                       "target_shape (64, 64, 32) != model input (32, 32, 16)"),
         "class names": (write_checkpoint(tmp / "names.pth", config, class_names=["a", "b", "c"]),
                         "3 class_names for a model with 2 classes"),
+        "older preprocessing": (write_checkpoint(tmp / "old.pth", config, preprocess_config={
+                                    "hu_min": -1000.0, "hu_max": 400.0, "target_shape": list(INPUT_SHAPE)}),
+                                "trained by an older version, retrain"),
+        "medmnist": (write_checkpoint(tmp / "medmnist.pth", config,
+                                      preprocess_config={"source": "medmnist", "target_shape": list(INPUT_SHAPE)},
+                                      label_mode="medmnist",
+                                      data_source={"kind": "medmnist", "name": "nodulemnist3d"}),
+                     "a MedMNIST model cannot read a CT file"),
     }
 
 
 BAD_CHECKPOINTS = ["missing", "corrupt", "baseline", "foreign config", "state dict of another config", "no preprocess_config",
-                   "preprocess shape != input", "class names"]
+                   "preprocess shape != input", "class names", "older preprocessing", "medmnist"]
 
 
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS)
@@ -177,6 +185,16 @@ def test_roi_scale_two_checkpoint_uses_hires_copy(tmp_path, toy_nifti):
     broken = write_checkpoint(tmp_path / "nohires.pth", ModelConfig.from_dict(data), hires_preprocess_config=None)
     with pytest.raises(DataError, match="roi_scale 2 needs hires_preprocess_config"):
         load_model(broken)
+
+
+def test_preprocessing_comes_from_the_checkpoint(tmp_path, toy_nifti):
+    """anti_alias and target_spacing are read back (from_dict) and the scan's spacing is used."""
+    config = ModelConfig.tiny(input_shape=INPUT_SHAPE)
+    prep = PreprocessConfig(target_shape=INPUT_SHAPE, anti_alias=False, target_spacing=(12.0, 12.0, 20.0)).as_dict()
+    model, meta = load_model(write_checkpoint(tmp_path / "spacing.pth", config, preprocess_config=prep))
+    assert meta.preprocess.target_spacing == (12.0, 12.0, 20.0) and meta.preprocess.anti_alias is False
+    probs = predict_scan(model, meta, toy_nifti, num_samples=1)["probs"]
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,17 +1,18 @@
-"""Phase 1, the guidance cache and phase 2 on a tiny model and a tiny separable problem."""
+"""Phase 1 and the guidance cache on a tiny model and a tiny separable problem.
+
+Phase 2 and the temperature (``utils.diffusion_training``) are tested in
+test_diffusion_training.py and test_diffusion_method.py."""
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from helpers import SHAPE, BlobVolumes
 from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
 from utils.checkpoint import load_checkpoint
-from utils.precise_bn import recompute_batchnorm_stats
+from utils.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.profiles import get_profile
-from utils.training import cache_guidance, calibrate_temperature, predict_guidance, train_dcg, train_diffusion
+from utils.training import cache_guidance, dcg_lr_factor, dcg_steps_per_epoch, train_dcg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +44,8 @@ def test_phase1_loss_decreases_and_checkpoint_completes(tmp_path, config):
 
 def test_phase1_keeps_precise_batchnorm_statistics(tmp_path, config):
     # the kept DCG's BatchNorm statistics are the training-split average for its weights
-    # (recomputed before every evaluation), not the running estimate of the last batches
+    # (recomputed before every evaluation over the shuffled, seeded bn_stats_loader), not the
+    # running estimate of the last batches
     torch.manual_seed(0)
     model = DiffMIC3D(config.model_config("cpu"))
     train = BlobVolumes(12, 0)
@@ -51,10 +53,33 @@ def test_phase1_keeps_precise_batchnorm_statistics(tmp_path, config):
               tmp_path / "dcg.pth")
     bns = [m for m in model.dcg.global_encoder.modules() if isinstance(m, torch.nn.BatchNorm3d)]
     kept = [m.running_mean.clone() for m in bns]
-    loader = DataLoader(train, batch_size=config.batch_size)
+    kept_var = [m.running_var.clone() for m in bns]
+    loader = bn_stats_loader(train, config.batch_size, config.seed)
     assert recompute_batchnorm_stats(model.dcg, loader, lambda b: model.dcg(b["image"])) == len(bns) > 0
-    for before, m in zip(kept, bns):
+    for before, before_var, m in zip(kept, kept_var, bns):
         assert torch.allclose(before, m.running_mean, atol=1e-5)
+        assert torch.allclose(before_var, m.running_var, atol=1e-5)
+
+
+def test_phase1_lr_schedule_warmup_then_cosine():
+    factors = [dcg_lr_factor(step, 100, 0.05) for step in range(100)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors[5] == 1.0 and all(a >= b for a, b in zip(factors[5:], factors[6:]))
+    assert factors[-1] < 1e-3
+    assert dcg_steps_per_epoch(16, 4) == 4 and dcg_steps_per_epoch(17, 4) == 4 and dcg_steps_per_epoch(18, 4) == 5
+
+
+def test_phase1_sets_lr_per_step_from_epoch_and_batch(tmp_path, config):
+    # the lr of each step is a function of (epoch, batch index) only; the logged lr of an
+    # epoch is that of its last step (no ReduceLROnPlateau in phase 1)
+    cfg = replace(config, dcg_epochs=3, patience=5)
+    torch.manual_seed(0)
+    model = DiffMIC3D(cfg.model_config("cpu"))
+    result = train_dcg(model, BlobVolumes(8, 0), BlobVolumes(4, 1), cfg, torch.device("cpu"), tmp_path / "a.pth")
+    per_epoch = dcg_steps_per_epoch(8, cfg.batch_size)
+    expected = [cfg.lr_dcg * dcg_lr_factor((e + 1) * per_epoch - 1, 3 * per_epoch, cfg.dcg_lr_warmup)
+                for e in range(3)]
+    assert result.history["lr"] == pytest.approx(expected)
 
 
 def test_cache_guidance_runs_the_dcg_once_per_volume_in_index_order(config):
@@ -68,38 +93,3 @@ def test_cache_guidance_runs_the_dcg_once_per_volume_in_index_order(config):
     single = model.guidance(data[4]["image"][None])
     assert torch.allclose(cache["global_probs"][4], single.global_probs[0], atol=1e-5)
     assert torch.allclose(cache["roi_features"][4], single.roi_features[0], atol=1e-5)
-
-
-def test_phase2_trains_on_cached_guidance_without_running_the_dcg(tmp_path, config):
-    torch.manual_seed(0)
-    model = DiffMIC3D(config.model_config("cpu"))
-    train, val = BlobVolumes(8, 0), BlobVolumes(4, 1)
-    train_cache = cache_guidance(model, train, torch.device("cpu"), progress=False)
-    val_cache = cache_guidance(model, val, torch.device("cpu"), progress=False)
-    dcg_before = {k: v.clone() for k, v in model.dcg.state_dict().items()}
-    calls = count_dcg_calls(model)
-    result = train_diffusion(model, train_cache, torch.from_numpy(train.labels), val_cache,
-                             torch.from_numpy(val.labels), config, torch.device("cpu"), tmp_path / "diffusion.pth")
-    assert calls == [] and result.epochs_run == 2
-    assert all(np.isfinite(result.history["train_loss"])) and 0 <= result.history["val_auc"][0] <= 1
-    for key, value in model.dcg.state_dict().items():  # frozen
-        assert torch.equal(value, dcg_before[key])
-    groups = load_checkpoint(tmp_path / "diffusion.pth")
-    assert groups["fit"]["complete"]
-
-
-def test_temperature_is_fitted_on_validation_without_changing_predictions(config):
-    torch.manual_seed(0)
-    model = DiffMIC3D(config.model_config("cpu"))
-    val = BlobVolumes(6, 3)
-    val_cache = cache_guidance(model, val, torch.device("cpu"), progress=False)
-    before = predict_guidance(model, val_cache, torch.device("cpu"), 4, config.seed, config.num_samples,
-                              config.ddim_steps, keep_y0=True)
-    assert before["y0_samples"].shape == (config.num_samples, 6, 2, *[model.config.grid_size] * 3)
-    value = calibrate_temperature(model, val_cache, torch.from_numpy(val.labels), config, torch.device("cpu"))
-    after = predict_guidance(model, val_cache, torch.device("cpu"), 4, config.seed, config.num_samples,
-                             config.ddim_steps)
-    assert float(model.diffusion.temperature) == value
-    assert torch.equal(after["probs"].argmax(1), before["probs"].argmax(1))
-    assert calibrate_temperature(model, val_cache, torch.from_numpy(val.labels), config,
-                                 torch.device("cpu")) == value  # deterministic: a resumed run refits the same

@@ -1,80 +1,93 @@
-"""Behaviour of the grid denoiser: shapes, per-point time conditioning, FiLM, validation."""
+"""Behaviour of the condition U-Net: shapes, GroupNorm-ed output, spatial mixing, no batch
+coupling, validation. It sees the condition only (no y_t, no timestep)."""
 import pytest
 import torch
 
-from models.unet_3d import UNet3D, UNetConfig
+from models.unet_3d import UNet3D, UNetConfig, check_grid_size
 
-SMALL = dict(base_channels=8, channel_mults=(1, 2), time_dim=16, feature_dim=12, groups=4)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(in_channels=3, out_channels=8, base_channels=8, channel_mults=(1, 2), groups=4)
 
 
-def make(num_classes, grid_size, **kw):
+def make(grid_size=8, **kw):
     torch.manual_seed(0)
-    return UNet3D(UNetConfig(num_classes=num_classes, grid_size=grid_size, **{**SMALL, **kw})).eval()
+    return UNet3D(UNetConfig(grid_size=grid_size, **{**SMALL, **kw})).eval()
 
 
-def inputs(batch, num_classes, grid_size, feature_dim=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, num_classes, grid_size, grid_size, grid_size)
-    y_t = torch.randn(shape, generator=g)
-    M = torch.softmax(torch.randn(shape, generator=g), dim=1)
-    t = torch.randint(0, 500, (batch, grid_size, grid_size, grid_size), generator=g)
-    F = torch.randn(batch, feature_dim, generator=g)
-    return y_t, M, t, F
+def inputs(batch, channels, grid, seed=1):
+    return torch.randn(batch, channels, grid, grid, grid, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize(
-    "num_classes, grid_size, batch, mults",
+    "in_channels, out_channels, grid_size, batch, mults",
     [
-        (2, 8, 1, (1, 2)),
-        (2, 8, 3, (1, 2, 4)),  # 8 -> 4 -> 2
-        (5, 8, 3, (1, 2)),
-        (2, 4, 1, (1, 2, 2)),  # 4 -> 2 -> 1, the smallest legal grid for 3 levels
-        (5, 4, 3, (1, 2)),
-        (2, 16, 1, (1, 2)),
+        (3, 8, 8, 1, (1, 2)),
+        (3, 8, 8, 3, (1, 2, 4)),  # 8 -> 4 -> 2
+        (5, 12, 8, 2, (1,)),  # a single level: no down/upsampling
+        (2, 8, 4, 1, (1, 2, 2)),  # 4 -> 2 -> 1, the smallest legal grid for 3 levels
+        (3, 4, 4, 3, (1, 2)),
+        (3, 8, 16, 1, (1, 2)),
     ],
 )
-def test_output_shape(num_classes, grid_size, batch, mults):
-    net = make(num_classes, grid_size, channel_mults=mults)
-    y_t, M, t, F = inputs(batch, num_classes, grid_size)
+def test_output_shape(in_channels, out_channels, grid_size, batch, mults):
+    net = make(grid_size, in_channels=in_channels, out_channels=out_channels, channel_mults=mults)
     with torch.no_grad():
-        out = net(y_t, M, t, F)
-    assert out.shape == (batch, num_classes, grid_size, grid_size, grid_size)
+        out = net(inputs(batch, in_channels, grid_size))
+    assert out.shape == (batch, out_channels, grid_size, grid_size, grid_size)
     assert torch.isfinite(out).all()
 
 
-def test_per_point_timestep_changes_output_near_that_point():
-    net = make(2, 8)
-    y_t, M, t, F = inputs(1, 2, 8)
-    t2 = t.clone()
-    t2[0, 1, 2, 3] = (t[0, 1, 2, 3] + 250) % 500
+def test_accepts_other_divisible_grids_than_configured():
+    net = make(8, channel_mults=(1, 2))
     with torch.no_grad():
-        out1, out2 = net(y_t, M, t, F), net(y_t, M, t2, F)
-    diff = (out1 - out2).abs()
-    assert diff[0, :, 1, 2, 3].max() > 1e-4
-    # a single point's time is local information, not a global one: a far corner is less affected
-    assert diff[0, :, 1, 2, 3].max() > diff[0, :, 7, 7, 7].max()
+        assert net(inputs(1, 3, 4)).shape == (1, 8, 4, 4, 4)
 
 
-def test_feature_prior_conditions_output_by_film():
-    net = make(2, 8)
-    y_t, M, t, F = inputs(2, 2, 8)
+def test_output_is_group_normalised():
+    """GroupNorm (identity affine at init) on the output: per (sample, group) mean 0 and var 1,
+    whatever the input scale."""
+    net = make(8)
     with torch.no_grad():
-        out1 = net(y_t, M, t, F)
-        out2 = net(y_t, M, t, F + torch.randn_like(F))
-        # FiLM is per sample: changing sample 1's F leaves sample 0 untouched
-        F3 = F.clone()
-        F3[1] += 1.0
-        out3 = net(y_t, M, t, F3)
-    assert (out1 - out2).abs().max() > 1e-4
-    torch.testing.assert_close(out3[0], out1[0])
-    assert (out3[1] - out1[1]).abs().max() > 1e-4
+        out = net(100.0 * inputs(2, 3, 8) + 7.0)
+    groups = out.reshape(2, 4, -1)  # 8 channels in 4 groups
+    torch.testing.assert_close(groups.mean(-1), torch.zeros(2, 4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(groups.var(-1, unbiased=False), torch.ones(2, 4), atol=1e-3, rtol=0)
+    # per channel it is not normalised (groups of 2 channels), so the norm is over groups, not channels
+    assert out.reshape(2, 8, -1).mean(-1).abs().max() > 1e-3
 
 
-def test_guidance_map_is_an_input():
-    net = make(2, 8)
-    y_t, M, t, F = inputs(1, 2, 8)
+def test_spatial_mixing_changing_one_cell_changes_its_neighbours():
+    net = make(8)
+    x = inputs(1, 3, 8)
+    x2 = x.clone()
+    x2[0, :, 3, 4, 5] += 5.0
     with torch.no_grad():
-        assert (net(y_t, M, t, F) - net(y_t, M.flip(1), t, F)).abs().max() > 1e-4
+        diff = (net(x) - net(x2)).abs()
+    assert diff[0, :, 3, 4, 5].max() > 1e-3
+    for nb in [(2, 4, 5), (4, 4, 5), (3, 3, 5), (3, 5, 5), (3, 4, 4), (3, 4, 6), (2, 3, 4)]:
+        assert diff[(0, slice(None), *nb)].max() > 1e-4, nb
+    # the effect is local-first: the cell itself moves more than a far corner
+    assert diff[0, :, 3, 4, 5].max() > diff[0, :, 7, 0, 0].max()
+
+
+def test_samples_do_not_interact():
+    """No batch statistics: changing sample 1 leaves sample 0's output unchanged, also in train mode."""
+    net = make(8).train()
+    x = inputs(2, 3, 8)
+    x2 = x.clone()
+    x2[1] = torch.randn(3, 8, 8, 8, generator=torch.Generator().manual_seed(9))
+    out, out2 = net(x), net(x2)
+    torch.testing.assert_close(out2[0], out[0])
+    assert (out2[1] - out[1]).abs().max() > 1e-3
+
+
+def test_gradients_reach_every_parameter():
+    net = make(8, channel_mults=(1, 2, 2)).train()
+    out = net(inputs(2, 3, 8))
+    (out * torch.randn_like(out)).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    assert not missing
 
 
 @pytest.mark.parametrize(
@@ -82,34 +95,48 @@ def test_guidance_map_is_an_input():
     [
         (dict(grid_size=6, channel_mults=(1, 2, 4)), "divisible by 4"),
         (dict(grid_size=2, channel_mults=(1, 2, 4)), "halved 2 times"),
-        (dict(grid_size=8, base_channels=6, groups=4), "groups"),
-        (dict(grid_size=8, num_classes=1), "num_classes"),
+        (dict(base_channels=6), "groups"),
+        (dict(out_channels=6), "groups"),
+        (dict(in_channels=0), "in_channels, out_channels >= 1"),
+        (dict(out_channels=0), "in_channels, out_channels >= 1"),
+        (dict(channel_mults=()), "channel_mults"),
+        (dict(channel_mults=(1, 0)), "channel_mults"),
     ],
 )
 def test_invalid_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        UNetConfig(**{**SMALL, **kwargs})
+        UNetConfig(**{**SMALL, "grid_size": 8, **kwargs})
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = UNetConfig(**{**SMALL, "grid_size": 8, "channel_mults": (1, 2, 4)})
+    d = cfg.to_dict()
+    assert d["channel_mults"] == [1, 2, 4]
+    assert UNetConfig.from_dict(d) == cfg and UNetConfig.from_dict(d).channel_mults == (1, 2, 4)
+
+
+def test_check_grid_size():
+    check_grid_size(8, 4)  # 8 -> 4 -> 2 -> 1
+    with pytest.raises(ValueError, match="divisible by 16"):
+        check_grid_size(8, 5)
 
 
 @pytest.mark.parametrize(
-    "shapes, match",
+    "shape, match",
     [
-        (dict(grid=5), "divisible by 2"),
-        (dict(t_shape=(1,)), "per-point timesteps"),
-        (dict(channels=3), r"\(B, 2, H, W, D\)"),
+        ((1, 4, 8, 8, 8), r"\(B, 3, Np, Np, Np\)"),  # wrong channels
+        ((1, 3, 8, 8, 4), r"\(B, 3, Np, Np, Np\)"),  # not cubic
+        ((3, 8, 8, 8), r"\(B, 3, Np, Np, Np\)"),  # no batch dim
+        ((1, 3, 6, 6, 6), "divisible by 4"),  # grid not divisible for 3 levels
     ],
 )
-def test_invalid_inputs_error(shapes, match):
-    net = make(2, 8)
-    grid = shapes.get("grid", 8)
-    y_t, M, t, F = inputs(1, shapes.get("channels", 2), grid)
-    if "t_shape" in shapes:
-        t = torch.zeros(shapes["t_shape"], dtype=torch.long)
+def test_invalid_inputs_error(shape, match):
+    net = make(8, channel_mults=(1, 2, 2))
     with pytest.raises(ValueError, match=match):
-        net(y_t, M, t, F)
+        net(torch.zeros(shape))
 
 
-def test_seed_config_size():
-    """The default (seed) configuration is about 18M parameters, as in the seed's table."""
+def test_default_config_size():
+    """The default condition U-Net (in 2, out 64, base 32, mults (1, 2)) is about 1M parameters."""
     n = sum(p.numel() for p in UNet3D(UNetConfig()).parameters())
-    assert 15e6 < n < 21e6
+    assert 0.7e6 < n < 1.3e6

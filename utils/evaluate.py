@@ -425,21 +425,6 @@ def _slices_to_show(boxes: np.ndarray, depth: int, n_slices: int) -> list[int]:
     return sorted(int(k) for k in chosen)
 
 
-def _diffusion_timesteps(model, num_states: int) -> list[int]:
-    """Timesteps of the states of a sampling trajectory, in the DDPM paper's 1-based
-    convention: the chain starts at y_T (T = num_timesteps) and ends at the clean y_0 (0);
-    a state reached after the step from code index t_i sits at t_{i+1} + 1."""
-    diffusion = model.diffusion
-    if model.config.diffusion.sampler == "ddpm":
-        steps = list(range(diffusion.num_timesteps - 1, -1, -1))
-    else:
-        steps = diffusion.timesteps.tolist()  # set by the predict() call that made the trajectory
-    states = [t + 1 for t in steps] + [0]
-    if len(states) != num_states:
-        raise ValueError(f"trajectory has {num_states} states but the sampler ran {len(steps)} steps")
-    return states
-
-
 def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[str | Path], output_dir: str | Path,
                         seed: int = 0, class_names: Sequence[str] | None = None,
                         labels: Sequence[int] | None = None, hires_volumes: Sequence[np.ndarray] | None = None,
@@ -490,9 +475,11 @@ def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[st
         x_hires = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in hires_volumes])).to(device)
     guidance = model.guidance(x, x_hires)
     generator = torch.Generator().manual_seed(seed)
-    out = model.predict(guidance, num_samples=num_samples, generator=generator, return_trajectory=True)
+    out = model.predict(x, guidance, num_samples=num_samples, generator=generator, return_trajectory=True)
     trajectory = out["trajectory"].float().cpu().numpy()  # (S, steps + 1, B, C)
-    timesteps = _diffusion_timesteps(model, trajectory.shape[1])
+    # states in the DDPM paper's 1-based convention: y_T first (T = num_timesteps), then the
+    # state after the step from code index t_i sits at t_{i+1} + 1, the last at 0 (clean y_0)
+    timesteps = [int(t) + 1 for t in out["timesteps"]] + [0]
     probs = out["probs"].float().cpu().numpy()  # (B, C)
     dcg_pred = guidance.fused_probs.argmax(dim=1).cpu().numpy()  # (B,)
     saliency = guidance.saliency.float().cpu().numpy()  # (B, C, h, w, d)

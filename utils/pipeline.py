@@ -18,6 +18,7 @@ stage that a later step needs has not finished.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+from sklearn.model_selection import StratifiedKFold
 from torch import nn
+from torch.utils.data import Subset
 
 from models.diffmic3d import DiffMIC3D
 from utils.atomic import atomic_write_text
@@ -36,6 +39,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.dataset import CTDataset
 from utils.discovery import CLASS_NAMES, ScanRecord, discover_scans, find_dataset_root
 from utils.errors import DataError
+from utils.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
 from utils.evaluate import Predictions, evaluate_experiment, predict_loader, write_learning_curves, write_model_figures
 from utils.phantoms import PhantomConfig
 from utils.prepare_data import REPO_ROOT, resolve_data_dir, split_summary
@@ -44,8 +48,8 @@ from utils.profiles import TrainConfig
 from utils.seeding import pick_device, seed_everything
 from utils.splits import load_or_create_splits
 from utils.trainer import FitResult, epoch_seed, stage_complete
-from utils.training import (cache_guidance, calibrate_temperature, eval_loader, predict_guidance, train_dcg,
-                            train_diffusion)
+from utils.diffusion_training import calibrate_temperature, predict_dataset, train_diffusion
+from utils.training import cache_guidance, eval_loader, train_dcg
 
 MAIN_CHECKPOINT = "diffmic3d_enhanced_model.pth"
 OURS = "DiffMIC-3D"
@@ -68,9 +72,13 @@ def display_path(path: str | Path) -> str:
 class Experiment:
     """The data side of a run: configuration, folders, splits, datasets and checkpoint metadata.
 
-    Datasets (CTDataset; items ``image`` (1, H, W, D) float32 in [0, 1], ``label``, ...):
-    ``train`` (with train-time flips), ``train_plain`` (no flips: guidance cache, precise BN),
-    ``val`` and ``test``.
+    Datasets (CTDataset, or its subclass MedMNISTDataset; items ``image`` (1, H, W, D) float32
+    in [0, 1], ``label``, ...): ``train`` (with train-time flips), ``train_plain`` (no flips:
+    guidance cache, precise BN), ``val`` and ``test``.
+
+    ``num_classes`` comes from the data: ``config.num_classes`` for MosMedData folders, the
+    labels of a MedMNIST ``.npz`` (``layout == 'medmnist'``, ``data_root`` = the file, ``cache``
+    = its in-memory volumes). ``meta['data_source']`` records what the model is trained on.
     """
 
     config: TrainConfig
@@ -81,6 +89,7 @@ class Experiment:
     records: list[ScanRecord]
     splits: dict[str, list[ScanRecord]]
     class_names: list[str]
+    num_classes: int
     cache: VolumeCache
     hires_cache: Optional[VolumeCache]
     datasets: dict[str, CTDataset]
@@ -118,6 +127,8 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
     Data: ``data_dir``; else ``$MEDISCOPE_DATA_DIR`` or a MosMedData copy under
     ``/kaggle/input``; else phantoms generated at the profile's size into its
     ``phantom_dir``. The split is ``OUTPUT_DIR/splits.csv`` (created once, then reused).
+    A ``data_dir`` ending in ``.npz`` is a MedMNIST 3D file (``utils.medmnist``): its official
+    train / val / test split is used as is and its volumes are held in memory (no cache).
     Seeds every generator from ``config.seed``; ``device`` None picks CUDA when available.
     """
     seed_everything(config.seed)
@@ -127,6 +138,14 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
     check_output_dir(output_dir, config)
     for stale in output_dir.rglob(".*.tmp*"):  # half-written files of a killed run (utils.atomic)
         stale.unlink()
+    if data_dir is not None and is_medmnist_file(data_dir):
+        exp = _prepare_medmnist(config, output_dir, Path(data_dir), device)
+        if verbose:
+            print(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}")
+            print(f"dataset: {display_path(exp.data_root)} (MedMNIST {exp.meta['data_source']['name']}, "
+                  f"{len(exp.records)} volumes of {tuple(exp.meta['data_source']['source_shape'])}, official split)\n"
+                  f"{split_summary(exp.splits, exp.class_names)}")
+        return exp
     cache_dir = Path(cache_dir) if cache_dir is not None else REPO_ROOT / "data" / "processed"
     data_dir = resolve_data_dir(None if data_dir is None else Path(data_dir), REPO_ROOT / config.phantom_dir,
                                 config.n_phantoms, config.phantom_seed, PhantomConfig(size=config.phantom_size),
@@ -134,13 +153,16 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
     root, layout = find_dataset_root(data_dir)
     records = discover_scans(root, config.label_mode)
     splits = load_or_create_splits(records, output_dir / "splits.csv", seed=config.seed, data_dir=root)
-    prep = PreprocessConfig(target_shape=config.input_shape)
+    prep = PreprocessConfig(target_shape=config.input_shape, target_spacing=config.target_spacing)
     cache = VolumeCache(cache_dir, prep)
     cache.warm([r.path for r in records], progress=config.progress)
     hires_prep, hires_cache = None, None
     if config.roi_scale > 1:
         h, w, d = config.input_shape
-        hires_prep = PreprocessConfig(target_shape=(h * config.roi_scale, w * config.roi_scale, d))
+        spacing = config.target_spacing
+        hires_prep = PreprocessConfig(target_shape=(h * config.roi_scale, w * config.roi_scale, d),
+                                      target_spacing=None if spacing is None else
+                                      (spacing[0] / config.roi_scale, spacing[1] / config.roi_scale, spacing[2]))
         hires_cache = VolumeCache(cache_dir, hires_prep)
         hires_cache.warm([r.path for r in records], progress=config.progress)
 
@@ -152,9 +174,12 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
         "preprocess_config": prep.as_dict(),
         "hires_preprocess_config": None if hires_prep is None else hires_prep.as_dict(),
         "label_mode": config.label_mode, "class_names": class_names, "train_config": config.to_dict(),
+        "data_source": {"kind": "mosmeddata", "root": display_path(root), "layout": layout, "n_scans": len(records),
+                        "num_classes": config.num_classes},
     }
     exp = Experiment(config=config, output_dir=output_dir, device=device, data_root=root, layout=layout,
-                     records=records, splits=splits, class_names=class_names, cache=cache, hires_cache=hires_cache,
+                     records=records, splits=splits, class_names=class_names, num_classes=config.num_classes,
+                     cache=cache, hires_cache=hires_cache,
                      datasets={"train": dataset("train", True), "train_plain": dataset("train"),
                                "val": dataset("val"), "test": dataset("test")}, meta=meta)
     if verbose:
@@ -162,6 +187,30 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
         print(f"dataset: {display_path(root)} ({layout} layout, {len(records)} scans)\n"
               f"{split_summary(splits, config.label_mode)}")
     return exp
+
+
+def _prepare_medmnist(config: TrainConfig, output_dir: Path, path: Path, device: torch.device) -> Experiment:
+    """``prepare_experiment`` for a MedMNIST 3D ``.npz`` (official split, in-memory volumes)."""
+    if config.roi_scale > 1:
+        raise DataError(path, f"roi_scale={config.roi_scale} needs full-resolution scans, but MedMNIST volumes "
+                              "are 28^3 or 64^3; use roi_scale=1")
+    data = load_medmnist(path, config.input_shape)
+    splits = official_splits(data, output_dir / "splits.csv")
+
+    def dataset(split: str, augment: bool = False) -> MedMNISTDataset:
+        return MedMNISTDataset(splits[split], data.volumes, augment=augment, seed=config.seed)
+
+    meta = {
+        "preprocess_config": {"source": "medmnist", "target_shape": list(config.input_shape)},  # no HU pipeline
+        "hires_preprocess_config": None,
+        "label_mode": "medmnist", "class_names": data.class_names, "train_config": config.to_dict(),
+        "data_source": data.source_meta(),
+    }
+    return Experiment(config=config, output_dir=output_dir, device=device, data_root=data.path, layout="medmnist",
+                      records=data.records, splits=splits, class_names=data.class_names,
+                      num_classes=data.num_classes, cache=data.volumes, hires_cache=None,
+                      datasets={"train": dataset("train", True), "train_plain": dataset("train"),
+                                "val": dataset("val"), "test": dataset("test")}, meta=meta)
 
 
 def reseed_stage(config: TrainConfig, stage: str) -> None:
@@ -183,9 +232,23 @@ def require_stage(exp: Experiment, stage: str, run_first: str) -> None:
 
 
 def build_model(exp: Experiment) -> DiffMIC3D:
-    """A freshly initialised DiffMIC-3D of the run's configuration, seeded for phase 1."""
+    """A freshly initialised DiffMIC-3D of the run's configuration with ``exp.num_classes``
+    classes, seeded for phase 1."""
     reseed_stage(exp.config, "dcg")
-    return DiffMIC3D(exp.config.model_config(exp.device)).to(exp.device)
+    return DiffMIC3D(with_num_classes(exp.config.model_config(exp.device), exp.num_classes)).to(exp.device)
+
+
+def with_num_classes(model_config, num_classes: int):
+    """``model_config`` with every sub-config's ``num_classes`` set to ``num_classes``."""
+    if model_config.num_classes == num_classes:
+        return model_config
+    parts = {}
+    for field in dataclasses.fields(model_config):
+        part = getattr(model_config, field.name)
+        if dataclasses.is_dataclass(part) and any(f.name == "num_classes" for f in dataclasses.fields(part)):
+            part = dataclasses.replace(part, num_classes=num_classes)
+        parts[field.name] = part
+    return type(model_config)(**parts)
 
 
 def train_phase1(exp: Experiment, model: DiffMIC3D) -> FitResult:
@@ -210,18 +273,60 @@ def labels_of(exp: Experiment, split: str) -> torch.Tensor:
     return torch.from_numpy(exp.datasets[split].labels)
 
 
-def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, dict[str, torch.Tensor]]) -> FitResult:
-    """Phase 2 on cached guidance, the validation-fitted temperature, and the main checkpoint.
+class _Subset(Subset):
+    """A Subset that forwards ``set_epoch`` (augmentation draw) and exposes ``labels``."""
 
-    ``model`` must hold the finished phase-1 DCG. Writes ``OUTPUT_DIR/diffmic3d_enhanced_model.pth``
-    (``model_config``, ``model_state_dict``, preprocessing, class names, training config, both
-    phases' history); the fitted temperature is in ``result.history['temperature']``.
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.dataset.labels)[self.indices]
+
+
+def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> dict[str, torch.Tensor]:
+    """Guidance for the TRAINING scans from DCGs that did not train on them.
+
+    The training split is cut into ``config.oof_folds`` stratified folds (seeded); for each
+    fold a DCG of the same configuration is trained on the other folds exactly as in phase 1
+    (``checkpoints/dcg_fold{i}.pth``, resumable; early stopping on the validation split) and
+    gives the guidance of the held-out fold. Without this, phase 2 sees the final DCG's priors
+    on its own training scans, which are near perfect, and learns to copy them (measured: the
+    diffusion then scores below its own DCG on new scans). Returns a cache like
+    ``cache_guidance`` (rows in ``train_plain`` order).
+    """
+    config, device = exp.config, exp.device
+    labels = exp.datasets["train_plain"].labels
+    folds = StratifiedKFold(n_splits=config.oof_folds, shuffle=True, random_state=config.seed)
+    merged: dict[str, torch.Tensor] = {}
+    for i, (rest, held) in enumerate(folds.split(np.zeros(len(labels)), labels)):
+        torch.manual_seed(epoch_seed(config.seed, 100 + i, stream=2))
+        fold_model = DiffMIC3D(model.config).to(device)
+        train_dcg(fold_model, _Subset(exp.datasets["train"], rest.tolist()), exp.datasets["val"], config, device,
+                  exp.output_dir / "checkpoints" / f"dcg_fold{i}.pth", exp.meta)
+        fold_model.freeze_dcg()
+        cache = cache_guidance(fold_model, exp.datasets["train_plain"], device, config.batch_size,
+                               config.num_workers, config.progress)
+        for key, value in cache.items():
+            merged.setdefault(key, torch.empty_like(value))[torch.as_tensor(held)] = value[torch.as_tensor(held)]
+    return merged
+
+
+def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, dict[str, torch.Tensor]]) -> FitResult:
+    """Phase 2, the validation-fitted temperature, and the main checkpoint's weights.
+
+    ``model`` must hold the finished phase-1 DCG; ``guidance['val']`` its validation guidance.
+    The training priors are out of fold (:func:`out_of_fold_guidance`) when
+    ``config.oof_folds >= 2``, else ``guidance['train']`` (the final DCG's own). The fitted
+    temperature is in ``result.history['temperature']`` and on the model.
     """
     config = exp.config
+    train_guidance = out_of_fold_guidance(exp, model) if config.oof_folds >= 2 else guidance["train"]
     reseed_stage(config, "diffusion")
-    result = train_diffusion(model, guidance["train"], labels_of(exp, "train_plain"), guidance["val"],
-                             labels_of(exp, "val"), config, exp.device, exp.checkpoint("diffusion"), exp.meta)
-    temperature = calibrate_temperature(model, guidance["val"], labels_of(exp, "val"), config, exp.device)
+    result = train_diffusion(model, exp.datasets["train"], train_guidance, exp.datasets["val"], guidance["val"],
+                             config, exp.device, exp.checkpoint("diffusion"), exp.meta)
+    temperature = calibrate_temperature(model, exp.datasets["val"], guidance["val"], config, exp.device)
     print(f"softmax temperature fitted on the validation split: {temperature:.3f}")
     result.history["temperature"] = temperature
     return result
@@ -242,7 +347,7 @@ def train_baselines(exp: Experiment, timings: Optional[dict[str, float]] = None
         tic = time.perf_counter()
         reseed_stage(exp.config, name)
         out[name] = train_baseline(name, exp.datasets["train"], exp.datasets["val"], exp.config, exp.device,
-                                   exp.checkpoint(name), exp.meta)
+                                   exp.checkpoint(name), exp.meta, num_classes=exp.num_classes)
         if timings is not None:
             timings[DISPLAY_NAMES[name]] = time.perf_counter() - tic
     return out
@@ -282,8 +387,9 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
     config, device, test = exp.config, exp.device, exp.datasets["test"]
     model.eval()
     test_guidance = cache_split_guidance(exp, model, ("test",))["test"]
-    ours = predict_guidance(model, test_guidance, device, config.batch_size, config.seed, config.num_samples,
-                            config.ddim_steps)
+    ours = predict_dataset(model, test, test_guidance, device, config.batch_size, config.seed, config.num_samples,
+                           config.ddim_steps, config.num_workers)
+    ours.pop("y0_mean")  # (S, N, C): per-sample, not per-scan
 
     def rows_of(values: dict[str, torch.Tensor]):
         return lambda batch: {k: v[torch.as_tensor(batch["index"]).cpu()] for k, v in values.items()}

@@ -5,9 +5,12 @@
 
 SCAN is a ``.nii`` / ``.nii.gz`` file, a folder holding one DICOM series, or a folder of
 ``.nii`` / ``.nii.gz`` files (each is predicted). Every scan goes through exactly the
-training pipeline: ``utils.nifti_io.load_scan`` (HU, RAS+) then ``utils.preprocessing.preprocess``
-with the checkpoint's own ``preprocess_config`` (and its ``hires_preprocess_config`` for a
-model with ``roi_scale > 1``). For each scan the CLI prints the predicted class, its
+training pipeline: ``utils.nifti_io.load_scan`` (HU, RAS+, voxel spacing) then
+``utils.preprocessing.preprocess`` with the checkpoint's own ``preprocess_config`` (and its
+``hires_preprocess_config`` for a model with ``roi_scale > 1``), read with
+``PreprocessConfig.from_dict``. A checkpoint whose preprocessing predates anti-aliasing /
+``target_spacing`` (no such keys) is refused ("trained by an older version, retrain"), and so
+is a model trained on MedMNIST (``data_source.kind == 'medmnist'``): it never saw HU. For each scan the CLI prints the predicted class, its
 probability and two uncertainties: the standard deviation of that probability over the
 diffusion model's stochastic samples (0 with one sample) and the predictive entropy
 ``-sum_c p_c ln p_c`` of the mean probabilities (nats; ln C at complete indecision).
@@ -25,13 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.diffmic3d import DiffMIC3D
 from utils.checkpoint import load_checkpoint
 from utils.errors import DataError
-from utils.nifti_io import load_scan
+from utils.nifti_io import CTVolume, load_scan
 from utils.preprocessing import PreprocessConfig, preprocess
 from utils.seeding import pick_device
 
@@ -61,13 +63,27 @@ class CheckpointMeta:
     num_samples: int
 
 
+PREPROCESS_KEYS_SINCE_ANTI_ALIAS = ("anti_alias", "target_spacing")
+
+
 def _preprocess_config(path: Path, ckpt: dict, key: str) -> PreprocessConfig | None:
-    """The checkpoint's ``key`` entry as a PreprocessConfig (None if absent or None)."""
+    """The checkpoint's ``key`` entry as a PreprocessConfig (None if absent or None).
+
+    A checkpoint written before anti-aliased resampling and ``target_spacing`` existed lacks
+    those keys; its model saw aliased inputs, so it is refused rather than silently fed
+    differently preprocessed scans.
+    """
     data = ckpt.get(key)
     if data is None:
         return None
+    if not isinstance(data, dict):
+        raise DataError(path, f"invalid {key} (not a mapping)")
+    missing = [k for k in PREPROCESS_KEYS_SINCE_ANTI_ALIAS if k not in data]
+    if missing:
+        raise DataError(path, f"{key} has no {' / '.join(missing)}: trained by an older version, retrain "
+                              "with `python -m utils.run`")
     try:
-        return PreprocessConfig(**data)
+        return PreprocessConfig.from_dict(data)
     except (TypeError, ValueError) as err:
         raise DataError(path, f"invalid {key} ({err})") from err
 
@@ -95,7 +111,8 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     Raises:
         DataError: one line naming the file: missing (run ``python -m utils.run`` first),
             unreadable, not a MediScope checkpoint, not a DiffMIC-3D one (e.g. a baseline),
-            weights not matching the stored config, or inconsistent preprocessing.
+            trained on MedMNIST, weights not matching the stored config, preprocessing of an
+            older version, or inconsistent preprocessing.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -105,6 +122,10 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     model_config = ckpt["model_config"]
     if "name" in model_config:
         raise DataError(path, f"holds a {model_config['name']} baseline, not a DiffMIC-3D model")
+    source = ckpt.get("data_source")
+    if isinstance(source, dict) and source.get("kind") == "medmnist":
+        raise DataError(path, f"was trained on MedMNIST ({source.get('name', '?')}: 8-bit volumes, no HU "
+                              "preprocessing); a MedMNIST model cannot read a CT file")
     try:
         model = DiffMIC3D.from_config_dict(model_config)
     except (TypeError, ValueError) as err:
@@ -137,9 +158,10 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     return model.to(device).eval(), meta
 
 
-def _input_tensor(hu: np.ndarray, config: PreprocessConfig, device: torch.device | str) -> torch.Tensor:
-    """(1, 1, H, W, D) float32 network input from an (X, Y, Z) HU volume."""
-    return torch.from_numpy(preprocess(hu, config))[None].to(device)  # (1, 1, H, W, D)
+def _input_tensor(volume: CTVolume, config: PreprocessConfig, device: torch.device | str) -> torch.Tensor:
+    """(1, 1, H, W, D) float32 network input from a loaded scan (its voxel spacing is
+    used when the config has a ``target_spacing``), exactly as ``utils.cache`` does it."""
+    return torch.from_numpy(preprocess(volume.hu, config, spacing=volume.spacing))[None].to(device)
 
 
 def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, device: torch.device | str = "cpu",
@@ -162,8 +184,8 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         DataError: the scan cannot be loaded (the loader's one-line message).
     """
     volume = load_scan(path)
-    x = _input_tensor(volume.hu, meta.preprocess, device)
-    x_hires = _input_tensor(volume.hu, meta.hires_preprocess, device) if meta.hires_preprocess else None
+    x = _input_tensor(volume, meta.preprocess, device)
+    x_hires = _input_tensor(volume, meta.hires_preprocess, device) if meta.hires_preprocess else None
     generator = torch.Generator().manual_seed(seed)
     out = model.predict(x, x_hires=x_hires, num_samples=num_samples or meta.num_samples, generator=generator)
     probs = out["probs"][0].double().cpu().numpy()  # (C,)

@@ -16,7 +16,7 @@ DiffMIC save theirs.
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 from models.diffmic3d import ModelConfig
@@ -24,7 +24,7 @@ from utils.phantoms import PhantomConfig
 from utils.seeding import amp_enabled
 from models.plain_config import PlainConfig
 
-MODEL_PRESETS = ("tiny", "small", "seed")
+MODEL_PRESETS = ("tiny", "small", "full")
 BASELINE_NAMES = ("resnet18", "densenet121")
 
 
@@ -34,6 +34,10 @@ class TrainConfig(PlainConfig):
 
     Data:
         input_shape: (H, W, D) the scans are resized to (network input); each divisible by 16.
+        target_spacing: voxel size (mm) the scans are resampled to (anti-aliased) before a
+            centre crop / pad to ``input_shape``, or None to stretch each scan's field of view
+            to ``input_shape``. Stretching makes body size a function of the field of view
+            (300-470 mm on the phantoms), a cue a CNN learns instead of the lesions.
         label_mode: ``'binary'`` (Normal / COVID-19) or ``'severity'`` (CT-0 .. CT-4).
         roi_scale: 1 (the seed: ROI crops from the input volume) or s > 1 (crops from a copy
             at s times the in-plane resolution, GMIC's high-resolution crops).
@@ -44,7 +48,7 @@ class TrainConfig(PlainConfig):
         phantom_seed: seed of the phantom set (the data, fixed; ``seed`` varies the run).
     Model:
         model_preset: ``'tiny'`` (``ModelConfig.tiny``: Np = 4, K = 2, ~0.36M parameters),
-            ``'small'`` (Np = 8, K = 3, ~1.6M) or ``'seed'`` (``ModelConfig.seed``: ~19.5M).
+            ``'small'`` (``ModelConfig.small``: Np = 8, K = 3, ~1.7M) or ``'full'`` (``ModelConfig.full``: 8.2M).
         grad_checkpoint: recompute the DCG global encoder in the backward pass (saves memory
             on a T4); None = auto: on iff CUDA and the input is the seed's full size.
     Optimisation (phase 1 = DCG, phase 2 = diffusion; DESIGN.md):
@@ -52,19 +56,35 @@ class TrainConfig(PlainConfig):
         dcg_epochs / diffusion_epochs / baseline_epochs: epoch budgets (upper bounds: early
             stopping may end a stage sooner). The baselines get the budget of phase 1 (the
             encoder training) in every profile, with the same early stopping.
-        lr_dcg: AdamW learning rate of phase 1.
-        lr_diffusion: AdamW learning rate of phase 2, the same for its three parameter
-            groups (prior generator, U-Net, classifier head): the seed's groups are not
-            known to us, so one documented rate.
+        lr_dcg: AdamW peak learning rate of phase 1.
+        dcg_lr_warmup: phase 1 schedule, set per step: linear warmup of the learning rate
+            over this fraction of the phase-1 steps (dcg_epochs x batches per epoch), then
+            cosine decay to 0 at the last step (no ReduceLROnPlateau in phase 1: on a
+            16-scan validation split it halved the rate within a few epochs).
+        dcg_pool_warmup: fraction of phase 1 during which the DCG's global logits are
+            pooled from mean pooling annealed (log-linearly) to top-t% pooling
+            (``models.dcg_model.warmup_top_t``); 0 = top-t% from the first step.
+        dcg_local_start / dcg_local_ramp: the local CE of phase 1 is off before this
+            fraction of phase 1 and ramps linearly to full weight over the next
+            ``dcg_local_ramp`` (its ROIs are only meaningful once the saliency is).
+        lr_diffusion: AdamW peak learning rate of phase 2 (prior generator and denoiser),
+            with a linear warmup over ``warmup_fraction`` of its steps, then cosine decay to 0.
+        warmup_fraction: see ``lr_diffusion``.
+        ema_decay: decay of the exponential moving average of the phase-2 weights; the EMA
+            weights are validated, selected and kept.
+        prior_dropout: phase 2: probability that a volume's DCG priors are replaced by an
+            uninformative one (uniform M, zero F), so the denoiser must read the scan.
+        oof_folds: phase 2's training priors come from DCGs that did not train on the scan:
+            the training split is cut into this many stratified folds and one extra DCG is
+            trained per fold on the others (k x the phase-1 cost); 0 = the final DCG's own
+            (memorised) priors, which phase 2 then learns to copy.
         lr_baseline: AdamW learning rate of the 3D CNN baselines.
         weight_decay: AdamW weight decay, every stage.
         label_smoothing: of the cross-entropy losses of phase 1 and the baselines.
         patience: early stopping: a stage ends after this many epochs without a better
             validation AUC (ties broken by validation loss).
-        plateau_factor / plateau_patience: ReduceLROnPlateau on validation loss (phase 1 and
+        plateau_factor / plateau_patience: ReduceLROnPlateau on validation loss (the
             baselines).
-        cosine_t0: CosineAnnealingWarmRestarts first period in epochs (phase 2), stepped
-            every batch with a fractional epoch.
         grad_clip: max global gradient norm (None = no clipping).
         amp: float16 autocast + GradScaler; None = auto: on iff CUDA (never on CPU).
     Sampling and evaluation:
@@ -77,6 +97,9 @@ class TrainConfig(PlainConfig):
         n_resamples: bootstrap resamples of the confidence intervals (>= 1000).
         baselines: which 3D CNN baselines to train (subset of ``BASELINE_NAMES``).
     Run:
+        model_overrides: fields of the model configuration to change, by section, e.g.
+            ``{'denoiser': {'head_kernel': 3}, 'diffusion': {'num_timesteps': 500}}``
+            (sections ``dcg``, ``denoiser``, ``diffusion``; used by the ablations).
         num_workers: DataLoader workers.
         seed: seed of the split, initialisation, data order, noise and sampling.
         progress: show tqdm bars.
@@ -84,41 +107,52 @@ class TrainConfig(PlainConfig):
 
     profile: str = "custom"
     input_shape: tuple[int, int, int] = (128, 128, 64)
+    target_spacing: Optional[tuple[float, float, float]] = None
     label_mode: str = "binary"
     roi_scale: int = 1
     n_phantoms: int = 100
     phantom_size: int = PhantomConfig.size  # the embedded default set (utils.phantoms)
     phantom_dir: str = "data/MosMedData"
     phantom_seed: int = 0
-    model_preset: str = "seed"
+    model_preset: str = "full"
     grad_checkpoint: Optional[bool] = None
     batch_size: int = 4
     dcg_epochs: int = 15
     diffusion_epochs: int = 30
     baseline_epochs: int = 15
     lr_dcg: float = 1e-3
+    dcg_lr_warmup: float = 0.05
+    dcg_pool_warmup: float = 0.3
+    dcg_local_start: float = 0.3
+    dcg_local_ramp: float = 0.1
     lr_diffusion: float = 1e-3
+    warmup_fraction: float = 0.05
+    ema_decay: float = 0.995
+    prior_dropout: float = 0.3
+    oof_folds: int = 3
     lr_baseline: float = 1e-3
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     patience: int = 7
     plateau_factor: float = 0.5
     plateau_patience: int = 3
-    cosine_t0: int = 10
     grad_clip: Optional[float] = 1.0
     amp: Optional[bool] = None
-    num_samples: int = 10
+    num_samples: int = 20
     ddim_steps: int = 10
     val_num_samples: int = 4
     val_ddim_steps: int = 10
     n_resamples: int = 2000
     baselines: tuple[str, ...] = BASELINE_NAMES
+    model_overrides: dict = field(default_factory=dict)
     num_workers: int = 0
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        if self.target_spacing is not None:
+            object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
         baselines = self.baselines.split(",") if isinstance(self.baselines, str) else self.baselines
         object.__setattr__(self, "baselines", tuple(b.strip() for b in baselines if b.strip()))
         problems = []
@@ -131,7 +165,7 @@ class TrainConfig(PlainConfig):
         unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
         if unknown:
             problems.append(f"baselines {unknown} unknown (choose from {BASELINE_NAMES})")
-        for name in ("roi_scale", "batch_size", "patience", "plateau_patience", "cosine_t0", "num_samples",
+        for name in ("roi_scale", "batch_size", "patience", "plateau_patience", "num_samples",
                      "ddim_steps", "val_num_samples", "val_ddim_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -162,44 +196,46 @@ class TrainConfig(PlainConfig):
         """``amp``, or (auto) whether ``device`` is CUDA."""
         return amp_enabled(device) if self.amp is None else bool(self.amp)
 
-    def model_config(self, device) -> ModelConfig:
-        """The DiffMIC-3D configuration of this profile on ``device`` (gradient checkpointing)."""
-        ckpt = self.grad_checkpoint
-        if ckpt is None:  # auto: the seed's size on a GPU (conservative for a 15 GB T4; not measured here)
-            ckpt = str(device).startswith("cuda") and self.input_shape == (128, 128, 64)
-        presets = {
-            "tiny": lambda: ModelConfig.tiny(num_classes=self.num_classes, input_shape=self.input_shape),
-            "small": lambda: ModelConfig.create(
-                num_classes=self.num_classes, input_shape=self.input_shape, grid_size=8, feature_dim=128,
-                dcg=dict(global_channels=(16, 32, 64, 128), global_blocks=(1, 1, 1, 1), feature_dim=128,
-                         num_rois=3, local_channels=(16, 32, 64), local_blocks=(1, 1, 1), local_dim=64,
-                         attention_dim=64),
-                unet=dict(base_channels=32, channel_mults=(1, 2), time_dim=64)),
-            "seed": lambda: ModelConfig.create(num_classes=self.num_classes, input_shape=self.input_shape),
-        }
-        base = presets[self.model_preset]()
-        return ModelConfig(
-            dcg=replace(base.dcg, roi_scale=self.roi_scale, grad_checkpoint=bool(ckpt)), prior=base.prior,
-            unet=base.unet, diffusion=replace(base.diffusion, num_samples=self.num_samples,
-                                              ddim_steps=self.ddim_steps))
+    def model_config(self, device, num_classes: Optional[int] = None) -> ModelConfig:
+        """The DiffMIC-3D configuration of this profile on ``device`` (gradient checkpointing).
 
+        ``num_classes``: the data's class count when it does not follow ``label_mode`` (e.g.
+        a MedMNIST set); default ``self.num_classes``.
+        """
+        ckpt = self.grad_checkpoint
+        if ckpt is None:  # auto: the full size on a GPU (conservative for a 15 GB T4)
+            ckpt = str(device).startswith("cuda") and self.input_shape == (128, 128, 64)
+        preset = {"tiny": ModelConfig.tiny, "small": ModelConfig.small, "full": ModelConfig.full}[self.model_preset]
+        base = preset(num_classes=num_classes or self.num_classes, input_shape=self.input_shape)
+        sections = {"dcg": replace(base.dcg, roi_scale=self.roi_scale, grad_checkpoint=bool(ckpt)),
+                    "denoiser": base.denoiser,
+                    "diffusion": replace(base.diffusion, num_samples=self.num_samples, ddim_steps=self.ddim_steps)}
+        for section, changes in self.model_overrides.items():
+            if section not in sections:
+                raise ValueError(f"model_overrides: unknown section {section!r}; choose from {sorted(sections)}")
+            known = {f.name for f in fields(sections[section])}
+            unknown = sorted(set(changes) - known)
+            if unknown:
+                raise ValueError(f"model_overrides[{section!r}]: unknown fields {unknown}; known: {sorted(known)}")
+            sections[section] = replace(sections[section], **changes)
+        return ModelConfig(prior=base.prior, **sections)
 
 
 PROFILES: dict[str, TrainConfig] = {
     "smoke": TrainConfig(
         profile="smoke", input_shape=(32, 32, 32), n_phantoms=12, phantom_size=32,
         phantom_dir="data/phantoms_smoke", model_preset="tiny", batch_size=4, dcg_epochs=2,
-        diffusion_epochs=2, baseline_epochs=2, patience=2, cosine_t0=2, num_samples=1,
+        diffusion_epochs=2, baseline_epochs=2, patience=2, num_samples=2, oof_folds=2,
         ddim_steps=2, val_num_samples=1, val_ddim_steps=2, n_resamples=1000, progress=False),
     "demo": TrainConfig(
-        profile="demo", input_shape=(64, 64, 32), n_phantoms=100,
+        profile="demo", input_shape=(64, 64, 32), target_spacing=(6.0, 6.0, 10.0), n_phantoms=100,
         phantom_dir="data/MosMedData", model_preset="small", batch_size=4, dcg_epochs=20,
-        diffusion_epochs=40, baseline_epochs=20, patience=7, cosine_t0=10, num_samples=10,
+        diffusion_epochs=40, baseline_epochs=20, patience=7, num_samples=20,
         ddim_steps=10, val_num_samples=4, val_ddim_steps=10, n_resamples=2000),
     "full": TrainConfig(
-        profile="full", input_shape=(128, 128, 64), n_phantoms=100,
-        phantom_dir="data/MosMedData", model_preset="seed", batch_size=4, dcg_epochs=15,
-        diffusion_epochs=30, baseline_epochs=15, patience=7, cosine_t0=10, num_samples=10,
+        profile="full", input_shape=(128, 128, 64), target_spacing=(3.0, 3.0, 5.0), n_phantoms=100,
+        phantom_dir="data/MosMedData", model_preset="full", batch_size=4, dcg_epochs=15,
+        diffusion_epochs=30, baseline_epochs=15, patience=7, num_samples=20,
         ddim_steps=10, n_resamples=2000),
 }
 

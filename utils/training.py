@@ -1,25 +1,18 @@
 """The two training phases of DiffMIC-3D (DESIGN.md), on the generic loop of ``utils.trainer``.
 
 Phase 1 (:func:`train_dcg`): the DCG alone, CE(global logits) + CE(local logits) with label
-smoothing, AdamW (lr ``lr_dcg``, weight decay), ReduceLROnPlateau on the validation loss,
-early stopping on validation AUC of the DCG's fused prediction, train-time H / W flips
+smoothing, AdamW (lr ``lr_dcg``, weight decay) with a per-step warmup-cosine schedule
+(:func:`dcg_lr_factor`) and a pooling / local-CE curriculum, early stopping on validation AUC of the DCG's fused prediction, train-time H / W flips
 (``CTDataset(augment=True)``). Before every evaluation the BatchNorm statistics of the
 global encoder are recomputed over the training split (``utils.precise_bn``), so the kept
 (best) weights carry statistics that match them, and so does the guidance cached from them.
 
 Between the phases (:func:`cache_guidance`): the frozen DCG runs ONCE per volume and its
-outputs are kept as tensors stacked in dataset order. Phase 2 therefore trains on the
-guidance of the UNFLIPPED training volumes: flipping would need a DCG pass per epoch (or a
-cache per flip), which is exactly the cost the cache removes; the guidance of a frozen DCG
-is a deterministic function of the volume, so the loss' own noise (heterologous timesteps,
-eps) is the only per-epoch randomness in phase 2.
+outputs are kept as tensors stacked in dataset order, for phase 2 to read instead of running
+the DCG per epoch (a frozen DCG's guidance is a deterministic function of the volume).
 
-Phase 2 (:func:`train_diffusion`): prior generator + 3D U-Net + classifier head on
-``DiffMIC3D.diffusion_loss`` from the cached tensors; AdamW with three parameter groups
-(prior generator, U-Net, head) at the same rate ``lr_diffusion`` (the seed's per-group rates
-are unknown to us), CosineAnnealingWarmRestarts stepped per batch, gradient clipping,
-early stopping on the validation AUC of ``DiffMIC3D.predict`` on the cached validation
-guidance with a fixed seeded generator and few DDIM steps (no encoder pass per epoch).
+Phase 2 (the prior generator and the denoiser on the frozen DCG, EMA, prior dropout, the
+validation-fitted temperature) lives in ``utils.diffusion_training``.
 """
 from __future__ import annotations
 
@@ -29,15 +22,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
+from models.diffmic3d import DiffMIC3D
 from utils.metrics import classification_metrics
-from utils.precise_bn import recompute_batchnorm_stats
+from utils.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.profiles import TrainConfig
-from utils.trainer import ORDER_STREAM, FitConfig, FitResult, epoch_seed, fit, make_epoch_loader
+from utils.trainer import FitConfig, FitResult, fit, make_epoch_loader
 
 
 def validation_metrics(labels: np.ndarray, probs: np.ndarray, loss: float) -> dict[str, float]:
@@ -67,9 +59,37 @@ def eval_loader(dataset: Dataset, config: TrainConfig) -> DataLoader:
 # phase 1: DCG
 # ------------------------------------------------------------------------------------------
 
+def dcg_lr_factor(step: int, total_steps: int, warmup: float) -> float:
+    """Phase-1 learning-rate multiplier at 0-based optimiser ``step`` of ``total_steps``:
+    linear warmup ``(step + 1) / W`` over the first W = ceil(warmup * total_steps) steps, then
+    cosine decay from 1 towards 0 over the remaining n steps (0.5 (1 - cos(pi / n)) at the last)."""
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"dcg_lr_warmup must be in [0, 1), got {warmup}")
+    total_steps = max(int(total_steps), 1)
+    warm = int(np.ceil(warmup * total_steps))
+    if step < warm:
+        return (step + 1) / warm
+    span = max(total_steps - warm, 1)
+    return float(0.5 * (1.0 + np.cos(np.pi * min(step - warm, span) / span)))
+
+
+def dcg_steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimiser steps per phase-1 epoch of :func:`utils.trainer.make_epoch_loader` (which
+    drops a last batch of a single volume)."""
+    return n_train // batch_size if n_train % batch_size == 1 else -(-n_train // batch_size)
+
+
 def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: TrainConfig, device: torch.device,
               checkpoint_path: str | Path, meta: Optional[Mapping] = None) -> FitResult:
     """Phase 1: train ``model.dcg`` (see the module docstring); ``model`` ends with the best DCG.
+
+    Schedule, set per optimiser step from (epoch, batch index) alone, so a resumed run follows
+    it exactly: the learning rate is ``lr_dcg * dcg_lr_factor(step, total, dcg_lr_warmup)``
+    (linear warmup, cosine decay to 0 over ``dcg_epochs``; no ReduceLROnPlateau) and the DCG
+    objective gets ``progress = step / total`` (pooling warmup, delayed local CE:
+    ``models.dcg_model.dcg_objective``). AdamW, weight decay, label smoothing, early stopping
+    on validation AUC and precise BatchNorm statistics before every evaluation as before;
+    validation uses the full objective (progress 1).
 
     Args:
         train_set: ``CTDataset(..., augment=True)`` of the training split.
@@ -78,15 +98,33 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         meta: plain data stored with the checkpoint (preprocess config, class names, ...).
     """
     optimizer = torch.optim.AdamW(model.dcg.parameters(), lr=config.lr_dcg, weight_decay=config.weight_decay)
-    scheduler = ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
-                                  patience=config.plateau_patience)
+    steps_per_epoch = dcg_steps_per_epoch(len(train_set), config.batch_size)
+    total_steps = max(config.dcg_epochs * steps_per_epoch, 1)
+    dcg_lr_factor(0, total_steps, config.dcg_lr_warmup)  # validate the knobs before training
+    curriculum = dict(pool_warmup=config.dcg_pool_warmup, local_start=config.dcg_local_start,
+                      local_ramp=config.dcg_local_ramp)
+    position = {"epoch": 0, "batch": 0}  # set by train_batches, advanced by train_step
+
+    def train_batches(epoch):
+        loader = make_epoch_loader(train_set, config.batch_size, config.seed, epoch, config.num_workers)
+        if len(loader) != steps_per_epoch:
+            raise RuntimeError(f"train_dcg: {len(loader)} batches per epoch, expected {steps_per_epoch}")
+        position.update(epoch=epoch, batch=0)
+        return loader
 
     def train_step(batch, generator):
+        step = position["epoch"] * steps_per_epoch + position["batch"]
+        position["batch"] += 1
+        lr = config.lr_dcg * dcg_lr_factor(step, total_steps, config.dcg_lr_warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         x, x_hires, y = _inputs(batch, device)
-        return model.dcg_loss(x, y, x_hires, label_smoothing=config.label_smoothing)["loss"]
+        return model.dcg_loss(x, y, x_hires, label_smoothing=config.label_smoothing,
+                              progress=step / total_steps, **curriculum)["loss"]
 
     def evaluate():
-        recompute_batchnorm_stats(model.dcg, eval_loader(train_set, config),
+        recompute_batchnorm_stats(model.dcg,
+                                  bn_stats_loader(train_set, config.batch_size, config.seed, config.num_workers),
                                   lambda batch: model.dcg(*_inputs(batch, device)[:2]))
         losses, probs, labels = [], [], []
         for batch in eval_loader(val_set, config):
@@ -98,9 +136,7 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         labels = torch.cat(labels).numpy()
         return validation_metrics(labels, torch.cat(probs).numpy(), sum(losses) / len(labels))
 
-    return fit(model, optimizer, scheduler, train_step=train_step, evaluate=evaluate,
-               train_batches=lambda epoch: make_epoch_loader(train_set, config.batch_size, config.seed, epoch,
-                                                             config.num_workers),
+    return fit(model, optimizer, None, train_step=train_step, evaluate=evaluate, train_batches=train_batches,
                config=fit_config(config, "dcg", config.dcg_epochs, device), checkpoint_path=checkpoint_path,
                model_config=model.config.to_dict(), meta=meta, device=device)
 
@@ -133,96 +169,3 @@ def cache_guidance(model: DiffMIC3D, dataset: Dataset, device: torch.device, bat
     if not torch.equal(order, torch.arange(len(dataset))):
         raise RuntimeError("cache_guidance: the loader did not visit the dataset in index order")
     return {key: torch.cat(values) for key, values in parts.items()}
-
-
-def select_guidance(guidance: Mapping[str, torch.Tensor], index, device: torch.device) -> dict[str, torch.Tensor]:
-    """Rows ``index`` of the ``GUIDANCE_KEYS`` tensors of a cache, on ``device``."""
-    return {key: guidance[key][index].to(device) for key in GUIDANCE_KEYS}
-
-
-# ------------------------------------------------------------------------------------------
-# phase 2: diffusion
-# ------------------------------------------------------------------------------------------
-
-def diffusion_param_groups(model: DiffMIC3D, config: TrainConfig) -> list[dict]:
-    """AdamW parameter groups of phase 2: prior generator, U-Net, classifier head."""
-    return [{"params": list(module.parameters()), "lr": config.lr_diffusion, "name": name}
-            for name, module in (("prior_generator", model.prior_generator), ("unet", model.unet),
-                                 ("head", model.head))]
-
-
-def predict_guidance(model: DiffMIC3D, guidance: Mapping[str, torch.Tensor], device: torch.device,
-                     batch_size: int, seed: int, num_samples: int, steps: int,
-                     keep_y0: bool = False) -> dict[str, torch.Tensor]:
-    """``model.predict`` over cached guidance in batches with ONE generator seeded with
-    ``seed`` (so the result depends on nothing else); tensors concatenated on CPU.
-
-    Returns probs (N, C), std (N, C), entropy (N,) and, with ``keep_y0``, the final class
-    maps y0_samples (S, N, C, Np, Np, Np)."""
-    generator = torch.Generator(device).manual_seed(seed)
-    n = len(guidance[GUIDANCE_KEYS[0]])
-    outputs: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, n, batch_size):
-        rows = slice(start, start + batch_size)
-        out = model.predict(select_guidance(guidance, rows, device), num_samples=num_samples, steps=steps,
-                            generator=generator)
-        for key in ("probs", "std", "entropy") + (("y0_samples",) if keep_y0 else ()):
-            outputs.setdefault(key, []).append(out[key].float().cpu())
-    return {key: torch.cat(values, dim=1 if key == "y0_samples" else 0) for key, values in outputs.items()}
-
-
-def calibrate_temperature(model: DiffMIC3D, val_guidance: Mapping[str, torch.Tensor], val_labels: torch.Tensor,
-                          config: TrainConfig, device: torch.device) -> float:
-    """Fit the softmax temperature of the diffusion probabilities on the VALIDATION split.
-
-    Samples exactly as the test predictions will (``num_samples``, ``ddim_steps``, seed) and
-    sets ``model.diffusion.temperature`` to the value that minimises the validation NLL
-    (``PriorShiftedDiffusion.fit_temperature``). Each sample's argmax is unchanged; the mean
-    over several samples can shift marginally, since softmax is not linear in T.
-    Deterministic, so a resumed run refits the same value.
-    """
-    out = predict_guidance(model, val_guidance, device, config.batch_size, config.seed, config.num_samples,
-                           config.ddim_steps, keep_y0=True)
-    return model.diffusion.fit_temperature(out["y0_samples"], torch.as_tensor(val_labels))
-
-
-def train_diffusion(model: DiffMIC3D, train_guidance: Mapping[str, torch.Tensor], train_labels: torch.Tensor,
-                    val_guidance: Mapping[str, torch.Tensor], val_labels: torch.Tensor, config: TrainConfig,
-                    device: torch.device, checkpoint_path: str | Path,
-                    meta: Optional[Mapping] = None) -> FitResult:
-    """Phase 2 on cached guidance (see the module docstring); ``model`` ends with the best weights.
-
-    Args:
-        train_guidance / val_guidance: :func:`cache_guidance` outputs of the two splits.
-        train_labels / val_labels: (N,) int64 labels in the same order.
-    """
-    model.freeze_dcg()
-    optimizer = torch.optim.AdamW(diffusion_param_groups(model, config), lr=config.lr_diffusion,
-                                  weight_decay=config.weight_decay)
-    scheduler = CosineAnnealingWarmRestarts(optimizer, T_0=config.cosine_t0)
-    train_labels, val_labels = torch.as_tensor(train_labels), torch.as_tensor(val_labels)
-    n = len(train_labels)
-
-    def train_batches(epoch):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch, ORDER_STREAM)))
-        return [order[i:i + config.batch_size] for i in range(0, n, config.batch_size)]
-
-    def train_step(index, generator):
-        guidance = select_guidance(train_guidance, index, device)
-        return model.diffusion_loss(guidance, train_labels[index].to(device), generator=generator)["loss"]
-
-    def evaluate():
-        generator = torch.Generator(device).manual_seed(config.seed)
-        loss = 0.0
-        for start in range(0, len(val_labels), config.batch_size):
-            rows = slice(start, start + config.batch_size)
-            labels = val_labels[rows].to(device)
-            out = model.diffusion_loss(select_guidance(val_guidance, rows, device), labels, generator=generator)
-            loss += out["loss"].item() * len(labels)
-        probs = predict_guidance(model, val_guidance, device, config.batch_size, config.seed,
-                                 config.val_num_samples, config.val_ddim_steps)["probs"]
-        return validation_metrics(val_labels.numpy(), probs.numpy(), loss / len(val_labels))
-
-    return fit(model, optimizer, scheduler, train_step=train_step, evaluate=evaluate, train_batches=train_batches,
-               config=fit_config(config, "diffusion", config.diffusion_epochs, device),
-               checkpoint_path=checkpoint_path, model_config=model.config.to_dict(), meta=meta, device=device)

@@ -1,0 +1,180 @@
+"""Tests that guard the method against the failures measured in its first version.
+
+(a) leak: with a condition that holds no label information, the denoiser must not recover the
+    label better than one grid point's own noisy value allows (the first version's U-Net read
+    it from neighbouring points: per-point accuracy 0.94 where one point allows 0.67);
+(b) condition: on a learnable problem, shuffling the condition across the batch drops the
+    accuracy to chance (the prediction comes from the scan, not from the noisy label);
+(c) phase 2 learns: ``train_diffusion`` on that problem reaches a high validation AUC and moves
+    the denoiser's weights; the same run with the loss multiplied by 0 does neither.
+"""
+import math
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from helpers import BlobVolumes
+from models.diffmic3d import DiffMIC3D, ModelConfig
+from models.diffusion_process import DiffusionConfig, PriorShiftedDiffusion, one_hot_grid
+from utils.diffusion_training import predict_dataset, train_diffusion
+from utils.profiles import get_profile
+from utils.training import cache_guidance
+
+GRID = (4, 4, 4)
+T_PROBE = 400
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_point_bound(diffusion: PriorShiftedDiffusion, t: int) -> float:
+    """Bayes accuracy of classifying C = 2 from ONE point's y_t with M uniform:
+    the class means differ by a (e1 - e0), |.| = a sqrt(2), noise std s per axis."""
+    a, s = float(diffusion.sqrt_alphas_cumprod[t]), float(diffusion.sqrt_one_minus_alphas_cumprod[t])
+    return 0.5 * (1 + math.erf(a / (math.sqrt(2) * s) / math.sqrt(2)))
+
+
+def per_point_accuracy(diffusion, y0_model, n=256, seed=1) -> float:
+    """Share of grid points whose argmax y0_hat is the label, at t = T_PROBE, uniform M."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    M = torch.full((n, 2, *GRID), 0.5)
+    y_t = diffusion.add_noise(one_hot_grid(labels, 2, GRID), M, torch.randn(M.shape, generator=g), T_PROBE)
+    with torch.no_grad():
+        y0_hat = y0_model(y_t, torch.full((n, *GRID), T_PROBE))
+    return float((y0_hat.argmax(1) == labels[:, None, None, None]).float().mean())
+
+
+def train_unconditioned(y0_model, params, steps=300, seed=0):
+    """Train ``y0_model`` on labels that nothing in its condition predicts (uniform M)."""
+    diffusion = PriorShiftedDiffusion(DiffusionConfig())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        labels = torch.randint(0, 2, (32,), generator=g)
+        loss = diffusion.training_loss(y0_model, torch.full((32, 2, *GRID), 0.5), labels, generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return diffusion
+
+
+class LeakyDenoiser(nn.Module):
+    """The first version's failure in miniature: 3x3x3 convolutions over y_t mix grid points."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv3d(2 + 1, 32, 3, padding=1), nn.SiLU(), nn.Conv3d(32, 32, 3, padding=1),
+                                 nn.SiLU(), nn.Conv3d(32, 2, 3, padding=1))
+
+    def forward(self, y_t, t):
+        return self.net(torch.cat([y_t, t[:, None].float() / 1000], dim=1))
+
+
+def test_a_trained_denoiser_cannot_read_the_label_from_other_points():
+    torch.manual_seed(0)
+    model = DiffMIC3D(ModelConfig.tiny())
+    den = model.denoiser
+    scans = torch.rand(1, 1, 32, 32, 16)  # one scan for every label: the condition holds no label information
+    M = torch.full((1, 2, *GRID), 0.5)
+    feature_prior = torch.zeros(1, model.config.prior.feature_dim)
+
+    def y0_model(y_t, t):
+        cond = den.condition(scans, M, feature_prior).expand(y_t.shape[0], -1, -1, -1, -1)
+        return den(y_t, M.expand_as(y_t), t, cond)
+
+    diffusion = train_unconditioned(y0_model, den.parameters())
+    bound = one_point_bound(diffusion, T_PROBE)
+    den.eval()
+    accuracy = per_point_accuracy(diffusion, y0_model)
+    assert accuracy <= bound + 0.04, f"per-point accuracy {accuracy:.3f} exceeds the one-point bound {bound:.3f}"
+    assert accuracy >= bound - 0.08, f"the denoiser did not even learn its own point ({accuracy:.3f} vs {bound:.3f})"
+
+
+def test_a_the_leak_test_catches_a_denoiser_that_mixes_points():
+    torch.manual_seed(0)
+    leaky = LeakyDenoiser()
+    diffusion = train_unconditioned(leaky, leaky.parameters())
+    bound = one_point_bound(diffusion, T_PROBE)
+    assert per_point_accuracy(diffusion, leaky) > bound + 0.1
+
+
+def test_a_a_point_output_depends_on_its_own_y_t_only():
+    torch.manual_seed(0)
+    model = DiffMIC3D(ModelConfig.tiny()).eval()
+    x = torch.rand(2, 1, 32, 32, 16)
+    M, cond = model.condition(x, model.guidance(x))
+    y_t = torch.randn_like(M)
+    t = torch.randint(0, 1000, (2, *GRID))
+    base = model.denoiser(y_t, M, t, cond)
+    y_t[0, :, 1, 2, 3] += 3.0
+    t2 = t.clone()
+    t2[1, 0, 0, 0] = 5
+    changed = (model.denoiser(y_t, M, t2, cond) - base).abs().sum(1) > 0  # (B, Np, Np, Np)
+    assert changed.nonzero().tolist() == [[0, 1, 2, 3], [1, 0, 0, 0]]
+
+
+# -- (b), (c): a tiny learnable problem (bright blob in class 1) ---------------------------------
+
+
+def blob_config(**overrides):
+    return get_profile("smoke", input_shape=(32, 32, 32), batch_size=8, diffusion_epochs=6, patience=10,
+                       lr_diffusion=3e-3, ema_decay=0.9, prior_dropout=0.0, val_num_samples=4, val_ddim_steps=5,
+                       num_samples=4, ddim_steps=5, **overrides)
+
+
+def blob_model():
+    torch.manual_seed(0)
+    return DiffMIC3D(ModelConfig.tiny(input_shape=(32, 32, 32))).freeze_dcg()
+
+
+def run_phase2(tmp_path, loss_scale=1.0):
+    train, val = BlobVolumes(48, seed=0), BlobVolumes(24, seed=1)
+    model = blob_model()
+    # an untrained DCG: its priors carry (almost) nothing, the scan has to be read
+    guidance = {name: cache_guidance(model, data, torch.device("cpu"), progress=False)
+                for name, data in (("train", train), ("val", val))}
+    if loss_scale != 1.0:
+        original = model.diffusion_loss
+        model.diffusion_loss = lambda *a, **k: {key: v * loss_scale for key, v in original(*a, **k).items()}
+    before = {k: v.detach().clone() for k, v in model.denoiser.named_parameters()}
+    config = blob_config()
+    train_diffusion(model, train, guidance["train"], val, guidance["val"], config, torch.device("cpu"),
+                    tmp_path / "diffusion.pth")
+    probs = predict_dataset(model, val, guidance["val"], torch.device("cpu"), 8, 0, 4, 5)["probs"]
+    after = dict(model.denoiser.named_parameters())
+    moved = max(float((after[k].detach() - v).abs().max()) for k, v in before.items())
+    return model, guidance, val, roc_auc_score(val.labels, probs[:, 1].numpy()), moved
+
+
+def test_c_phase2_learns_and_b_the_condition_carries_the_prediction(tmp_path):
+    model, guidance, val, auc, moved = run_phase2(tmp_path)
+    assert auc >= 0.9, f"phase 2 did not learn the blob problem: validation AUC {auc:.3f}"
+    assert moved > 1e-3
+
+    # (b) the same weights with the condition shuffled across the batch: chance
+    x = torch.stack([val[i]["image"] for i in range(len(val))])
+    labels = torch.as_tensor(val.labels)
+    M, cond = model.condition(x, {k: v for k, v in guidance["val"].items()})
+    accuracies = {}
+    for name, perm in (("true", torch.arange(len(val))), ("shuffled", torch.roll(torch.arange(len(val)), 1))):
+        c = cond[perm]
+        g = torch.Generator().manual_seed(0)
+        out = model.diffusion.sample(lambda y_t, t: model.denoiser(y_t, M[perm], t, c), M[perm], steps=5,
+                                     generator=g)
+        accuracies[name] = float((model.probabilities(out.y0).argmax(1) == labels).float().mean())
+    assert accuracies["true"] >= 0.85
+    # BlobVolumes alternates labels, so a shift by one gives every scan the other class's condition
+    assert accuracies["shuffled"] <= 0.3, accuracies
+
+
+def test_c_a_zeroed_phase2_loss_is_caught(tmp_path):
+    _, _, _, auc, _ = run_phase2(tmp_path, loss_scale=0.0)  # (AdamW's weight decay still moves weights)
+    assert auc < 0.8
