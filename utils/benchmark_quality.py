@@ -92,7 +92,6 @@ def compare(labels: np.ndarray, probs: dict[str, np.ndarray], seed: int, n_resam
 PHASE2_ABLATIONS = {  # name -> (TrainConfig changes, model_overrides)
     "leaky denoiser (3x3x3 head over y_t, the first version's leak)": ({}, {"denoiser": {"head_kernel": 3}}),
     "memorised priors (no out-of-fold DCGs)": ({"oof_folds": 0}, {}),
-    "no prior dropout": ({"prior_dropout": 0.0}, {}),
     "no own image encoder": ({}, {"denoiser": {"use_image_encoder": False}}),
     "eps-prediction, T=500 linear (the first version's objective)": (
         {}, {"diffusion": {"parameterization": "eps", "num_timesteps": 500, "zero_terminal_snr": False}}),
