@@ -71,14 +71,23 @@ def run(model, data, config, path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data, config):
-    """One uninterrupted phase-2 run, observed: DCG calls, per-step lr and weights."""
+    """One uninterrupted phase-2 run, observed: DCG calls, per-step lr and weights.
+
+    On one thread like the tests (this module-scoped fixture is set up before the function-
+    scoped ``one_thread``): a different thread count changes float reductions in the last bits,
+    and the resume test compares bit for bit."""
     path = tmp_path_factory.mktemp("phase2") / "diffusion.pth"
     model = new_model()
     dcg_before = {k: v.clone() for k, v in model.dcg.state_dict().items()}
     dcg_calls = []
     model.dcg.register_forward_hook(lambda *_: dcg_calls.append(1))
-    with StepRecorder() as steps:
-        result = run(model, data, config, path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with StepRecorder() as steps:
+            result = run(model, data, config, path)
+    finally:
+        torch.set_num_threads(threads)
     return {"model": model, "result": result, "path": path, "dcg_before": dcg_before, "dcg_calls": dcg_calls,
             "steps": steps}
 
