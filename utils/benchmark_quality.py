@@ -148,8 +148,11 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
                      "vs_dcg": paired_auc_difference(y_test, p, probs[DCG_FUSED], 2000, 0)})
         print(f"[ablation] {name}: test AUC {rows[-1]['test_auc']:.3f}", flush=True)
 
-    from utils.predict import load_model
-    full, _ = load_model(exp.main_checkpoint, device)
+    from utils.checkpoint import load_checkpoint
+    saved = load_checkpoint(exp.main_checkpoint)
+    full = DiffMIC3D.from_config_dict(saved["model_config"]).to(device)
+    full.load_state_dict(saved["model_state_dict"])
+    full.eval()
     for samples in (1, 5):
         p = predict_dataset(full, test, guidance["test"], device, config.batch_size, config.seed, samples,
                             config.ddim_steps)["probs"].numpy()
