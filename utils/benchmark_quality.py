@@ -115,7 +115,7 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
     from utils.diffusion_training import calibrate_temperature, predict_dataset, train_diffusion
     from utils.pipeline import (build_model, cache_split_guidance, out_of_fold_guidance, prepare_experiment,
                                 reseed_stage, train_phase1)
-    from utils.training import train_dcg
+    from utils.training import cache_guidance, train_dcg
 
     exp = prepare_experiment(config, run_dir, data_dir, verbose=False)
     device, test, val = exp.device, exp.datasets["test"], exp.datasets["val"]
@@ -125,6 +125,14 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
     oof = out_of_fold_guidance(exp, model) if config.oof_folds >= 2 else guidance["train"]
     labels, probs = read_predictions(run_dir)
     y_test = test.labels
+
+    def row(group: str, variant: str, val_auc: float, p: np.ndarray, vs_full: bool = True) -> dict:
+        """One table row: test AUC of ``p`` (N, C) and its paired differences."""
+        return {"group": group, "variant": variant, "val_auc": val_auc,
+                "test_auc": classification_metrics(y_test, p)["roc_auc"],
+                "vs_full": paired_auc_difference(y_test, p, probs[OURS], 2000, 0) if vs_full else None,
+                "vs_dcg": paired_auc_difference(y_test, p, probs[DCG_FUSED], 2000, 0)}
+
     rows = [{"group": "reference", "variant": "full method (the seed-0 run)",
              "val_auc": float("nan"), "test_auc": classification_metrics(labels, probs[OURS])["roc_auc"],
              "vs_full": None, "vs_dcg": paired_auc_difference(labels, probs[OURS], probs[DCG_FUSED], 2000, 0)}]
@@ -142,10 +150,7 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
         calibrate_temperature(net, val, guidance["val"], variant, device)
         p = predict_dataset(net, test, guidance["test"], device, variant.batch_size, variant.seed,
                             variant.num_samples, variant.ddim_steps)["probs"].numpy()
-        rows.append({"group": "phase 2", "variant": name, "val_auc": result.best["val_auc"],
-                     "test_auc": classification_metrics(y_test, p)["roc_auc"],
-                     "vs_full": paired_auc_difference(y_test, p, probs[OURS], 2000, 0),
-                     "vs_dcg": paired_auc_difference(y_test, p, probs[DCG_FUSED], 2000, 0)})
+        rows.append(row("phase 2", name, result.best["val_auc"], p))
         print(f"[ablation] {name}: test AUC {rows[-1]['test_auc']:.3f}", flush=True)
 
     from utils.checkpoint import load_checkpoint
@@ -156,10 +161,7 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
     for samples in (1, 5):
         p = predict_dataset(full, test, guidance["test"], device, config.batch_size, config.seed, samples,
                             config.ddim_steps)["probs"].numpy()
-        rows.append({"group": "readout", "variant": f"{samples} sample(s) instead of {config.num_samples}",
-                     "val_auc": float("nan"), "test_auc": classification_metrics(y_test, p)["roc_auc"],
-                     "vs_full": paired_auc_difference(y_test, p, probs[OURS], 2000, 0),
-                     "vs_dcg": paired_auc_difference(y_test, p, probs[DCG_FUSED], 2000, 0)})
+        rows.append(row("readout", f"{samples} sample(s) instead of {config.num_samples}", float("nan"), p))
 
     for name, (changes, overrides) in PHASE1_ABLATIONS.items():
         variant = replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
@@ -168,13 +170,10 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
         reseed_stage(variant, "dcg")
         net = DiffMIC3D(variant.model_config(device, exp.num_classes)).to(device)
         result = train_dcg(net, exp.datasets["train"], val, variant, device, folder / "dcg.pth", exp.meta)
-        from utils.training import cache_guidance
         net.freeze_dcg()
         g = cache_guidance(net, test, device, variant.batch_size, progress=False)
         p = g["fused_probs"].numpy()
-        rows.append({"group": "phase 1 (DCG fused prediction)", "variant": name, "val_auc": result.best["val_auc"],
-                     "test_auc": classification_metrics(y_test, p)["roc_auc"], "vs_full": None,
-                     "vs_dcg": paired_auc_difference(y_test, p, probs[DCG_FUSED], 2000, 0)})
+        rows.append(row("phase 1 (DCG fused prediction)", name, result.best["val_auc"], p, vs_full=False))
         print(f"[ablation] {name}: DCG test AUC {rows[-1]['test_auc']:.3f}", flush=True)
     return rows
 
