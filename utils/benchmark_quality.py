@@ -137,12 +137,16 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
              "val_auc": float("nan"), "test_auc": classification_metrics(labels, probs[OURS])["roc_auc"],
              "vs_full": None, "vs_dcg": paired_auc_difference(labels, probs[OURS], probs[DCG_FUSED], 2000, 0)}]
 
-    for name, (changes, overrides) in PHASE2_ABLATIONS.items():
+    def variant_model(changes: dict, overrides: dict, stage: str) -> tuple[TrainConfig, DiffMIC3D, Path]:
+        """The variant's config, a fresh model seeded for ``stage`` and its own folder."""
         variant = replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
         folder = out / f"ablation_{len(rows)}"
         folder.mkdir(parents=True, exist_ok=True)
-        reseed_stage(variant, "diffusion")
-        net = DiffMIC3D(variant.model_config(device, exp.num_classes)).to(device)
+        reseed_stage(variant, stage)
+        return variant, DiffMIC3D(variant.model_config(device, exp.num_classes)).to(device), folder
+
+    for name, (changes, overrides) in PHASE2_ABLATIONS.items():
+        variant, net, folder = variant_model(changes, overrides, "diffusion")
         net.dcg.load_state_dict(model.dcg.state_dict())
         train_g = guidance["train"] if variant.oof_folds < 2 else oof
         result = train_diffusion(net, exp.datasets["train"], train_g, val, guidance["val"], variant, device,
@@ -164,11 +168,7 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
         rows.append(row("readout", f"{samples} sample(s) instead of {config.num_samples}", float("nan"), p))
 
     for name, (changes, overrides) in PHASE1_ABLATIONS.items():
-        variant = replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
-        folder = out / f"ablation_{len(rows)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        reseed_stage(variant, "dcg")
-        net = DiffMIC3D(variant.model_config(device, exp.num_classes)).to(device)
+        variant, net, folder = variant_model(changes, overrides, "dcg")
         result = train_dcg(net, exp.datasets["train"], val, variant, device, folder / "dcg.pth", exp.meta)
         net.freeze_dcg()
         g = cache_guidance(net, test, device, variant.batch_size, progress=False)
