@@ -1,12 +1,13 @@
 """Named run configurations (profiles) for the whole experiment, every value overridable.
 
     smoke  CI: 12 phantoms of 32 x 32 in-plane, input (32, 32, 32), the tiny model,
-           2 epochs per stage, 2 DDIM steps: the full pipeline in about 10 s.
-    demo   the default main job on a 2-core CPU: the 100 embedded phantoms, input
-           (64, 64, 32), a reduced model (~1.6M parameters), up to 20 DCG / 40 diffusion /
-           20 baseline epochs with the seed's early stopping (< 20 minutes in all).
-    full   the seed's configuration: (128, 128, 64), ``ModelConfig.seed()``, 15 DCG and 30
-           diffusion epochs, batch 4, early stopping patience 7.
+           2 epochs per stage, 2 out-of-fold DCGs, 2 DDIM steps: the pipeline in about 10 s.
+    demo   the default main job on a 2-core CPU: the 100 embedded phantoms resampled to
+           6 x 6 x 10 mm, input (64, 64, 32), ``ModelConfig.small`` (1.7M parameters), up to
+           20 DCG / 40 diffusion / 20 baseline epochs with early stopping, 3 out-of-fold DCGs
+           (about 12 minutes on 2 cores).
+    full   the full size: 3 x 3 x 5 mm, (128, 128, 64), ``ModelConfig.full`` (8.2M), 15 DCG
+           and 30 diffusion epochs, batch 4, early stopping patience 7.
 
 ``get_profile('demo', batch_size=2)`` or, on the command line,
 ``python -m utils.run --profile demo --set batch_size=2 --set input_shape=48,48,32``.
