@@ -37,7 +37,7 @@ from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
 from utils.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.profiles import TrainConfig
 from utils.trainer import FitResult, fit, make_epoch_loader
-from utils.training import eval_loader, fit_config, validation_metrics
+from utils.training import dcg_steps_per_epoch, eval_loader, fit_config, validation_metrics
 
 
 def select_guidance(guidance: Mapping[str, torch.Tensor], index, device: torch.device) -> dict[str, torch.Tensor]:
@@ -120,8 +120,8 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: Mappin
     params = list(model.prior_generator.parameters()) + list(model.denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr_diffusion, weight_decay=config.weight_decay)
     wrapper = _Phase2(model, config.ema_decay).to(device)
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = max(1, steps_per_epoch * config.diffusion_epochs)
+    # the loader drops a last batch of one volume: count steps the way it batches
+    total_steps = max(1, dcg_steps_per_epoch(len(train_set), config.batch_size) * config.diffusion_epochs)
     val_labels = np.asarray(val_set.labels)
 
     def train_step(batch, generator):

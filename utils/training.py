@@ -74,8 +74,8 @@ def dcg_lr_factor(step: int, total_steps: int, warmup: float) -> float:
 
 
 def dcg_steps_per_epoch(n_train: int, batch_size: int) -> int:
-    """Optimiser steps per phase-1 epoch of :func:`utils.trainer.make_epoch_loader` (which
-    drops a last batch of a single volume)."""
+    """Optimiser steps per epoch of :func:`utils.trainer.make_epoch_loader` (which drops a
+    last batch of a single volume); phase 2's schedule counts its steps with it too."""
     return n_train // batch_size if n_train % batch_size == 1 else -(-n_train // batch_size)
 
 
