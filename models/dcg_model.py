@@ -53,7 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
 from models.plain_config import PlainConfig, TensorFields
+from models.precision import float32_forward
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -593,6 +595,19 @@ class DCG(nn.Module):
             raise ValueError(f"DCG with roi_scale={c.roi_scale} needs x_hires of shape "
                              f"{expected_hr} (B, Ch, sH, sW, D), got {got}")
 
+    @float32_forward
+    def _global_head(self, feats: torch.Tensor, top_t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """feats (B, F, h, w, d) -> saliency (B, C, h, w, d), global logits (B, C), pooled features (B, F)."""
+        saliency = self.saliency_head(feats)  # (B, C, h, w, d)
+        return saliency, pool_maps(saliency, self.config.pooling, top_t), pool_maps(feats, self.config.pooling,
+                                                                                   self.config.top_t)
+
+    @float32_forward
+    def _local_head(self, roi_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """roi_features (B, K, L) -> attention (B, K), local logits (B, C)."""
+        z, attention = self.attention(roi_features)  # (B, L), (B, K)
+        return attention, self.local_classifier(z)
+
     def forward(self, x: torch.Tensor, x_hires: torch.Tensor | None = None,
                 top_t: float | None = None) -> DCGOutput:
         """Run both streams.
@@ -614,9 +629,7 @@ class DCG(nn.Module):
         # global stream
         use_ckpt = c.grad_checkpoint and self.training and torch.is_grad_enabled()
         feats = self.global_encoder(x, grad_checkpoint=use_ckpt)  # (B, F, h, w, d)
-        saliency = self.saliency_head(feats)  # (B, C, h, w, d)
-        global_logits = pool_maps(saliency, c.pooling, c.top_t if top_t is None else top_t)  # (B, C)
-        global_features = pool_maps(feats, c.pooling, c.top_t)  # (B, F)
+        saliency, global_logits, global_features = self._global_head(feats, c.top_t if top_t is None else top_t)
 
         # ROI retrieval (index selection, not differentiable)
         with torch.no_grad():
@@ -632,9 +645,8 @@ class DCG(nn.Module):
 
         # local stream
         local_maps = self.local_encoder(crops.flatten(0, 1))  # (B*K, L, ...)
-        roi_features = local_maps.flatten(2).mean(dim=-1).view(b, c.num_rois, -1)  # (B, K, L)
-        z, attention = self.attention(roi_features)  # (B, L), (B, K)
-        local_logits = self.local_classifier(z)  # (B, C)
+        roi_features = local_maps.float().flatten(2).mean(dim=-1).view(b, c.num_rois, -1)  # (B, K, L)
+        attention, local_logits = self._local_head(roi_features)  # (B, K), (B, C)
 
         global_probs = global_logits.softmax(dim=-1)
         local_probs = local_logits.softmax(dim=-1)

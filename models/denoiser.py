@@ -14,6 +14,8 @@ first version): the label must reach the output only through the image and the p
 * Per-point head, run once per denoising step: for each grid point on its own (1x1x1 convs),
   ``h = W1 [y_t, M]``, FiLM by the point's timestep embedding, multiplied by the point's
   condition vector (CARD's y (*) x fusion), two more 1x1x1 layers -> y0_hat (B, C, Np, Np, Np).
+  The head runs in float32 even under autocast (``models/precision.py``); its FiLM starts as the
+  identity (zero-initialised) and its scale is bounded by tanh, so no timestep can blow h up.
   A point's output depends on its own y_t and t only, so heterologous (per-point) timesteps
   cannot leak the label between points, and training and inference see the same computation.
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.dcg_model import ConvPoolEncoder3d
+from models.precision import float32_forward
 from models.plain_config import PlainConfig
 from models.unet_3d import UNet3D, UNetConfig
 
@@ -113,11 +116,15 @@ class PointHead(nn.Module):
         self.inp = nn.Conv3d(2 * num_classes, width, kernel, padding=kernel // 2)
         self.mid = nn.Conv3d(width, width, kernel, padding=kernel // 2)
         self.out = nn.Conv3d(width, num_classes, kernel, padding=kernel // 2)
+        nn.init.zeros_(self.time_mlp[-1].weight)  # FiLM starts as the identity (scale 1, shift 0)
+        nn.init.zeros_(self.time_mlp[-1].bias)
 
+    @float32_forward
     def forward(self, y_t: torch.Tensor, M: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """y_t, M (B, C, *grid); t (B, *grid); cond (B, E, *grid) -> y0_hat (B, C, *grid)."""
+        """y_t, M (B, C, *grid); t (B, *grid); cond (B, E, *grid) -> y0_hat (B, C, *grid), in float32."""
         temb = self.time_mlp(sinusoidal_embedding(t, self.time_dim))  # (B, *grid, 4E)
         s1, b1, s2, b2 = temb.movedim(-1, 1).chunk(4, dim=1)  # 4 x (B, E, *grid)
+        s1, s2 = torch.tanh(s1), torch.tanh(s2)  # bounded FiLM scale: h * (1 + s) stays within [0, 2] h
         h = self.inp(torch.cat([y_t, M], dim=1))  # (B, E, *grid)
         h = F.silu((h * (1 + s1) + b1) * cond)  # time FiLM, then the condition product
         h = self.mid(h)

@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from models.plain_config import PlainConfig, TensorFields
+from models.precision import float32_forward
 
 
 @dataclass
@@ -157,6 +159,7 @@ class PriorGenerator(nn.Module):
         self.gate_logits = nn.Parameter(torch.zeros(c.num_rois + 1, c.feature_dim))
         self.register_buffer("distance", guidance_distance_map(c.grid_size), persistent=False)
 
+    @float32_forward
     def forward(self, global_probs: torch.Tensor, local_probs: torch.Tensor,
                 global_features: torch.Tensor, roi_features: torch.Tensor) -> Priors:
         """Args:

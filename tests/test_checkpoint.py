@@ -177,7 +177,7 @@ def test_rng_state_restore_reproduces_random_numbers():
     assert torch.equal(first[2], again[2]) and torch.equal(first[3], again[3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_rng_state_restore():
     state = rng_state()
     assert len(state["torch_cuda"]) == torch.cuda.device_count()

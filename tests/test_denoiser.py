@@ -16,9 +16,14 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def make(**kw):
+def make(trained_film=True, **kw):
+    """A denoiser in eval mode; ``trained_film``: its FiLM layer (zero at initialisation, so
+    the timestep has no effect yet) gets random weights, as after training."""
     torch.manual_seed(0)
-    return ConditionalDenoiser(DenoiserConfig(**{**SMALL, **kw})).eval()
+    net = ConditionalDenoiser(DenoiserConfig(**{**SMALL, **kw})).eval()
+    if trained_film:
+        torch.nn.init.normal_(net.head.time_mlp[-1].weight, std=0.5)
+    return net
 
 
 def inputs(B=2, C=3, N=4, scan_size=16, feature_dim=12, seed=1):
@@ -232,3 +237,24 @@ def test_default_config_size():
     assert 4.5e6 < n < 7.5e6
     head = sum(p.numel() for p in net.head.parameters())
     assert head < 0.05 * n  # the per-point head is small; the condition branch carries the capacity
+
+
+# the FiLM of the head ------------------------------------------------------------------------
+
+
+def test_film_starts_as_the_identity_and_its_scale_is_bounded():
+    """Zero-initialised FiLM: at initialisation the timestep does not change the output; with
+    huge FiLM weights the tanh-bounded scale keeps |h| within 2x its unmodulated value, so
+    the output stays finite and moderate (an unbounded scale would grow with the weights)."""
+    net = make(trained_film=False)
+    scan, M, F, y_t, t = inputs(C=3)
+    with torch.no_grad():
+        cond = net.condition(scan, M, F)
+        assert torch.equal(net(y_t, M, t, cond), net(y_t, M, (t + 400) % 1000, cond))
+        base = net(y_t, M, t, cond).abs().max()
+        film, E = net.head.time_mlp[-1], net.config.cond_dim  # rows: scale1, shift1, scale2, shift2
+        torch.nn.init.normal_(film.weight[:E], std=1e4)  # huge scales, zero shifts
+        torch.nn.init.normal_(film.weight[2 * E:3 * E], std=1e4)
+        big = net(y_t, M, t, cond)
+    assert torch.isfinite(big).all()
+    assert big.abs().max() < 10 * base  # unbounded, h * (1 + s) would scale it by ~1e4 per layer

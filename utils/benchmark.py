@@ -243,7 +243,7 @@ def probe(stage: str, input_shape: tuple[int, int, int], preset: str, batch_size
             step_loss = lambda: model.dcg_loss(x, y, label_smoothing=config.label_smoothing)["loss"]  # noqa: E731
         else:
             model.freeze_dcg()
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.float16, enabled=amp):  # float16: as on a T4
                 guidance = model.guidance(x).as_dict()
             params = list(model.prior_generator.parameters()) + list(model.denoiser.parameters())
             gen = torch.Generator(dev).manual_seed(0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -47,6 +47,7 @@ from utils.preprocessing import PreprocessConfig
 from utils.profiles import TrainConfig
 from utils.seeding import pick_device, seed_everything
 from utils.splits import load_or_create_splits
+from utils.stage_timer import StageTimer
 from utils.trainer import FitResult, epoch_seed, stage_complete
 from utils.diffusion_training import calibrate_temperature, predict_dataset, train_diffusion
 from utils.training import cache_guidance, eval_loader, train_dcg
@@ -338,18 +339,15 @@ def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict) -> Pa
                            model_state_dict=model.state_dict(), **exp.meta, history=history)
 
 
-def train_baselines(exp: Experiment, timings: Optional[dict[str, float]] = None
-                    ) -> dict[str, tuple[nn.Module, FitResult]]:
-    """Each baseline of ``config.baselines`` trained (or loaded) in the same harness; the
-    seconds each took go to ``timings[display name]`` when given."""
+def train_baselines(exp: Experiment, timer: Optional[StageTimer] = None) -> dict[str, tuple[nn.Module, FitResult]]:
+    """Each baseline of ``config.baselines`` trained (or loaded) in the same harness, each
+    timed as a stage of ``timer`` (under its display name) when given."""
     out = {}
     for name in exp.config.baselines:
-        tic = time.perf_counter()
-        reseed_stage(exp.config, name)
-        out[name] = train_baseline(name, exp.datasets["train"], exp.datasets["val"], exp.config, exp.device,
-                                   exp.checkpoint(name), exp.meta, num_classes=exp.num_classes)
-        if timings is not None:
-            timings[DISPLAY_NAMES[name]] = time.perf_counter() - tic
+        with timer.stage(DISPLAY_NAMES[name]) if timer is not None else nullcontext():
+            reseed_stage(exp.config, name)
+            out[name] = train_baseline(name, exp.datasets["train"], exp.datasets["val"], exp.config, exp.device,
+                                       exp.checkpoint(name), exp.meta, num_classes=exp.num_classes)
     return out
 
 

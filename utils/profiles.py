@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from models.diffmic3d import ModelConfig
 from utils.phantoms import PhantomConfig
-from utils.seeding import amp_enabled
+from utils.seeding import amp_dtype, amp_enabled
 from models.plain_config import PlainConfig
 
 MODEL_PRESETS = ("tiny", "small", "full")
@@ -87,7 +87,10 @@ class TrainConfig(PlainConfig):
         plateau_factor / plateau_patience: ReduceLROnPlateau on validation loss (the
             baselines).
         grad_clip: max global gradient norm (None = no clipping).
-        amp: float16 autocast + GradScaler; None = auto: on iff CUDA (never on CPU).
+        amp: mixed precision (autocast); None = auto: on iff CUDA. Never on CPU: ``True``
+            there is ignored (CPU autocast is slower than float32 on the CPUs we run on).
+        amp_dtype: ``'float16'`` or ``'bfloat16'``; None = auto (``utils.seeding.amp_dtype``:
+            bfloat16 on compute capability >= 8.0, float16 on a T4 or P100).
     Sampling and evaluation:
         num_samples: stochastic diffusion samples per test volume (their spread is the
             reported uncertainty).
@@ -139,6 +142,7 @@ class TrainConfig(PlainConfig):
     plateau_patience: int = 3
     grad_clip: Optional[float] = 1.0
     amp: Optional[bool] = None
+    amp_dtype: Optional[str] = None
     num_samples: int = 20
     ddim_steps: int = 10
     val_num_samples: int = 4
@@ -180,6 +184,8 @@ class TrainConfig(PlainConfig):
             problems.append("need 0 <= label_smoothing < 1, weight_decay >= 0, 0 < plateau_factor < 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip={self.grad_clip} must be > 0 or None")
+        if self.amp_dtype not in (None, "float16", "bfloat16"):
+            problems.append(f"amp_dtype={self.amp_dtype!r} must be 'float16', 'bfloat16' or None (auto)")
         if self.n_resamples < 1000:
             problems.append(f"n_resamples={self.n_resamples} must be >= 1000 for a 95% bootstrap interval")
         if self.n_phantoms < 6 or self.phantom_size < 32:
@@ -194,8 +200,12 @@ class TrainConfig(PlainConfig):
         return 2 if self.label_mode == "binary" else 5
 
     def use_amp(self, device) -> bool:
-        """``amp``, or (auto) whether ``device`` is CUDA."""
-        return amp_enabled(device) if self.amp is None else bool(self.amp)
+        """Whether ``device`` trains in mixed precision: on CUDA unless ``amp`` is False."""
+        return amp_enabled(device) and self.amp is not False
+
+    def autocast_dtype(self, device) -> str:
+        """``amp_dtype``, or (auto) the dtype ``device`` supports best."""
+        return self.amp_dtype or amp_dtype(device)
 
     def model_config(self, device, num_classes: Optional[int] = None) -> ModelConfig:
         """The DiffMIC-3D configuration of this profile on ``device`` (gradient checkpointing).

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -45,45 +44,34 @@ from utils.pipeline import (build_model, cache_split_guidance, display_path, eva
 from utils.prepare_data import REPO_ROOT
 from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
 from utils.seeding import pick_device
+from utils.stage_timer import StageTimer
 
 
 def run_experiment(config: TrainConfig, output_dir: Path, data_dir: Optional[Path] = None,
                    cache_dir: Optional[Path] = None, device: Optional[str] = None) -> list[dict]:
     """Run (or resume) the whole experiment; returns the evaluation rows (see the module docstring)."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    tic = time.perf_counter()
-    exp = prepare_experiment(config, output_dir, data_dir, cache_dir, device)
-    timings["data"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
+    timer = StageTimer(pick_device(device))
+    with timer.stage("data"):
+        exp = prepare_experiment(config, output_dir, data_dir, cache_dir, device)
     model = build_model(exp)
-    results = {"dcg": train_phase1(exp, model)}
-    timings["phase 1 (DCG)"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    guidance = cache_split_guidance(exp, model, ("train", "val"))
-    results["diffusion"] = train_phase2(exp, model, guidance)
-    save_main_checkpoint(exp, model, {k: history_entry(r) for k, r in results.items()})
-    timings["phase 2 (diffusion)"] = time.perf_counter() - tic
-
+    with timer.stage("phase 1 (DCG)"):
+        results = {"dcg": train_phase1(exp, model)}
+    with timer.stage("phase 2 (diffusion)"):
+        guidance = cache_split_guidance(exp, model, ("train", "val"))
+        results["diffusion"] = train_phase2(exp, model, guidance)
+        save_main_checkpoint(exp, model, {k: history_entry(r) for k, r in results.items()})
     baselines = {}
-    for name, (net, result) in train_baselines(exp, timings).items():
+    for name, (net, result) in train_baselines(exp, timer).items():
         baselines[name], results[name] = net, result
     write_history(exp, results)
-
-    tic = time.perf_counter()
-    rows = evaluate_test(exp, model, baselines)
-    timings["test evaluation"] = time.perf_counter() - tic
-    timings["total"] = time.perf_counter() - started
-    atomic_write_text(exp.output_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
-
+    with timer.stage("test evaluation"):
+        rows = evaluate_test(exp, model, baselines)
+    atomic_write_text(exp.output_dir / "timings.json", json.dumps(timer.as_dict(), indent=2) + "\n")
     test = exp.datasets["test"]
     print(f"\nTest split ({len(test)} scans), 95% stratified bootstrap CIs ({config.n_resamples} resamples):")
     print(format_results_table(rows))
-    print("\n" + "\n".join(f"{stage:<22}{seconds:8.1f} s" for stage, seconds in timings.items()))
-    print(f"outputs in {display_path(exp.output_dir)}; wall time {timings['total'] / 60:.1f} min")
+    print("\n" + timer.report())
+    print(f"outputs in {display_path(exp.output_dir)}; wall time {timer.total() / 60:.1f} min")
     return rows
 
 

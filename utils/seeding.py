@@ -81,5 +81,16 @@ def pick_device(prefer: str | None = None) -> torch.device:
 
 
 def amp_enabled(device: str | torch.device) -> bool:
-    """Whether to use automatic mixed precision (float16 autocast + GradScaler): only on CUDA; CPU runs stay float32."""
+    """Whether to use automatic mixed precision (autocast in :func:`amp_dtype`): only on CUDA; CPU runs stay float32."""
     return torch.device(device).type == "cuda"
+
+
+def amp_dtype(device: str | torch.device) -> str:
+    """The autocast dtype for ``device``: ``'bfloat16'`` on GPUs that compute in it natively
+    (compute capability >= 8.0: A100, L4, H100; float32's range, no GradScaler needed), else
+    ``'float16'`` (T4, P100, V100, CPU): float16 overflows past 65504, so the models keep their
+    heads in float32 (``models/precision.py``) and the trainer uses a GradScaler."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "bfloat16"
+    return "float16"

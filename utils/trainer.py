@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from utils.checkpoint import check_config_matches, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.errors import DataError
+from utils.nonfinite import first_nonfinite_module
 
 HISTORY_KEYS = ("train_loss", "val_loss", "val_auc", "val_acc", "lr")
 
@@ -63,7 +64,10 @@ class FitConfig:
         epochs: maximum number of epochs.
         patience: stop after this many consecutive epochs without a better validation score.
         grad_clip: max global L2 norm of the gradients (None: no clipping).
-        amp: float16 autocast + GradScaler (only meaningful on CUDA).
+        amp: autocast in ``amp_dtype`` (the models keep their heads and losses in float32:
+            ``models/precision.py``); float16 also gets a GradScaler, bfloat16 needs none.
+        amp_dtype: ``'float16'`` (any CUDA card, e.g. T4, P100) or ``'bfloat16'`` (compute
+            capability >= 8.0: same range as float32); see ``utils.seeding.amp_dtype``.
         seed: seed from which every epoch's generator is derived (:func:`epoch_seed`).
         progress: show a tqdm bar per epoch.
     """
@@ -73,6 +77,7 @@ class FitConfig:
     patience: int
     grad_clip: Optional[float] = 1.0
     amp: bool = False
+    amp_dtype: str = "float16"
     seed: int = 0
     progress: bool = True
 
@@ -142,6 +147,20 @@ def stage_complete(path: str | Path) -> bool:
     return Path(path).is_file() and _is_complete_checkpoint(Path(path))
 
 
+def _nonfinite_message(config: FitConfig, epoch: int, batch: int, loss: torch.Tensor, model: nn.Module,
+                       replay: Callable[[], object], device: torch.device, amp_dtype: torch.dtype) -> str:
+    """The error text for a non-finite loss: where, and the first module whose output was
+    non-finite when the same batch is replayed with the same noise (``utils.nonfinite``)."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
+        culprit = first_nonfinite_module(model, replay)
+    precision = f"{str(amp_dtype).replace('torch.', '')} autocast" if config.amp else "float32"
+    where = (f"first non-finite output: {culprit}" if culprit else
+             "every module output was finite (the loss arithmetic overflowed)")
+    hint = "; retry with --set amp=False" if config.amp else "; lower the learning rate or check the inputs"
+    return (f"[{config.name}] epoch {epoch + 1} batch {batch}: loss is {loss.item()} under {precision}; "
+            f"{where}{hint}")
+
+
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         train_step: Callable[[object, torch.Generator], torch.Tensor],
         evaluate: Callable[[], Mapping[str, float]],
@@ -180,7 +199,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
     meta = dict(meta or {})
     device = device or next(model.parameters()).device
     device = torch.device(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp)
+    amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[config.amp_dtype]
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     history = {key: [] for key in HISTORY_KEYS}
     best = {"epoch": 0, "val_auc": -math.inf, "val_loss": math.inf, "val_acc": float("nan")}
@@ -238,10 +258,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
                    leave=False, disable=not config.progress)
         for i, batch in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=config.amp):
+            generator_state = generator.get_state()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
                 loss = train_step(batch, generator)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{config.name}] epoch {epoch + 1} batch {i}: loss is {loss.item()}")
+                generator.set_state(generator_state)
+                raise FloatingPointError(_nonfinite_message(config, epoch, i, loss, model, lambda: train_step(
+                    batch, generator), device, amp_dtype))
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
                 scaler.unscale_(optimizer)

@@ -41,7 +41,8 @@ def validation_metrics(labels: np.ndarray, probs: np.ndarray, loss: float) -> di
 def fit_config(config: TrainConfig, name: str, epochs: int, device: torch.device) -> FitConfig:
     """The :class:`FitConfig` of one stage of a run."""
     return FitConfig(name=name, epochs=epochs, patience=config.patience, grad_clip=config.grad_clip,
-                     amp=config.use_amp(device), seed=config.seed, progress=config.progress)
+                     amp=config.use_amp(device), amp_dtype=config.autocast_dtype(device), seed=config.seed,
+                     progress=config.progress)
 
 
 def _inputs(batch: Mapping, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
