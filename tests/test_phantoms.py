@@ -163,3 +163,16 @@ def test_refuses_to_write_into_real_data(tmp_path):
     (tmp_path / "CT-0" / "study_0001.nii.gz").write_bytes(b"real scan")
     with pytest.raises(DataError, match="not written by the phantom generator"):
         write_dataset(tmp_path, 4, seed=0, config=SMALL, progress=False)
+
+
+def test_parallel_writing_gives_the_same_files_as_serial(tmp_path, monkeypatch):
+    """Scan i depends on (seed, i) only: 2 worker processes write byte-identical volumes."""
+    import utils.phantoms as phantoms
+
+    serial = write_dataset(tmp_path / "serial", 4, seed=3, config=SMALL, progress=False)
+    monkeypatch.setattr(phantoms, "PHANTOMS_PER_WORKER", 2)
+    monkeypatch.setattr(phantoms.os, "cpu_count", lambda: 2)
+    parallel = write_dataset(tmp_path / "parallel", 4, seed=3, config=SMALL, progress=False)
+    for a, b in zip(serial, parallel):
+        assert a.relative_to(tmp_path / "serial") == b.relative_to(tmp_path / "parallel")
+        assert np.array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())

@@ -48,7 +48,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -570,6 +573,17 @@ def _settings(n: int, seed: int, layout: str, config: PhantomConfig) -> dict:
             "config": json.loads(json.dumps(asdict(config)))}
 
 
+PHANTOMS_PER_WORKER = 8  # fewer scans per process do not repay starting it
+MAX_WORKERS = 8
+
+
+def _write_one(seed: int, study: int, category: int, config: PhantomConfig, path: Path) -> None:
+    """Scan ``study`` of the set: drawn from ``default_rng([seed, study])`` alone, so any worker
+    and any order give the same file."""
+    hu, affine, _ = generate_phantom(np.random.default_rng([seed, study]), category, config)
+    save_nifti(path, hu, affine)
+
+
 def write_dataset(out: str | Path, n: int, seed: int, layout: str = "ct0_ct23",
                   config: PhantomConfig = PhantomConfig(), progress: bool = True) -> list[Path]:
     """Write ``n`` phantoms as ``<out>/<class folder>/study_XXXX.nii.gz``; return their paths.
@@ -579,7 +593,9 @@ def write_dataset(out: str | Path, n: int, seed: int, layout: str = "ct0_ct23",
     interrupted run) only the missing scans are written, which is valid because scan ``i``
     is drawn from ``default_rng([seed, i])`` alone. With other settings the previous
     phantoms' ``study_*.nii.gz`` files are deleted and the set is regenerated. A folder
-    holding NIfTI files but no sidecar (real data) is never written into.
+    holding NIfTI files but no sidecar (real data) is never written into. Larger sets are
+    written by up to ``MAX_WORKERS`` processes (one per ``PHANTOMS_PER_WORKER`` scans and CPU
+    core); the files are the same whatever the number of workers.
 
     Raises:
         DataError: ``out`` holds NIfTI files not written by this generator.
@@ -605,10 +621,19 @@ def write_dataset(out: str | Path, n: int, seed: int, layout: str = "ct0_ct23",
     elif previous.get("complete") and all(p.is_file() for p in paths):
         return paths
     atomic_write_text(sidecar, json.dumps({**settings, "complete": False}, indent=2))
-    todo = [(entry, path) for entry, path in zip(plan, paths) if not path.is_file()]
-    for (study, category, _), path in tqdm(todo, desc="phantoms", unit="scan", disable=not progress):
-        hu, affine, _ = generate_phantom(np.random.default_rng([seed, study]), category, config)
-        save_nifti(path, hu, affine)
+    todo = [(seed, study, category, config, path) for (study, category, _), path in zip(plan, paths)
+            if not path.is_file()]
+    workers = min(len(todo) // PHANTOMS_PER_WORKER, os.cpu_count() or 1, MAX_WORKERS)
+    bar = tqdm(total=len(todo), desc="phantoms", unit="scan", disable=not progress)
+    if workers > 1:  # spawn: the parent may hold torch's OpenMP threads, which fork does not copy safely
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in as_completed([pool.submit(_write_one, *job) for job in todo]):
+                bar.update()
+    else:
+        for job in todo:
+            _write_one(*job)
+            bar.update()
+    bar.close()
     atomic_write_text(sidecar, json.dumps({**settings, "complete": True}, indent=2))
     return paths
 

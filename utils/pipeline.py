@@ -57,7 +57,9 @@ OURS = "DiffMIC-3D"
 ABLATION_GLOBAL = "DCG global prior only"
 ABLATION_FUSED = "DCG without diffusion"
 STAGES = ("dcg", "diffusion", "resnet18", "densenet121")
-_IGNORED_FOR_RESUME = ("progress",)  # settings that may change between a run and its resumption
+# settings that may change between a run and its resumption: how it is shown and how it computes
+# (like the device, which the folder does not record either), not what it computes
+_IGNORED_FOR_RESUME = ("progress", "amp", "amp_dtype", "num_workers")
 
 
 def display_path(path: str | Path) -> str:
