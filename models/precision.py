@@ -33,6 +33,8 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: one flag per device family
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): never on there
+        return False
 
 
 def float32_forward(forward: Fn) -> Fn:

@@ -66,8 +66,24 @@ def _check_plain(value, where: str) -> None:
                     f"or plain data (dict/list/tuple/str/int/float/bool/None){hint}")
 
 
+def _on_cpu(value):
+    """``value`` with every tensor detached and on the CPU (containers rebuilt, a state dict's
+    ``_metadata`` kept): a checkpoint written on a GPU loads anywhere without ``map_location``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if type(value) in (dict, OrderedDict):
+        out = type(value)((key, _on_cpu(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata
+        return out
+    if type(value) in (list, tuple):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
 def save_checkpoint(path: str | Path, *, model_config: Mapping, model_state_dict: Mapping, **extra) -> Path:
-    """Validate and write a checkpoint atomically (temp file beside ``path`` + rename).
+    """Validate and write a checkpoint atomically (temp file beside ``path`` + rename); every
+    tensor is stored on the CPU, whatever device it came from.
 
     Args:
         path: target file (parent folders are created).
@@ -96,6 +112,7 @@ def save_checkpoint(path: str | Path, *, model_config: Mapping, model_state_dict
     }
     for key, value in payload.items():
         _check_plain(value, key)
+    payload = {key: _on_cpu(value) for key, value in payload.items()}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,7 +152,7 @@ def _nonfinite_message(config: FitConfig, epoch: int, batch: int, loss: torch.Te
                        replay: Callable[[], object], device: torch.device, amp_dtype: torch.dtype) -> str:
     """The error text for a non-finite loss: where, and the first module whose output was
     non-finite when the same batch is replayed with the same noise (``utils.nonfinite``)."""
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype) if config.amp else nullcontext():
         culprit = first_nonfinite_module(model, replay)
     precision = f"{str(amp_dtype).replace('torch.', '')} autocast" if config.amp else "float32"
     where = (f"first non-finite output: {culprit}" if culprit else
@@ -201,6 +202,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
     device = torch.device(device)
     amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[config.amp_dtype]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if config.amp else nullcontext
     params = [p for group in optimizer.param_groups for p in group["params"]]
     history = {key: [] for key in HISTORY_KEYS}
     best = {"epoch": 0, "val_auc": -math.inf, "val_loss": math.inf, "val_acc": float("nan")}
@@ -222,7 +224,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         save_checkpoint(checkpoint_path, model_config=model_config, model_state_dict=weights, **meta, fit=fit_state)
 
     if checkpoint_path.exists():
-        ckpt = load_checkpoint(checkpoint_path, map_location=device)
+        ckpt = load_checkpoint(checkpoint_path)  # on the CPU: load_state_dict copies onto the device
         check_config_matches(ckpt["model_config"], model_config)
         if "fit" not in ckpt:
             raise DataError(checkpoint_path, "not a training checkpoint (no 'fit' state); delete it to retrain")
@@ -259,7 +261,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         for i, batch in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
             generator_state = generator.get_state()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
+            with autocast():
                 loss = train_step(batch, generator)
             if not torch.isfinite(loss):
                 generator.set_state(generator_state)
