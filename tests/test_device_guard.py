@@ -101,8 +101,8 @@ def test_the_smoke_pipeline_runs_on_the_stand_in(finished_smoke_run):
     assert all(type(v) is torch.Tensor and v.device.type == "cpu" for v in state.values())  # saved as plain CPU
 
 
-@pytest.mark.parametrize("name", ["03_dcg_model", "04_prior_generation", "05_unet", "06_training",
-                                  "07_evaluation"])
+@pytest.mark.parametrize("name", ["01_data_loading", "02_preprocessing", "03_dcg_model", "04_prior_generation",
+                                  "05_unet", "06_training", "07_evaluation"])
 def test_notebook_cells_keep_tensors_on_the_data_device(name, finished_smoke_run, monkeypatch):
     monkeypatch.setenv("MEDISCOPE_DEVICE", "meta")
     monkeypatch.setenv("MEDISCOPE_PROGRESS", "0")
