@@ -104,9 +104,12 @@ def test_folder_given_as_nifti(tmp_path):
 
 def test_folder_without_dicom(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
-    with pytest.raises(DataError, match="no DICOM") as info:
-        load_scan(tmp_path)
+    with pytest.raises(DataError, match="not readable DICOM: readme.txt") as info:
+        load_scan(tmp_path)  # a file that is not DICOM is named, never skipped
     assert_one_line_error(info, tmp_path.name)
+    (tmp_path / "readme.txt").unlink()
+    with pytest.raises(DataError, match="no DICOM image slices"):
+        load_scan(tmp_path)
     with pytest.raises(DataError, match="not found"):
         load_dicom_series(tmp_path / "absent")
 
@@ -134,3 +137,80 @@ def test_folder_with_one_class_only(tmp_path):
     with pytest.raises(DataError, match=r"only one class found \(Normal: 3 scans\)") as info:
         discover_scans(tmp_path)
     assert_one_line_error(info, tmp_path.name)
+
+
+# DICOM series with a bad file ------------------------------------------------------------------
+
+DICOM = Path(__file__).resolve().parent / "data" / "example_ct_dicom"
+
+
+def copy_series(dest: Path, n: int = 8) -> list[Path]:
+    dest.mkdir()
+    files = sorted(DICOM.iterdir())[:n]
+    for f in files:
+        (dest / f.name).write_bytes(f.read_bytes())
+    return sorted(dest.iterdir())
+
+
+@pytest.mark.parametrize("where", ["edge", "middle"])
+def test_an_unreadable_slice_without_dcm_suffix_is_named(tmp_path, where):
+    files = copy_series(tmp_path / "series")
+    victim = files[0] if where == "edge" else files[4]
+    renamed = victim.with_name("slice_no_suffix")
+    renamed.write_bytes(victim.read_bytes()[:300])  # truncated, and not called *.dcm
+    victim.unlink()
+    with pytest.raises(DataError, match="not readable DICOM: slice_no_suffix") as info:
+        load_scan(tmp_path / "series")
+    assert_one_line_error(info, "series")
+
+
+def test_a_missing_middle_slice_names_the_gap(tmp_path):
+    import pydicom
+    files = copy_series(tmp_path / "series")
+    by_position = sorted(files, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    by_position[4].unlink()
+    with pytest.raises(DataError, match=rf"between {by_position[3].name} and {by_position[5].name}") as info:
+        load_scan(tmp_path / "series")
+    assert_one_line_error(info, "series")
+
+
+# not Hounsfield units -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, values", [
+    ("uint8.nii.gz", lambda ct: np.clip((ct + 1000) / 8, 0, 255).astype(np.uint8)),  # an 8-bit image of a CT
+    ("raw.nii.gz", lambda ct: (ct + 1024).astype(np.int16)),  # stored values, the -1024 intercept not applied
+    ("norm.nii.gz", lambda ct: ((ct - ct.min()) / np.ptp(ct)).astype(np.float32)),  # normalised to [0, 1]
+    ("twice.nii.gz", lambda ct: (ct - 2048).astype(np.int16)),  # rescaled twice: nothing above -200
+])
+def test_a_volume_not_in_hu_is_refused_with_the_reason(tmp_path, name, values):
+    path = write_nifti(tmp_path / name, values(toy_ct().astype(np.float64)))
+    with pytest.raises(DataError, match="not a CT in Hounsfield units.*--allow-non-hu") as info:
+        load_scan(path)
+    assert_one_line_error(info, name)
+    with pytest.warns(UserWarning, match="not a CT in Hounsfield units"):
+        load_scan(path, allow_non_hu=True)
+
+
+# a dataset with bad scans -------------------------------------------------------------------------
+
+
+def test_bad_scans_stop_the_run_before_the_split_manifest_and_are_all_named(tmp_path):
+    from utils.phantoms import PhantomConfig, write_dataset
+    from utils.pipeline import prepare_experiment
+    from utils.profiles import get_profile
+
+    config = get_profile("smoke", progress=False)
+    paths = write_dataset(tmp_path / "data", 12, seed=0, config=PhantomConfig(size=config.phantom_size), progress=False)
+    paths[2].write_bytes(b"not a scan")
+    paths[7].write_bytes(gzip.compress(b"\x00" * 400))
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="2 of 12 scans cannot be used") as info:
+        prepare_experiment(config, run, tmp_path / "data", tmp_path / "cache", "cpu", verbose=False)
+    assert paths[2].name in str(info.value) and paths[7].name in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not (run / "splits.csv").exists()  # nothing frozen yet: removing the bad scans is the whole fix
+    paths[2].unlink()
+    paths[7].unlink()
+    exp = prepare_experiment(config, run, tmp_path / "data", tmp_path / "cache", "cpu", verbose=False)
+    assert (run / "splits.csv").is_file() and len(exp.records) == 10

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from helpers import DATA, toy_ct, write_nifti
 
-from utils.nifti_io import HUWarning, load_dicom_series, load_nifti, load_scan, save_nifti
+from utils.errors import DataError
+from utils.nifti_io import HUWarning, hu_problem, load_dicom_series, load_nifti, load_scan, save_nifti
 from utils.preprocessing import PreprocessConfig, preprocess
 
 
@@ -87,9 +88,17 @@ def test_dicom_matches_slice_order_not_file_order(tmp_path):
     np.testing.assert_array_equal(volume.hu[..., 0], expected[::-1, ::-1])
 
 
-def test_non_ct_values_warn(tmp_path):
+def test_non_ct_values_are_refused_or_warn_when_allowed(tmp_path):
+    path = write_nifti(tmp_path / "norm.nii.gz", np.random.default_rng(0).random((20, 20, 6)))
+    with pytest.raises(DataError, match="no air"):
+        load_nifti(path)
     with pytest.warns(HUWarning, match="norm.nii.gz"):
-        load_nifti(write_nifti(tmp_path / "norm.nii.gz", np.random.default_rng(0).random((20, 20, 6))))
+        load_nifti(path, allow_non_hu=True)
+
+
+def test_real_ct_files_pass_the_hu_gate():
+    for path in (DATA / "example_ct.nii.gz", DATA / "example_ct_dicom"):
+        assert hu_problem(load_scan(path).hu) is None
 
 
 def test_save_nifti_roundtrip(tmp_path):

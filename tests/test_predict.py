@@ -15,7 +15,8 @@ from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.checkpoint import save_checkpoint
 from utils.errors import DataError
 from utils.predict import expand_inputs, load_model, main, predict_scan, predict_scans
-from utils.preprocessing import PreprocessConfig
+from utils.ood import fit_feature_stats
+from utils.preprocessing import PreprocessConfig, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE = (32, 32, 16)
@@ -43,6 +44,7 @@ def write_checkpoint(path, config: ModelConfig, state_dict=None, **overrides):
         "label_mode": "binary",
         "class_names": list(CLASS_NAMES),
         "train_config": {"num_samples": 2, "seed": 0},
+        "history": {},
     }
     entries.update(overrides)
     entries = {k: v for k, v in entries.items() if v is not Ellipsis}  # Ellipsis: leave the key out
@@ -118,6 +120,13 @@ def bad_checkpoints(tmp: Path) -> dict:
         "older preprocessing": (write_checkpoint(tmp / "old.pth", config, preprocess_config={
                                     "hu_min": -1000.0, "hu_max": 400.0, "target_shape": list(INPUT_SHAPE)}),
                                 "trained by an older version, retrain"),
+        "dcg stage checkpoint": (write_checkpoint(tmp / "dcg.pth", config, history=...,
+                                                  fit={"name": "dcg", "complete": True}),
+                                 "training checkpoint of the 'dcg' stage, not a finished model"),
+        "diffusion stage checkpoint": (write_checkpoint(tmp / "diffusion.pth", config, history=...,
+                                                        fit={"name": "diffusion", "complete": True}),
+                                       "'diffusion' stage, not a finished model (uncalibrated)"),
+        "no history": (write_checkpoint(tmp / "nohistory.pth", config, history=...), "not a finished model file"),
         "medmnist": (write_checkpoint(tmp / "medmnist.pth", config,
                                       preprocess_config={"source": "medmnist", "target_shape": list(INPUT_SHAPE)},
                                       label_mode="medmnist",
@@ -127,7 +136,8 @@ def bad_checkpoints(tmp: Path) -> dict:
 
 
 BAD_CHECKPOINTS = ["missing", "corrupt", "baseline", "foreign config", "state dict of another config", "no preprocess_config",
-                   "preprocess shape != input", "class names", "older preprocessing", "medmnist"]
+                   "preprocess shape != input", "class names", "older preprocessing", "dcg stage checkpoint",
+                   "diffusion stage checkpoint", "no history", "medmnist"]
 
 
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS)
@@ -265,3 +275,42 @@ def test_cli_as_subprocess(checkpoint, scans):
                           str(scans / "absent.pth")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "python -m utils.run" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# input not in Hounsfield units; out-of-distribution flag
+# ----------------------------------------------------------------------------------------
+
+def test_a_scan_not_in_hu_is_refused_unless_allowed_then_marked(checkpoint, tmp_path, capsys):
+    raw = write_nifti(tmp_path / "uint8.nii.gz", np.clip((toy_ct(seed=1) + 1000) / 8, 0, 255).astype(np.uint8))
+    code, out, err = run_cli(capsys, raw, "--checkpoint", checkpoint)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "not a CT in Hounsfield units" in err and "--allow-non-hu" in err
+    code, out, err = run_cli(capsys, raw, "--checkpoint", checkpoint, "--allow-non-hu")
+    assert code == 0 and "OUT OF DISTRIBUTION: not Hounsfield units" in out
+    code, out, _ = run_cli(capsys, raw, "--checkpoint", checkpoint, "--allow-non-hu", "--json")
+    record = json.loads(out)[0]
+    assert record["out_of_distribution"] is True and "Hounsfield" in record["ood_reasons"][0]
+
+
+def test_feature_distance_flags_scans_unlike_the_training_scans(tmp_path, scans):
+    """The flag follows the stored training statistics: a scan beyond the threshold is marked
+    with its distance, one within it is not; a file without statistics reports None."""
+    config = ModelConfig.tiny(input_shape=INPUT_SHAPE)
+    model, meta = load_model(write_checkpoint(tmp_path / "m.pth", config), "cpu")
+    plain = predict_scan(model, meta, scans / "a.nii.gz", num_samples=1)
+    assert plain["out_of_distribution"] is False and plain["feature_distance"] is None
+    features = []
+    for seed in range(3, 9):  # "training scans": toy CTs like the test scans
+        volume = torch.from_numpy(preprocess(toy_ct(seed=seed), meta.preprocess))[None]
+        features.append(model.guidance(volume).global_features)
+    stats = fit_feature_stats(torch.cat(features))
+    model, meta = load_model(write_checkpoint(tmp_path / "stats.pth", config, feature_stats=stats), "cpu")
+    near = predict_scan(model, meta, scans / "a.nii.gz", num_samples=1)
+    assert near["feature_distance"] > 0 and near["feature_threshold"] == pytest.approx(stats["threshold"])
+    far_stats = {**stats, "threshold": near["feature_distance"] / 2}
+    model, meta = load_model(write_checkpoint(tmp_path / "far.pth", config, feature_stats=far_stats), "cpu")
+    far = predict_scan(model, meta, scans / "a.nii.gz", num_samples=1)
+    assert far["out_of_distribution"] and "unlike the training scans" in far["ood_reasons"][0]
+    assert far["feature_distance"] == pytest.approx(near["feature_distance"])
+    assert near["out_of_distribution"] is (near["feature_distance"] > stats["threshold"])

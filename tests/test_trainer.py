@@ -176,10 +176,12 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]  # no temp file left behind
 
 
-def test_checkpoint_of_another_model_config_is_refused(tmp_path):
+def test_checkpoint_of_another_model_config_is_refused_in_one_line_naming_file_and_field(tmp_path):
     Harness(epochs=1).run(tmp_path / "ckpt.pth")
-    with pytest.raises(ValueError, match=r"hidden \(checkpoint 8 != model 16\)"):
+    with pytest.raises(DataError, match=r"hidden \(checkpoint 8 != model 16\)") as info:
         Harness(epochs=1).run(tmp_path / "ckpt.pth", model_config={"model": "toy", "hidden": 16})
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'ckpt.pth'}: ") and "\n" not in message and "delete it" in message
 
 
 def test_foreign_file_gives_a_one_line_error(tmp_path):

@@ -101,7 +101,21 @@ class VolumeCache:
         return volume
 
     def warm(self, paths: Iterable[str | Path], progress: bool = True) -> None:
-        """Compute every missing entry of ``paths`` now (e.g. before the first epoch)."""
+        """Compute every missing entry of ``paths`` now (e.g. before the first epoch).
+
+        Raises:
+            DataError: one or more scans cannot be loaded; every one is named with its reason
+                (all scans are tried first, so one run lists everything to fix).
+        """
         paths = list(paths)
+        bad: list[DataError] = []
         for path in tqdm(paths, desc=f"cache {self.config.key()}", disable=not progress):
-            self.get(path)
+            try:
+                self.get(path)
+            except DataError as err:
+                bad.append(err)
+        if len(bad) == 1:
+            raise bad[0]
+        if bad:
+            raise DataError(None, f"{len(bad)} of {len(paths)} scans cannot be used; fix or remove them: "
+                                  + "; ".join(map(str, bad)))

@@ -163,8 +163,10 @@ def _flatten(config: Mapping, prefix: str = "") -> dict:
     return flat
 
 
-def check_config_matches(saved: Mapping, current: Mapping) -> None:
-    """Raise ValueError listing every key where a checkpoint's ``model_config`` differs.
+def check_config_matches(saved: Mapping, current: Mapping, path: str | Path | None = None) -> None:
+    """Raise a one-line error listing every key where a checkpoint's ``model_config`` differs:
+    a ``DataError`` naming ``path`` when given (a stage checkpoint in an output folder), else a
+    ``ValueError``.
 
     Nested dicts are compared key by key (named ``a.b.c``); tuples and lists compare equal
     when their items do (a config saved from a tuple field may come back as a list).
@@ -182,7 +184,11 @@ def check_config_matches(saved: Mapping, current: Mapping) -> None:
         elif normalise(ours[key]) != normalise(theirs[key]):
             problems.append(f"{key} (checkpoint {ours[key]!r} != model {theirs[key]!r})")
     if problems:
-        raise ValueError("checkpoint model_config does not match the model: " + "; ".join(problems))
+        message = "checkpoint model_config does not match the model: " + "; ".join(problems)
+        if path is not None:
+            raise DataError(path, message + "; it was written by another configuration: delete it to retrain, "
+                                            "or use another --output-dir")
+        raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ Right, Anterior and Superior along axes 0, 1, 2, and downstream code sees one la
 
 Validation turns every bad file into a one-line ``DataError`` naming it: missing file,
 corrupt or truncated gzip, a non-NIfTI file with a NIfTI name, not 3D, non-finite or
-constant voxels, too few voxels. HU plausibility is only a warning (``HUWarning``): real
-files hold values up to ~3400 HU (metal, dense bone) and padding down to -2048, so a wide
-range is normal; a volume entirely below -500 HU or inside [0, 1] (already normalised, or
-not CT at all) is suspicious but may still be intended.
+constant voxels, too few voxels, an unreadable file in a DICOM series folder, and values that
+are not Hounsfield units (:func:`hu_problem`: a chest CT has air, below -500 HU, around the
+body and in the lungs, and soft tissue above -200 HU; an 8-bit or normalised image, or raw
+stored values without the rescale, has neither). Real files hold values up to ~3400 HU
+(metal, dense bone) and padding down to -3024, so a wide range itself is normal. With
+``allow_non_hu=True`` a non-HU volume loads with an ``HUWarning`` instead (``utils.predict
+--allow-non-hu`` then marks its prediction out-of-distribution).
 """
 from __future__ import annotations
 
@@ -56,8 +59,25 @@ class CTVolume:
     affine: np.ndarray
 
 
+AIR_HU, MIN_AIR_FRACTION = -500.0, 0.01  # at least 1% of voxels are air in a chest CT
+TISSUE_HU = -200.0  # and some voxel is soft tissue or denser
+
+
+def hu_problem(hu: np.ndarray) -> str | None:
+    """Why ``hu`` does not look like a chest CT in Hounsfield units, or None when it does."""
+    lo, hi = float(hu.min()), float(hu.max())
+    air = float(np.mean(hu < AIR_HU))
+    if air < MIN_AIR_FRACTION:
+        return (f"values {lo:g}..{hi:g} with {100 * air:.2g}% of voxels below {AIR_HU:g} HU: no air, so not a CT in "
+                "Hounsfield units (an 8-bit or normalised image, or stored values without RescaleSlope/Intercept?)")
+    if hi < TISSUE_HU:
+        return (f"values {lo:g}..{hi:g}: nothing above {TISSUE_HU:g} HU (no soft tissue), so not a CT in "
+                "Hounsfield units (rescaled twice?)")
+    return None
+
+
 def validate_hu(hu: np.ndarray, source: str | Path, min_inplane: int = MIN_INPLANE,
-                min_slices: int = MIN_SLICES) -> None:
+                min_slices: int = MIN_SLICES, allow_non_hu: bool = False) -> None:
     """Raise a ``DataError`` naming ``source`` unless ``hu`` is a usable (X, Y, Z) CT volume.
 
     Args:
@@ -65,6 +85,7 @@ def validate_hu(hu: np.ndarray, source: str | Path, min_inplane: int = MIN_INPLA
         source: file or folder the array came from (named in the message).
         min_inplane: smallest accepted size of axes 0 and 1.
         min_slices: smallest accepted size of axis 2.
+        allow_non_hu: a volume failing :func:`hu_problem` only warns (``HUWarning``).
     """
     if hu.ndim != 3:
         raise DataError(source, f"expected a 3D volume, got a {hu.ndim}D array of shape {hu.shape}")
@@ -78,24 +99,28 @@ def validate_hu(hu: np.ndarray, source: str | Path, min_inplane: int = MIN_INPLA
     lo, hi = float(hu.min()), float(hu.max())
     if lo == hi:
         raise DataError(source, f"volume is constant (every voxel is {lo:g})")
-    if hi < -500 or (lo >= 0 and hi <= 1):
-        warnings.warn(f"{source}: values {lo:g}..{hi:g} do not look like CT Hounsfield units",
-                      HUWarning, stacklevel=3)
+    problem = hu_problem(hu)
+    if problem is not None and not allow_non_hu:
+        raise DataError(source, problem + "; to predict anyway, marked out-of-distribution: --allow-non-hu")
+    if problem is not None:
+        warnings.warn(f"{source}: {problem}", HUWarning, stacklevel=3)
 
 
-def _canonical(img: nib.Nifti1Image, source: Path, min_inplane: int, min_slices: int) -> CTVolume:
+def _canonical(img: nib.Nifti1Image, source: Path, min_inplane: int, min_slices: int,
+               allow_non_hu: bool = False) -> CTVolume:
     """Reorient a 3D nibabel image to RAS+, read its scaled data and validate it."""
     try:
         canonical = nib.as_closest_canonical(img)  # reads the data when axes must be flipped
         hu = np.asarray(canonical.dataobj, dtype=np.float32)  # (X, Y, Z), slope/inter applied
     except _READ_ERRORS as exc:
         raise DataError(source, f"cannot read voxel data, file is corrupt or truncated ({exc})") from exc
-    validate_hu(hu, source, min_inplane, min_slices)
+    validate_hu(hu, source, min_inplane, min_slices, allow_non_hu)
     spacing = tuple(float(s) for s in nib.affines.voxel_sizes(canonical.affine))
     return CTVolume(hu=hu, spacing=spacing, affine=canonical.affine.copy())
 
 
-def load_nifti(path: str | Path, min_inplane: int = MIN_INPLANE, min_slices: int = MIN_SLICES) -> CTVolume:
+def load_nifti(path: str | Path, min_inplane: int = MIN_INPLANE, min_slices: int = MIN_SLICES,
+               allow_non_hu: bool = False) -> CTVolume:
     """Load a ``.nii`` / ``.nii.gz`` CT volume as float32 HU in canonical RAS+ orientation.
 
     A 4D file whose trailing axes are singletons (X, Y, Z, 1) is squeezed to 3D.
@@ -117,26 +142,45 @@ def load_nifti(path: str | Path, min_inplane: int = MIN_INPLANE, min_slices: int
     img = nib.squeeze_image(img)
     if img.ndim != 3:
         raise DataError(path, f"expected a 3D volume, got a {img.ndim}D image of shape {img.shape}")
-    return _canonical(img, path, min_inplane, min_slices)
+    return _canonical(img, path, min_inplane, min_slices, allow_non_hu)
 
 
-def _dicom_slices(folder: Path) -> list[pydicom.Dataset]:
-    """Read every DICOM image slice in ``folder`` (non-DICOM files are skipped)."""
-    slices = []
+def _dicom_slices(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """(file, dataset) of every DICOM image slice in ``folder``. Every visible file must be
+    readable DICOM image slice (files without the 128-byte preamble are read with
+    ``force=True``; a ``DICOMDIR`` is left out); the ones that are not, e.g. truncated (no
+    pixel data) or not DICOM at all, are named in one error, never skipped silently."""
+    slices, unreadable = [], []
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             ds = pydicom.dcmread(file)
-        except (pydicom.errors.InvalidDicomError, OSError, EOFError) as exc:
-            if file.suffix.lower() == ".dcm":
-                raise DataError(file, f"corrupt DICOM file ({exc})") from exc
+        except pydicom.errors.InvalidDicomError:
+            try:
+                ds = pydicom.dcmread(file, force=True)
+            except Exception:  # noqa: BLE001 - any failure means "not readable DICOM"; named below
+                ds = None
+            if ds is None or not ("PixelData" in ds or "SOPClassUID" in ds):
+                unreadable.append(file.name)
+                continue
+        except (OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
+            unreadable.append(f"{file.name} ({type(exc).__name__})")
             continue
-        if "PixelData" in ds and "ImagePositionPatient" in ds:
-            slices.append(ds)
+        if file.name.upper() == "DICOMDIR":
+            continue  # the media directory of a DICOM file set, not an image
+        if "PixelData" not in ds or "ImagePositionPatient" not in ds:
+            unreadable.append(f"{file.name} (no {'PixelData' if 'PixelData' not in ds else 'ImagePositionPatient'}:"
+                              " truncated, or not an image slice)")
+            continue
+        slices.append((file, ds))
+    if unreadable:
+        shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        raise DataError(folder, f"{len(unreadable)} file(s) in the series folder are not readable DICOM: {shown}; "
+                                "remove them or repair them")
     return slices
 
 
 def load_dicom_series(folder: str | Path, min_inplane: int = MIN_INPLANE,
-                      min_slices: int = MIN_SLICES) -> CTVolume:
+                      min_slices: int = MIN_SLICES, allow_non_hu: bool = False) -> CTVolume:
     """Load a folder holding one axial-ish DICOM CT series as float32 HU in RAS+.
 
     Slices are sorted by their position along the slice normal (the cross product of the
@@ -152,20 +196,28 @@ def load_dicom_series(folder: str | Path, min_inplane: int = MIN_INPLANE,
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "DICOM series folder not found")
-    slices = _dicom_slices(folder)
-    if not slices:
+    files_and_slices = _dicom_slices(folder)
+    if not files_and_slices:
         raise DataError(folder, "no DICOM image slices found")
+    slices = [ds for _, ds in files_and_slices]
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in slices}
     if len(series) > 1:
         raise DataError(folder, f"holds {len(series)} DICOM series; put each series in its own folder")
     orientation = np.asarray(slices[0].ImageOrientationPatient, dtype=np.float64)
     row_cos, col_cos = orientation[:3], orientation[3:]
     normal = np.cross(row_cos, col_cos)
-    slices.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
+    files_and_slices.sort(key=lambda fd: float(np.dot(np.asarray(fd[1].ImagePositionPatient, float), normal)))
+    names = [file.name for file, _ in files_and_slices]
+    slices = [ds for _, ds in files_and_slices]
     positions = np.array([ds.ImagePositionPatient for ds in slices], dtype=np.float64)  # (Z, 3) LPS mm
     steps = np.diff(positions @ normal)
-    if steps.size and (np.min(steps) <= 0 or np.ptp(steps) > 0.01 * np.max(steps) + 1e-3):
-        raise DataError(folder, f"slices are not evenly spaced (steps {np.min(steps):g}..{np.max(steps):g} mm)")
+    if steps.size and np.min(steps) <= 0:
+        i = int(np.argmin(steps))
+        raise DataError(folder, f"{names[i]} and {names[i + 1]} lie at the same position (a duplicated slice?)")
+    if steps.size and np.ptp(steps) > 0.01 * np.max(steps) + 1e-3:
+        i = int(np.argmax(steps))
+        raise DataError(folder, f"slices are not evenly spaced: {steps[i]:g} mm between {names[i]} and {names[i + 1]}, "
+                                f"{float(np.median(steps)):g} mm typically (a missing or unreadable slice?)")
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in slices}
     if len(shapes) > 1:
         raise DataError(folder, f"slices have different sizes {sorted(shapes)}")
@@ -186,15 +238,16 @@ def load_dicom_series(folder: str | Path, min_inplane: int = MIN_INPLANE,
     affine_lps[:3, 2] = slice_step
     affine_lps[:3, 3] = positions[0]
     img = nib.Nifti1Image(hu, _LPS_TO_RAS @ affine_lps)
-    return _canonical(img, folder, min_inplane, min_slices)
+    return _canonical(img, folder, min_inplane, min_slices, allow_non_hu)
 
 
-def load_scan(path: str | Path, min_inplane: int = MIN_INPLANE, min_slices: int = MIN_SLICES) -> CTVolume:
+def load_scan(path: str | Path, min_inplane: int = MIN_INPLANE, min_slices: int = MIN_SLICES,
+              allow_non_hu: bool = False) -> CTVolume:
     """Load a NIfTI file (``.nii`` / ``.nii.gz``) or a folder holding a DICOM series."""
     path = Path(path)
     if path.is_dir():
-        return load_dicom_series(path, min_inplane, min_slices)
-    return load_nifti(path, min_inplane, min_slices)
+        return load_dicom_series(path, min_inplane, min_slices, allow_non_hu)
+    return load_nifti(path, min_inplane, min_slices, allow_non_hu)
 
 
 def save_nifti(path: Path, hu: np.ndarray, affine: np.ndarray) -> None:

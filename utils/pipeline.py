@@ -39,6 +39,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.dataset import CTDataset
 from utils.discovery import CLASS_NAMES, ScanRecord, discover_scans, find_dataset_root
 from utils.errors import DataError
+from utils.ood import fit_feature_stats
 from utils.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
 from utils.evaluate import Predictions, evaluate_experiment, predict_loader, write_learning_curves, write_model_figures
 from utils.phantoms import PhantomConfig
@@ -155,10 +156,10 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
                                 config.progress)
     root, layout = find_dataset_root(data_dir)
     records = discover_scans(root, config.label_mode)
-    splits = load_or_create_splits(records, output_dir / "splits.csv", seed=config.seed, data_dir=root)
     prep = PreprocessConfig(target_shape=config.input_shape, target_spacing=config.target_spacing)
     cache = VolumeCache(cache_dir, prep)
-    cache.warm([r.path for r in records], progress=config.progress)
+    cache.warm([r.path for r in records], progress=config.progress)  # every scan read and checked first ...
+    splits = load_or_create_splits(records, output_dir / "splits.csv", seed=config.seed, data_dir=root)  # ... then frozen
     hires_prep, hires_cache = None, None
     if config.roi_scale > 1:
         h, w, d = config.input_shape
@@ -336,9 +337,13 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, dict[str
 
 
 def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict) -> Path:
-    """Write ``OUTPUT_DIR/diffmic3d_enhanced_model.pth`` (what ``utils.predict`` loads)."""
+    """Write ``OUTPUT_DIR/diffmic3d_enhanced_model.pth`` (what ``utils.predict`` loads): the
+    finished model with its preprocessing, history, and the training scans' DCG feature
+    statistics for the out-of-distribution flag (``utils.ood``)."""
+    features = cache_split_guidance(exp, model, ("train",))["train"]["global_features"]  # (N, F)
     return save_checkpoint(exp.main_checkpoint, model_config=model.config.to_dict(),
-                           model_state_dict=model.state_dict(), **exp.meta, history=history)
+                           model_state_dict=model.state_dict(), **exp.meta, history=history,
+                           feature_stats=fit_feature_stats(features))
 
 
 def train_baselines(exp: Experiment, timer: Optional[StageTimer] = None) -> dict[str, tuple[nn.Module, FitResult]]:

@@ -1,7 +1,7 @@
 """Classify new CT scans with a trained DiffMIC-3D checkpoint: a function and a CLI.
 
     python -m utils.predict SCAN [SCAN ...] [--checkpoint outputs/diffmic3d_enhanced_model.pth]
-                            [--samples N] [--seed 0] [--json] [--device cpu|cuda]
+                            [--samples N] [--seed 0] [--json] [--device cpu|cuda] [--allow-non-hu]
 
 SCAN is a ``.nii`` / ``.nii.gz`` file, a folder holding one DICOM series, or a folder of
 ``.nii`` / ``.nii.gz`` files (each is predicted). Every scan goes through exactly the
@@ -17,13 +17,20 @@ diffusion model's stochastic samples (0 with one sample) and the predictive entr
 ``--json`` prints a JSON list of the same records instead.
 
 A bad scan gives the loader's one-line ``DataError`` on stderr; the other scans are still
-predicted and the exit status is 1. A missing or foreign checkpoint is a one-line error too.
+predicted and the exit status is 1. A missing or foreign checkpoint is a one-line error too,
+and so is a stage checkpoint (``checkpoints/dcg.pth``, ``diffusion.pth``): only a finished
+model file is accepted. A scan whose values are not Hounsfield units (no air: an 8-bit or
+normalised image, stored values without the rescale) is refused with the reason unless
+``--allow-non-hu`` is given; then, and whenever the scan's DCG features lie far from the
+training scans' (``utils.ood``), the result is marked out-of-distribution in the text and in
+the JSON (``out_of_distribution``, ``ood_reasons``, ``feature_distance``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +40,8 @@ import torch
 from models.diffmic3d import DiffMIC3D
 from utils.checkpoint import load_checkpoint
 from utils.errors import DataError
-from utils.nifti_io import CTVolume, load_scan
+from utils.nifti_io import CTVolume, HUWarning, hu_problem, load_scan
+from utils.ood import feature_distance
 from utils.preprocessing import PreprocessConfig, preprocess
 from utils.seeding import pick_device
 
@@ -53,6 +61,7 @@ class CheckpointMeta:
         hires_preprocess: preprocessing of the high-resolution copy (``roi_scale > 1``), else None.
         num_samples: stochastic samples per scan used at evaluation (the training profile's
             ``num_samples``; the model config's default when the checkpoint has none).
+        feature_stats: the training scans' DCG feature statistics (``utils.ood``), or None.
     """
 
     checkpoint: Path
@@ -61,6 +70,7 @@ class CheckpointMeta:
     preprocess: PreprocessConfig
     hires_preprocess: PreprocessConfig | None
     num_samples: int
+    feature_stats: dict | None = None
 
 
 PREPROCESS_KEYS_SINCE_ANTI_ALIAS = ("anti_alias", "target_spacing")
@@ -111,8 +121,9 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     Raises:
         DataError: one line naming the file: missing (run ``python -m utils.run`` first),
             unreadable, not a MediScope checkpoint, not a DiffMIC-3D one (e.g. a baseline),
-            trained on MedMNIST, weights not matching the stored config, preprocessing of an
-            older version, or inconsistent preprocessing.
+            trained on MedMNIST, a stage checkpoint or anything but a finished model file,
+            weights not matching the stored config, preprocessing of an older version, or
+            inconsistent preprocessing.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -130,6 +141,14 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
         model = DiffMIC3D.from_config_dict(model_config)
     except (TypeError, ValueError) as err:
         raise DataError(path, f"model_config is not a DiffMIC-3D configuration ({err})") from err
+    if "fit" in ckpt:
+        stage = ckpt["fit"].get("name", "?") if isinstance(ckpt["fit"], dict) else "?"
+        raise DataError(path, f"is the training checkpoint of the '{stage}' stage, not a finished model "
+                              f"({'a DCG only: its denoiser is untrained' if stage == 'dcg' else 'uncalibrated'}); "
+                              "pass the run's diffmic3d_enhanced_model.pth")
+    if "history" not in ckpt:
+        raise DataError(path, "not a finished model file (written by `python -m utils.run` as "
+                              "diffmic3d_enhanced_model.pth)")
     config = model.config
     mismatch = _state_dict_mismatch(model, ckpt["model_state_dict"])
     if mismatch:
@@ -154,7 +173,7 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     num_samples = (ckpt.get("train_config") or {}).get("num_samples") or config.diffusion.num_samples
     meta = CheckpointMeta(checkpoint=path, class_names=class_names, label_mode=str(ckpt.get("label_mode", "binary")),
                           preprocess=prep, hires_preprocess=hires if dcg.roi_scale > 1 else None,
-                          num_samples=int(num_samples))
+                          num_samples=int(num_samples), feature_stats=ckpt.get("feature_stats"))
     return model.to(device).eval(), meta
 
 
@@ -165,7 +184,7 @@ def _input_tensor(volume: CTVolume, config: PreprocessConfig, device: torch.devi
 
 
 def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, device: torch.device | str = "cpu",
-                 num_samples: int | None = None, seed: int = 0) -> dict:
+                 num_samples: int | None = None, seed: int = 0, allow_non_hu: bool = False) -> dict:
     """Classify one scan (NIfTI file or DICOM series folder).
 
     Args:
@@ -175,19 +194,36 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         num_samples: stochastic diffusion samples (default ``meta.num_samples``).
         seed: seed of the CPU generator drawing the sampling noise; the result of a scan
             depends only on it, not on the other scans predicted alongside.
+        allow_non_hu: predict a scan whose values are not Hounsfield units (refused by
+            default), marking it out-of-distribution.
 
     Returns:
         ``{"path": str, "predicted_class": name, "probability": p of that class,
-        "probs": {name: p}, "std": {name: std over samples}, "entropy": nats}``.
+        "probs": {name: p}, "std": {name: std over samples}, "entropy": nats,
+        "out_of_distribution": bool, "ood_reasons": [str], "feature_distance": float or None,
+        "feature_threshold": float or None}``: out-of-distribution when the scan is not in
+        HU (with ``allow_non_hu``) or its DCG features are far from the training scans'
+        (``utils.ood``; None for a model file without training statistics).
 
     Raises:
-        DataError: the scan cannot be loaded (the loader's one-line message).
+        DataError: the scan cannot be loaded (the loader's one-line message), or is not in
+            Hounsfield units and ``allow_non_hu`` is False.
     """
-    volume = load_scan(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HUWarning)  # reported in the result instead
+        volume = load_scan(path, allow_non_hu=allow_non_hu)
+    reasons = [f"not Hounsfield units: {problem}"] if (problem := hu_problem(volume.hu)) else []
     x = _input_tensor(volume, meta.preprocess, device)
     x_hires = _input_tensor(volume, meta.hires_preprocess, device) if meta.hires_preprocess else None
     generator = torch.Generator().manual_seed(seed)
-    out = model.predict(x, x_hires=x_hires, num_samples=num_samples or meta.num_samples, generator=generator)
+    guidance = model.guidance(x, x_hires)
+    out = model.predict(x, guidance=guidance, num_samples=num_samples or meta.num_samples, generator=generator)
+    distance = None
+    if meta.feature_stats is not None:
+        distance = float(feature_distance(meta.feature_stats, guidance.global_features.float())[0])
+        if distance > meta.feature_stats["threshold"]:
+            reasons.append(f"unlike the training scans (feature distance {distance:.2f} > "
+                           f"{meta.feature_stats['threshold']:.2f})")
     probs = out["probs"][0].double().cpu().numpy()  # (C,)
     std = out["std"][0].double().cpu().numpy()  # (C,)
     top = int(probs.argmax())
@@ -199,6 +235,10 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         "probs": {name: float(p) for name, p in zip(names, probs)},
         "std": {name: float(s) for name, s in zip(names, std)},
         "entropy": float(out["entropy"][0]),
+        "out_of_distribution": bool(reasons),
+        "ood_reasons": reasons,
+        "feature_distance": distance,
+        "feature_threshold": None if meta.feature_stats is None else float(meta.feature_stats["threshold"]),
     }
 
 
@@ -237,8 +277,10 @@ def format_result(result: dict) -> str:
     """One human-readable line per scan."""
     name = result["predicted_class"]
     others = ", ".join(f"{c} {p:.3f}" for c, p in result["probs"].items())
+    flag = (f"; OUT OF DISTRIBUTION: {'; '.join(result['ood_reasons'])}, do not trust this prediction"
+            if result.get("out_of_distribution") else "")
     return (f"{result['path']}: {name} (probability {result['probability']:.3f}; uncertainty: "
-            f"std {result['std'][name]:.3f}, entropy {result['entropy']:.3f} nats) [{others}]")
+            f"std {result['std'][name]:.3f}, entropy {result['entropy']:.3f} nats) [{others}]{flag}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stochastic diffusion samples per scan (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of results instead of text")
+    parser.add_argument("--allow-non-hu", action="store_true",
+                        help="predict scans whose values are not Hounsfield units (refused by default), "
+                             "marked out-of-distribution")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:N (default: $MEDISCOPE_DEVICE, else CUDA if available)")
     return parser
@@ -281,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, failed = [], 0
     for scan in scans:
         try:
-            result = predict_scan(model, meta, scan, device, args.samples, args.seed)
+            result = predict_scan(model, meta, scan, device, args.samples, args.seed, args.allow_non_hu)
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1

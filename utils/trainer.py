@@ -193,8 +193,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         a :class:`FitResult`; ``model`` holds the best weights on return.
 
     Raises:
-        ValueError: the checkpoint's ``model_config`` differs from ``model_config``.
-        DataError: the checkpoint is unreadable or not a training checkpoint of ours.
+        DataError: the checkpoint is unreadable, not a training checkpoint of ours, or its
+            ``model_config`` differs from ``model_config`` (one line naming the file and fields).
     """
     checkpoint_path = Path(checkpoint_path)
     meta = dict(meta or {})
@@ -225,7 +225,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
 
     if checkpoint_path.exists():
         ckpt = load_checkpoint(checkpoint_path)  # on the CPU: load_state_dict copies onto the device
-        check_config_matches(ckpt["model_config"], model_config)
+        check_config_matches(ckpt["model_config"], model_config, checkpoint_path)
         if "fit" not in ckpt:
             raise DataError(checkpoint_path, "not a training checkpoint (no 'fit' state); delete it to retrain")
         state = ckpt["fit"]
