@@ -1,5 +1,6 @@
 """Five-class severity (CT-0 .. CT-4) end to end at the smoke size: data, both phases,
 baselines, test evaluation and a prediction, through the same code as the binary task."""
+import csv
 import json
 
 import numpy as np
@@ -30,3 +31,9 @@ def test_five_class_severity_run_end_to_end(tmp_path):
     result = predict_scan(model, meta, paths[-1], num_samples=2)
     assert list(result["probs"]) == list(meta.class_names)
     assert sum(result["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+    # the model file carries the training scans' feature statistics; the flag is computed from them
+    with open(tmp_path / "run" / "splits.csv", newline="") as f:
+        n_train = sum(row["split"] == "train" for row in csv.DictReader(f))
+    assert meta.feature_stats["n"] == n_train
+    assert result["feature_distance"] > 0 and result["feature_threshold"] == meta.feature_stats["threshold"]
+    assert result["out_of_distribution"] is (result["feature_distance"] > result["feature_threshold"])
