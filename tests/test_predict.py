@@ -220,7 +220,8 @@ def test_expand_inputs(scans, tmp_path):
 
 def test_cli_text_output_names_class_probability_and_uncertainty(checkpoint, loaded, scans, capsys):
     code, out, err = run_cli(capsys, scans / "a.nii.gz", "--checkpoint", checkpoint, "--samples", "3")
-    assert code == 0 and err == ""
+    assert code == 0 and err == "Research use only, not for diagnosis: this model was trained on unknown data " \
+                                "(the checkpoint does not say) (model.pth).\n"  # the test file has no data_source
     expected = predict_scan(*loaded, scans / "a.nii.gz", num_samples=3, seed=0)
     name = expected["predicted_class"]
     assert out.count("\n") == 1
@@ -258,8 +259,8 @@ def test_cli_bad_scans_are_reported_and_good_ones_still_predicted(checkpoint, sc
     code, out, err = run_cli(capsys, folder, tmp_path / "absent.nii.gz", "--checkpoint", checkpoint, "--json")
     assert code == 1
     assert [Path(r["path"]).name for r in json.loads(out)] == ["good.nii.gz"]
-    lines = err.splitlines()
-    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    note, *lines = err.splitlines()
+    assert note.startswith("Research use only") and len(lines) == 2 and all(line.startswith("error: ") for line in lines)
     assert str(folder / "corrupt.nii.gz") in lines[0] and "absent.nii.gz: file not found" in lines[1]
 
 
@@ -284,7 +285,7 @@ def test_cli_as_subprocess(checkpoint, scans):
 def test_a_scan_not_in_hu_is_refused_unless_allowed_then_marked(checkpoint, tmp_path, capsys):
     raw = write_nifti(tmp_path / "uint8.nii.gz", np.clip((toy_ct(seed=1) + 1000) / 8, 0, 255).astype(np.uint8))
     code, out, err = run_cli(capsys, raw, "--checkpoint", checkpoint)
-    assert code == 1 and out == "" and err.count("\n") == 1
+    assert code == 1 and out == "" and err.count("\n") == 2 and err.startswith("Research use only")
     assert "not a CT in Hounsfield units" in err and "--allow-non-hu" in err
     code, out, err = run_cli(capsys, raw, "--checkpoint", checkpoint, "--allow-non-hu")
     assert code == 0 and "OUT OF DISTRIBUTION: not Hounsfield units" in out
@@ -314,3 +315,16 @@ def test_feature_distance_flags_scans_unlike_the_training_scans(tmp_path, scans)
     assert far["out_of_distribution"] and "unlike the training scans" in far["ood_reasons"][0]
     assert far["feature_distance"] == pytest.approx(near["feature_distance"])
     assert near["out_of_distribution"] is (near["feature_distance"] > stats["threshold"])
+
+
+@pytest.mark.parametrize("source, words", [
+    ({"kind": "mosmeddata", "root": "data/MosMedData", "n_scans": 100, "synthetic": True},
+     "trained on synthetic chest-CT phantoms (100 scans), not real patients"),
+    ({"kind": "mosmeddata", "root": "/kaggle/input/mosmed/MosMedData", "n_scans": 1110, "synthetic": False},
+     "trained on the dataset folder 'MosMedData' (1110 scans)"),
+])
+def test_the_research_note_names_the_training_data(tmp_path, scans, capsys, source, words):
+    path = write_checkpoint(tmp_path / "model.pth", ModelConfig.tiny(input_shape=INPUT_SHAPE), data_source=source)
+    code, out, err = run_cli(capsys, scans / "a.nii.gz", "--checkpoint", path, "--samples", "1", "--json")
+    assert code == 0 and err.startswith("Research use only, not for diagnosis") and words in err
+    assert words in json.loads(out)[0]["note"]

@@ -28,6 +28,7 @@ def test_five_class_severity_run_end_to_end(tmp_path):
     assert train_config["label_mode"] == "severity"
     model, meta = load_model(tmp_path / "run" / "diffmic3d_enhanced_model.pth")
     assert meta.class_names == ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4") and model.config.num_classes == 5
+    assert meta.training_data.startswith("synthetic chest-CT phantoms")  # the research-use note says so
     result = predict_scan(model, meta, paths[-1], num_samples=2)
     assert list(result["probs"]) == list(meta.class_names)
     assert sum(result["probs"].values()) == pytest.approx(1.0, abs=1e-5)

@@ -56,6 +56,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from utils.cli import make_parser
 from utils.atomic import atomic_write_text
 from utils.prepare_data import REPO_ROOT
 
@@ -850,14 +851,14 @@ def run_benchmark(output_dir: Path, quick: bool = False, device: Optional[str] =
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n")[0])
+    parser = make_parser("utils.benchmark", __doc__)
     parser.add_argument("--quick", action="store_true", help="smoke sizes: checks the suite runs (for CI)")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="where benchmark.md/.csv go")
     parser.add_argument("--quality-dir", type=Path, default=QUALITY_DIR,
                         help="where utils.benchmark_quality wrote its reports (read only)")
     parser.add_argument("--quality-only", action="store_true",
                         help="only section 1 (reads the quality reports; no training)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: $MEDISCOPE_DEVICE, auto)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: $MEDISCOPE_DEVICE, else auto)")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe is not None:  # internal: one measurement in a fresh process

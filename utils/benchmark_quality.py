@@ -23,7 +23,6 @@ Writes ``OUTPUT_DIR/quality_<data>.md`` and ``.csv`` (``table,item,metric,value,
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
@@ -33,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from utils.cli import make_parser
 from utils.atomic import atomic_write_text
 from utils.metrics import classification_metrics, paired_auc_difference, seed_summary
 from utils.prepare_data import REPO_ROOT
@@ -264,14 +264,14 @@ def write_ablations(base: TrainConfig, seed: int, name: str, data: str, runs: Pa
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.benchmark_quality", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser("utils.benchmark_quality", __doc__)
     parser.add_argument("--data", default="adrenal", help="adrenal, phantoms, smoke or the path of a MedMNIST .npz")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed")
     parser.add_argument("--ablations", action="store_true", help="also the seed-0 ablation table")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "benchmark")
-    parser.add_argument("--device", default=None, help="cpu, cuda or auto")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig overrides")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "benchmark", help="report folder")
+    parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: $MEDISCOPE_DEVICE, else auto)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig overrides (default: none; keys as in python -m utils.run --help)")
     args = parser.parse_args(argv)
     path = run_quality(args.data, tuple(args.seeds), args.output_dir, parse_overrides(args.set), args.ablations,
                        args.device)

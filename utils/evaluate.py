@@ -194,12 +194,19 @@ def _float_cell(value: float) -> str:
 
 
 def write_predictions_csv(predictions: Mapping[str, Predictions], class_names: Sequence[str],
-                          path: str | Path) -> Path:
+                          path: str | Path, data_root: str | Path | None = None) -> Path:
     """Per-scan predictions of every model, atomically, as CSV.
 
     Columns: ``model, path, label, prob_<class>..., std_<class>..., entropy`` (one row per
-    model and scan; ``std_*`` and ``entropy`` are empty for models without them).
+    model and scan; ``std_*`` and ``entropy`` are empty for models without them); ``path``
+    relative to ``data_root`` (POSIX) when the scan lies inside it, as in ``splits.csv``.
     """
+    root = None if data_root is None else Path(data_root).resolve()
+
+    def shown(scan) -> str:
+        resolved = Path(scan).resolve()
+        return resolved.relative_to(root).as_posix() if root is not None and resolved.is_relative_to(root) else str(scan)
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "path", "label", *(f"prob_{c}" for c in class_names),
@@ -209,7 +216,7 @@ def write_predictions_csv(predictions: Mapping[str, Predictions], class_names: S
         for i, scan in enumerate(pred.paths):
             std = [_float_cell(v) for v in pred.std[i]] if pred.std is not None else [""] * n_classes
             entropy = _float_cell(pred.entropy[i]) if pred.entropy is not None else ""
-            writer.writerow([name, scan, int(pred.labels[i]), *(_float_cell(v) for v in pred.probs[i]), *std, entropy])
+            writer.writerow([name, shown(scan), int(pred.labels[i]), *(_float_cell(v) for v in pred.probs[i]), *std, entropy])
     atomic_write_text(path, buffer.getvalue())
     return Path(path)
 
@@ -223,7 +230,8 @@ def _roc_inputs(pred: Predictions, positive_class: int) -> tuple[np.ndarray, np.
 
 
 def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str | Path, class_names: Sequence[str],
-                        seed: int = 0, n_resamples: int = MIN_RESAMPLES, positive_class: int = 1) -> list[dict]:
+                        seed: int = 0, n_resamples: int = MIN_RESAMPLES, positive_class: int = 1,
+                        data_root: str | Path | None = None) -> list[dict]:
     """Metrics with 95% bootstrap CIs, per-scan predictions and figures of all models.
 
     Args:
@@ -240,6 +248,8 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
         seed: bootstrap seed; the same resamples of the test scans for every model (paired).
         n_resamples: bootstrap resamples (>= 1000).
         positive_class: the class precision / recall / specificity / AUC refer to when C = 2.
+        data_root: scan paths in ``predictions.csv`` are written relative to it (as in
+            ``splits.csv``) when they lie inside it.
 
     Returns:
         the metric rows written to ``evaluation_results.csv`` (``utils.metrics.metrics_table``).
@@ -250,7 +260,7 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
     rows = metrics_table({name: (p.labels, p.probs) for name, p in predictions.items()},
                          n_resamples=n_resamples, seed=seed, positive_class=positive_class)
     write_metrics_csv(rows, output_dir / RESULTS_CSV)
-    write_predictions_csv(predictions, class_names, output_dir / PREDICTIONS_CSV)
+    write_predictions_csv(predictions, class_names, output_dir / PREDICTIONS_CSV, data_root)
 
     main_name, main = next(iter(predictions.items()))
     cm = classification_metrics(main.labels, main.probs, positive_class)["confusion_matrix"]

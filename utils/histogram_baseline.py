@@ -15,7 +15,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
@@ -79,10 +78,12 @@ def histogram_baseline_accuracy(paths: Sequence[str | Path], labels: Sequence[in
 
 def main(argv: list[str] | None = None) -> tuple[float, float]:
     """Command line: print the histogram baseline's accuracy on a dataset folder."""
-    parser = argparse.ArgumentParser(prog="python -m utils.histogram_baseline", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="folder holding a MosMedData layout")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-mode", choices=("binary", "severity"), default="binary")
+    from utils.cli import make_parser
+
+    parser = make_parser("utils.histogram_baseline", __doc__)
+    parser.add_argument("--data-dir", type=Path, required=True, help="folder holding a MosMedData layout (required)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
+    parser.add_argument("--label-mode", choices=("binary", "severity"), default="binary", help="labels")
     args = parser.parse_args(argv)
     records = discover_scans(args.data_dir, label_mode=args.label_mode)
     mean, std = histogram_baseline_accuracy([r.path for r in records], [r.label for r in records], seed=args.seed)

@@ -18,9 +18,10 @@ re-run alone; :func:`open_experiment` says which notebook to run first when a fi
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,7 @@ OUTPUT_DIR_ENV = "MEDISCOPE_OUTPUT_DIR"
 PROFILE_ENV = "MEDISCOPE_PROFILE"
 SEED_ENV = "MEDISCOPE_SEED"
 PROGRESS_ENV = "MEDISCOPE_PROGRESS"
+SET_ENV = "MEDISCOPE_SET"  # JSON object of TrainConfig overrides (utils.run_notebooks --set)
 KAGGLE_WORKING = Path("/kaggle/working")
 DEFAULT_PROFILE = "demo"
 NOTEBOOKS = ("01_data_loading", "02_preprocessing", "03_dcg_model", "04_prior_generation", "05_unet",
@@ -51,6 +53,7 @@ class NotebookParameters:
         profile: a ``utils.profiles`` name (smoke, demo, full).
         seed: the run's seed (split, initialisation, sampling).
         progress: show progress bars.
+        overrides: further ``TrainConfig`` fields (``$MEDISCOPE_SET``, set by ``utils.run_notebooks --set``).
     """
 
     data_dir: Optional[Path]
@@ -58,10 +61,11 @@ class NotebookParameters:
     profile: str
     seed: int
     progress: bool
+    overrides: Mapping = field(default_factory=dict)
 
     def config(self) -> TrainConfig:
-        """The profile's ``TrainConfig`` with this seed and progress setting."""
-        return get_profile(self.profile, seed=self.seed, progress=self.progress)
+        """The profile's ``TrainConfig`` with the overrides, this seed and progress setting."""
+        return get_profile(self.profile, **{**self.overrides, "seed": self.seed, "progress": self.progress})
 
     def summary(self) -> str:
         """One line per parameter, paths relative to the repository when inside it."""
@@ -104,7 +108,13 @@ def resolve_parameters(data_dir=None, output_dir=None, profile=None, seed=None,
     except (TypeError, ValueError):
         raise ValueError(f"SEED must be an integer, got {seed!r}") from None
     progress = _flag(environ.get(PROGRESS_ENV, "1"))
-    return NotebookParameters(None if data_dir is None else Path(data_dir), Path(output_dir), profile, seed, progress)
+    try:
+        overrides = json.loads(environ.get(SET_ENV) or "{}")
+    except json.JSONDecodeError:
+        raise ValueError(f"${SET_ENV} must be a JSON object of TrainConfig fields, got {environ[SET_ENV]!r}") from None
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return NotebookParameters(None if data_dir is None else Path(data_dir), Path(output_dir), profile, seed, progress,
+                              overrides)
 
 
 def open_experiment(params: NotebookParameters, run_first: Optional[str] = "01_data_loading",

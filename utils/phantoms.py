@@ -46,7 +46,6 @@ scan does not depend on generation order and an interrupted run resumes where it
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -640,12 +639,14 @@ def write_dataset(out: str | Path, n: int, seed: int, layout: str = "ct0_ct23",
 
 def main(argv: list[str] | None = None) -> list[Path]:
     """Command line: write a phantom dataset and print a summary."""
-    parser = argparse.ArgumentParser(prog="python -m utils.phantoms", description=__doc__.split("\n")[0])
+    from utils.cli import make_parser  # utils.cli imports the profiles, which import this module
+
+    parser = make_parser("utils.phantoms", __doc__)
     parser.add_argument("--out", type=Path, default=Path("data/MosMedData"), help="dataset folder")
     parser.add_argument("--n", type=int, default=100, help="number of scans (balanced classes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="default")
-    parser.add_argument("--layout", choices=LAYOUTS, default="ct0_ct23")
+    parser.add_argument("--seed", type=int, default=0, help="scan i is drawn from (seed, i)")
+    parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="default", help="lesion visibility")
+    parser.add_argument("--layout", choices=LAYOUTS, default="ct0_ct23", help="MosMedData folder layout")
     parser.add_argument("--size", type=int, default=PhantomConfig.size, help="in-plane matrix (512 = MosMedData)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

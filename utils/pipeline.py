@@ -40,9 +40,11 @@ from utils.dataset import CTDataset
 from utils.discovery import CLASS_NAMES, ScanRecord, discover_scans, find_dataset_root
 from utils.errors import DataError
 from utils.ood import fit_feature_stats
+from utils.paths import default_cache_dir
+from utils.provenance import record as record_provenance
 from utils.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
 from utils.evaluate import Predictions, evaluate_experiment, predict_loader, write_learning_curves, write_model_figures
-from utils.phantoms import PhantomConfig
+from utils.phantoms import SIDECAR as PHANTOM_SIDECAR, PhantomConfig
 from utils.prepare_data import REPO_ROOT, resolve_data_dir, split_summary
 from utils.preprocessing import PreprocessConfig
 from utils.profiles import TrainConfig
@@ -140,6 +142,7 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_output_dir(output_dir, config)
+    record_provenance(output_dir, device)
     for stale in output_dir.rglob(".*.tmp*"):  # half-written files of a killed run (utils.atomic)
         stale.unlink()
     if data_dir is not None and is_medmnist_file(data_dir):
@@ -150,7 +153,7 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
                   f"{len(exp.records)} volumes of {tuple(exp.meta['data_source']['source_shape'])}, official split)\n"
                   f"{split_summary(exp.splits, exp.class_names)}")
         return exp
-    cache_dir = Path(cache_dir) if cache_dir is not None else REPO_ROOT / "data" / "processed"
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data_dir = resolve_data_dir(None if data_dir is None else Path(data_dir), REPO_ROOT / config.phantom_dir,
                                 config.n_phantoms, config.phantom_seed, PhantomConfig(size=config.phantom_size),
                                 config.progress)
@@ -179,7 +182,7 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
         "hires_preprocess_config": None if hires_prep is None else hires_prep.as_dict(),
         "label_mode": config.label_mode, "class_names": class_names, "train_config": config.to_dict(),
         "data_source": {"kind": "mosmeddata", "root": display_path(root), "layout": layout, "n_scans": len(records),
-                        "num_classes": config.num_classes},
+                        "num_classes": config.num_classes, "synthetic": (Path(data_dir) / PHANTOM_SIDECAR).is_file()},
     }
     exp = Experiment(config=config, output_dir=output_dir, device=device, data_root=root, layout=layout,
                      records=records, splits=splits, class_names=class_names, num_classes=config.num_classes,
@@ -412,7 +415,7 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
                                                            progress=config.progress)
                                            for name, fn in predictors.items()}
     rows = evaluate_experiment(predictions, exp.output_dir, exp.class_names, seed=config.seed,
-                               n_resamples=config.n_resamples)
+                               n_resamples=config.n_resamples, data_root=exp.data_root)
     shown = figure_scans(test)
     write_model_figures(model, [test[i]["image"].numpy() for i in shown], [test.records[i].path for i in shown],
                         exp.output_dir, seed=config.seed, class_names=exp.class_names,

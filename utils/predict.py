@@ -39,6 +39,7 @@ import torch
 
 from models.diffmic3d import DiffMIC3D
 from utils.checkpoint import load_checkpoint
+from utils.cli import make_parser
 from utils.errors import DataError
 from utils.nifti_io import CTVolume, HUWarning, hu_problem, load_scan
 from utils.ood import feature_distance
@@ -62,6 +63,7 @@ class CheckpointMeta:
         num_samples: stochastic samples per scan used at evaluation (the training profile's
             ``num_samples``; the model config's default when the checkpoint has none).
         feature_stats: the training scans' DCG feature statistics (``utils.ood``), or None.
+        training_data: what the model was trained on, in words (for the research-use note).
     """
 
     checkpoint: Path
@@ -71,6 +73,13 @@ class CheckpointMeta:
     hires_preprocess: PreprocessConfig | None
     num_samples: int
     feature_stats: dict | None = None
+    training_data: str = "unknown data"
+
+    @property
+    def note(self) -> str:
+        """The one-line research-use note printed with every prediction."""
+        return (f"Research use only, not for diagnosis: this model was trained on {self.training_data} "
+                f"({self.checkpoint.name}).")
 
 
 PREPROCESS_KEYS_SINCE_ANTI_ALIAS = ("anti_alias", "target_spacing")
@@ -173,8 +182,18 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     num_samples = (ckpt.get("train_config") or {}).get("num_samples") or config.diffusion.num_samples
     meta = CheckpointMeta(checkpoint=path, class_names=class_names, label_mode=str(ckpt.get("label_mode", "binary")),
                           preprocess=prep, hires_preprocess=hires if dcg.roi_scale > 1 else None,
-                          num_samples=int(num_samples), feature_stats=ckpt.get("feature_stats"))
+                          num_samples=int(num_samples), feature_stats=ckpt.get("feature_stats"),
+                          training_data=_training_data(source))
     return model.to(device).eval(), meta
+
+
+def _training_data(source) -> str:
+    """``data_source`` of a checkpoint in words: synthetic phantoms, or the dataset folder's name."""
+    if not isinstance(source, dict):
+        return "unknown data (the checkpoint does not say)"
+    if source.get("synthetic"):
+        return f"synthetic chest-CT phantoms ({source.get('n_scans', '?')} scans), not real patients"
+    return f"the dataset folder '{Path(str(source.get('root', '?'))).name}' ({source.get('n_scans', '?')} scans)"
 
 
 def _input_tensor(volume: CTVolume, config: PreprocessConfig, device: torch.device | str) -> torch.Tensor:
@@ -239,6 +258,7 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         "ood_reasons": reasons,
         "feature_distance": distance,
         "feature_threshold": None if meta.feature_stats is None else float(meta.feature_stats["threshold"]),
+        "note": meta.note,
     }
 
 
@@ -284,17 +304,16 @@ def format_result(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.predict",
-        description="Classify CT scans with a trained DiffMIC-3D checkpoint: predicted class, its probability, "
-                    "and its uncertainty (std over diffusion samples, predictive entropy in nats).")
+    parser = make_parser("utils.predict", "Classify CT scans with a trained DiffMIC-3D checkpoint: predicted class, "
+                                          "its probability, and its uncertainty (std over diffusion samples, "
+                                          "predictive entropy in nats). For research use, not for diagnosis.")
     parser.add_argument("scans", nargs="+", metavar="SCAN",
                         help=".nii/.nii.gz file, DICOM series folder, or folder of .nii/.nii.gz files")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help=f"DiffMIC-3D checkpoint (default: {DEFAULT_CHECKPOINT})")
+                        help="the finished model file of a run")
     parser.add_argument("--samples", type=int, default=None,
                         help="stochastic diffusion samples per scan (default: the checkpoint's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     parser.add_argument("--json", action="store_true", help="print a JSON list of results instead of text")
     parser.add_argument("--allow-non-hu", action="store_true",
                         help="predict scans whose values are not Hounsfield units (refused by default), "
@@ -320,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    print(meta.note, file=sys.stderr)
     scans, notes = expand_inputs(args.scans)
     for note in notes:
         print(note, file=sys.stderr)

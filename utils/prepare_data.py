@@ -11,7 +11,6 @@ and per split, where the manifest and cache are.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import Counter
@@ -20,12 +19,12 @@ from pathlib import Path
 from utils.cache import VolumeCache
 from utils.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
 from utils.errors import DataError
+from utils.cli import make_parser
+from utils.paths import EMBEDDED_DATA, REPO_ROOT  # noqa: F401 - re-exported for older imports
 from utils.phantoms import PhantomConfig, write_dataset
 from utils.preprocessing import PreprocessConfig
 from utils.splits import SPLITS, load_or_create_splits
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED_DATA = REPO_ROOT / "data" / "MosMedData"
 
 
 def resolve_data_dir(data_dir: Path | None, phantom_dir: Path = EMBEDDED_DATA, n_phantoms: int = 100,
@@ -56,13 +55,17 @@ def split_summary(splits: dict, classes) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.prepare_data", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding a MosMedData layout")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs")
-    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "data" / "processed")
+    parser = make_parser("utils.prepare_data", __doc__)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder holding a MosMedData layout (default: $MEDISCOPE_DATA_DIR, /kaggle/input, "
+                             "else the embedded phantoms)")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="where splits.csv goes")
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "data" / "processed",
+                        help="preprocessed-volume cache")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (and of generated phantoms)")
-    parser.add_argument("--label-mode", choices=("binary", "severity"), default="binary")
-    parser.add_argument("--target", type=int, nargs=3, default=(128, 128, 64), metavar=("H", "W", "D"))
+    parser.add_argument("--label-mode", choices=("binary", "severity"), default="binary", help="labels")
+    parser.add_argument("--target", type=int, nargs=3, default=(128, 128, 64), metavar=("H", "W", "D"),
+                        help="preprocessed shape")
     parser.add_argument("--phantoms", type=int, default=100, help="size of the embedded set if generated")
     parser.add_argument("--no-cache", action="store_true", help="skip preprocessing into the cache")
     args = parser.parse_args(argv)

@@ -29,20 +29,19 @@ starting it again with another configuration is refused.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 from utils.atomic import atomic_write_text
+from utils.cli import add_run_options, make_parser, run_config
 from utils.errors import DataError
 from utils.evaluate import format_results_table
 from utils.pipeline import (build_model, cache_split_guidance, display_path, evaluate_test, history_entry,
                             prepare_experiment, save_main_checkpoint, train_baselines, train_phase1, train_phase2,
                             write_history)
-from utils.prepare_data import REPO_ROOT
-from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
+from utils.profiles import TrainConfig
 from utils.seeding import pick_device
 from utils.stage_timer import StageTimer
 
@@ -75,22 +74,17 @@ def run_experiment(config: TrainConfig, output_dir: Path, data_dir: Optional[Pat
     return rows
 
 
+def build_parser():
+    parser = make_parser("utils.run", __doc__)
+    add_run_options(parser)
+    return parser
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="demo")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding a MosMedData layout")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="preprocessed-volume cache (data/processed)")
-    parser.add_argument("--seed", type=int, default=None, help="overrides the profile's seed")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: $MEDISCOPE_DEVICE, auto)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a TrainConfig field, e.g. --set dcg_epochs=3 --set input_shape=64,64,32")
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        overrides = parse_overrides(args.set)
-        if args.seed is not None:
-            overrides["seed"] = args.seed
-        config = get_profile(args.profile, **overrides)
+        config = run_config(args)
         pick_device(args.device)  # fail early, with the reason, on an unavailable device
     except ValueError as exc:
         parser.error(str(exc))

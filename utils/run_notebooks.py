@@ -1,7 +1,10 @@
 """Execute the seven notebooks in order with papermill: the main job.
 
-    python -m utils.run_notebooks [--profile demo] [--data-dir DIR] [--output-dir outputs]
-                                  [--seed 0] [--update-notebooks]
+    python -m utils.run_notebooks [--profile demo] [--data-dir DIR] [--output-dir DIR] [--seed N]
+                                  [--cache-dir DIR] [--device cpu|cuda] [--set key=value ...]
+                                  [--update-notebooks]
+
+(the same run options as ``python -m utils.run``)
 
 Each notebook ``notebooks/NN_name.ipynb`` runs with the ``python3`` kernel, its working
 directory set to ``notebooks/`` and its ``parameters`` cell given DATA_DIR, OUTPUT_DIR, PROFILE
@@ -20,6 +23,7 @@ carry no machine's folder names. Progress bars inside the notebooks are off
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -29,10 +33,13 @@ from typing import Optional, Sequence
 
 import nbformat
 
-from utils.notebook import NOTEBOOKS, PROGRESS_ENV
+from utils.cli import add_run_options, make_parser
+from utils.notebook import NOTEBOOKS, PROGRESS_ENV, SET_ENV, resolve_parameters
+from utils.paths import CACHE_DIR_ENV
 from utils.phantoms import PhantomConfig
 from utils.prepare_data import REPO_ROOT, resolve_data_dir
-from utils.profiles import PROFILES, get_profile
+from utils.profiles import get_profile, parse_overrides
+from utils.seeding import DEVICE_ENV_VAR, pick_device
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 KERNEL = "python3"
@@ -101,16 +108,26 @@ def execute(name: str, notebook_dir: Path, out_dir: Path, parameters: dict, prog
     return target
 
 
-def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output_dir: Path = REPO_ROOT / "outputs",
-                  seed: int = 0, notebook_dir: Path = NOTEBOOK_DIR, names: Sequence[str] = NOTEBOOKS,
-                  progress: bool = True) -> list[Path]:
+def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output_dir: Optional[Path] = None,
+                  seed: Optional[int] = None, notebook_dir: Path = NOTEBOOK_DIR, names: Sequence[str] = NOTEBOOKS,
+                  progress: bool = True, cache_dir: Optional[Path] = None, device: Optional[str] = None,
+                  overrides: Optional[dict] = None) -> list[Path]:
     """Execute ``names`` in order (see the module docstring); returns the executed copies.
+
+    ``output_dir`` None: as the notebooks resolve it (``$MEDISCOPE_OUTPUT_DIR``,
+    ``/kaggle/working/outputs`` on Kaggle, else ``outputs/``). ``cache_dir``, ``device`` and
+    ``overrides`` (TrainConfig fields) reach the kernels through ``$MEDISCOPE_CACHE_DIR``,
+    ``$MEDISCOPE_DEVICE`` and ``$MEDISCOPE_SET``, which every notebook reads.
 
     Raises:
         NotebookFailed: at the first notebook that raises.
+        ValueError: an unknown profile or override.
     """
-    config = get_profile(profile, seed=seed)
-    output_dir = Path(output_dir)
+    overrides = dict(overrides or {})
+    if seed is not None:
+        overrides["seed"] = int(seed)
+    config = get_profile(profile, **overrides)
+    output_dir = Path(output_dir) if output_dir is not None else resolve_parameters(profile=profile).output_dir
     out_dir = output_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     if data_dir is None:  # the embedded phantoms, generated here (with progress) on first use
@@ -121,7 +138,14 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
     else:
         data_param = relative_to(Path(data_dir), notebook_dir)
     parameters = {"DATA_DIR": data_param, "OUTPUT_DIR": relative_to(output_dir, notebook_dir),
-                  "PROFILE": profile, "SEED": int(seed)}
+                  "PROFILE": profile, "SEED": int(config.seed)}
+    if cache_dir is not None:
+        os.environ[CACHE_DIR_ENV] = str(Path(cache_dir).resolve())
+    if device is not None:
+        os.environ[DEVICE_ENV_VAR] = device
+    rest = {k: v for k, v in overrides.items() if k != "seed"}
+    if rest:
+        os.environ[SET_ENV] = json.dumps(rest)
     os.environ.setdefault(PROGRESS_ENV, "0")  # inherited by the kernels
     executed = []
     for i, name in enumerate(names, 1):
@@ -132,21 +156,36 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
     return executed
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.run_notebooks", description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="demo")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder holding a MosMedData layout")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs")
-    parser.add_argument("--seed", type=int, default=0)
+def build_parser():
+    parser = make_parser("utils.run_notebooks", __doc__)
+    add_run_options(parser)
+    parser.set_defaults(output_dir=None)
+    for action in parser._actions:
+        if action.dest == "output_dir":
+            action.help = ("the run folder (default: $MEDISCOPE_OUTPUT_DIR, /kaggle/working/outputs on Kaggle, "
+                           "else outputs)")
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--update-notebooks", action="store_true",
                         help="copy the executed notebooks back over notebooks/ (their committed outputs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        executed = run_notebooks(args.profile, args.data_dir, args.output_dir, args.seed, args.notebooks_dir,
-                                 progress=not args.no_progress)
+        overrides = parse_overrides(args.set)
+        get_profile(args.profile, **overrides)
+        pick_device(args.device)  # fail early, with the reason, on an unavailable device
+    except ValueError as exc:
+        parser.error(str(exc))
+    output_dir = args.output_dir or resolve_parameters(profile=args.profile).output_dir
+    try:
+        executed = run_notebooks(args.profile, args.data_dir, output_dir, args.seed, args.notebooks_dir,
+                                 progress=not args.no_progress, cache_dir=args.cache_dir, device=args.device,
+                                 overrides=overrides)
     except NotebookFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -157,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             strip_injected_parameters(target)
         print(f"updated {len(executed)} notebooks in {args.notebooks_dir}")
     minutes = (time.perf_counter() - started) / 60
-    print(f"all {len(executed)} notebooks ran in {minutes:.1f} min; executed copies in {args.output_dir / 'notebooks'}")
+    print(f"all {len(executed)} notebooks ran in {minutes:.1f} min; executed copies in {output_dir / 'notebooks'}")
     return 0
 
 

@@ -1,0 +1,76 @@
+"""What every command line of the project shares: help with defaults, and the run options.
+
+``make_parser`` gives a parser whose ``--help`` shows each option's default (flags: "off");
+an option whose default is None says in its own help what happens then. ``add_run_options``
+adds the options of a run, the same for ``utils.run`` and ``utils.run_notebooks``; ``run_config``
+turns them into the ``TrainConfig``.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from utils.paths import REPO_ROOT
+from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
+
+SET_KEYS = tuple(f.name for f in fields(TrainConfig))
+
+
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already speaks of its
+    default; flags show ``(default: off)``; None defaults are described by the help itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)".strip()
+        if action.default is None or action.default == []:
+            return text
+        default = action.default
+        if isinstance(default, Path):
+            default = _shown(default)
+        elif isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {default})".strip()
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser for ``python -m <prog>`` described by the first paragraph of ``doc``."""
+    return argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.strip().split("\n\n")[0],
+                                   formatter_class=_DefaultsFormatter)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--profile, --data-dir, --output-dir, --cache-dir, --seed, --device, --set."""
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="demo", help="run size (utils.profiles)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="MosMedData folder or MedMNIST .npz (default: $MEDISCOPE_DATA_DIR, a MosMedData copy "
+                             "under /kaggle/input, else the profile's embedded phantoms)")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="the run folder")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="preprocessed-volume cache (default: $MEDISCOPE_CACHE_DIR, else data/processed)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of split, initialisation and sampling (default: the profile's, 0)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N or auto (default: $MEDISCOPE_DEVICE, else CUDA when available)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig field; repeatable, e.g. --set dcg_epochs=3 --set "
+                             "input_shape=64,64,32 (default: none). Keys: " + ", ".join(SET_KEYS))
+
+
+def run_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed run options. Raises ValueError for a bad --set."""
+    overrides = parse_overrides(args.set)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    return get_profile(args.profile, **overrides)

@@ -1,0 +1,14 @@
+"""Repository paths and the environment variables that move them (one place for both)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_DATA = REPO_ROOT / "data" / "MosMedData"
+CACHE_DIR_ENV = "MEDISCOPE_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """The preprocessed-volume cache: ``$MEDISCOPE_CACHE_DIR``, else ``data/processed``."""
+    return Path(os.environ[CACHE_DIR_ENV]).expanduser() if os.environ.get(CACHE_DIR_ENV) else REPO_ROOT / "data" / "processed"
