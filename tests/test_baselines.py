@@ -85,3 +85,20 @@ def test_trained_baseline_ranks_held_out_scans_above_chance(tmp_path):
     with torch.no_grad():
         p = torch.softmax(model(torch.stack([test[i]["image"] for i in range(len(test))])), 1)[:, 1].numpy()
     assert roc_auc_score(test.labels, p) >= 0.9, (result.history, p)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_gradcam_maps_cover_the_input_and_follow_the_prediction(name):
+    from utils.gradcam import gradcam_maps
+
+    torch.manual_seed(0)
+    net = build_baseline(name, 2).eval()
+    x = torch.rand(2, 1, 48, 48, 32)
+    maps, predicted = gradcam_maps(net, name, x)
+    assert maps.shape == (2, 48, 48, 32) and np.isfinite(maps).all()
+    assert maps.min() >= 0.0 and maps.max() <= 1.0 + 1e-6  # normalised per scan (an untrained DenseNet's
+    # ReLU-ed Grad-CAM can be all zero, so "not constant" is checked on the ResNet only)
+    if name == "resnet18":
+        assert maps.reshape(2, -1).std(axis=1).min() > 0
+    with torch.no_grad():
+        assert predicted.tolist() == net(x).argmax(1).tolist()

@@ -36,3 +36,9 @@ def test_a_run_folder_has_provenance_and_relative_paths(tmp_path):
             paths = [row["path"] for row in csv.DictReader(f)]
         assert paths and not any(p.startswith("/") for p in paths), name
         assert all((tmp_path / "phantoms" / p).is_file() for p in paths), name
+    figures = tmp_path / "run" / "figures"
+    expected = {"confusion_matrix", "confusion_matrices", "roc_curves", "reliability_diagram", "learning_curves",
+                "saliency_rois", "denoising_trajectory", "baseline_gradcam"}
+    for stem in expected:  # every figure, as PNG and PDF
+        assert (figures / f"{stem}.png").stat().st_size > 1000 and (figures / f"{stem}.pdf").is_file(), stem
+    assert {p.stem for p in figures.glob("*.png")} == {p.stem for p in figures.glob("*.pdf")}

@@ -7,8 +7,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle, StepPatch
 from sklearn.metrics import roc_auc_score
 
-from utils.metrics import expected_calibration_error, reliability_curve
 from utils.visualization import (
+    plot_confusion_matrices,
     plot_confusion_matrix,
     plot_ct_slices,
     plot_denoising_trajectory,
@@ -17,6 +17,7 @@ from utils.visualization import (
     plot_reliability_diagram,
     plot_roc_curves,
     plot_saliency_overlay,
+    quantile_reliability,
     save_figure,
 )
 
@@ -51,10 +52,15 @@ def test_roc_curves_one_line_per_model_plus_chance():
     y, s = binary_scores()
     fig = plot_roc_curves({"ours": (y, s), "ResNet-18": (y, 1 - s), "DenseNet-121": (torch.tensor(y), torch.tensor(s))})
     ax = fig.axes[0]
-    assert len(ax.lines) == 4
+    assert len(ax.lines) == 4 and len(ax.collections) == 3  # a bootstrap band per model
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[0].startswith("ours (AUC = ") and labels[-1] == "chance"
-    assert labels[1] == f"ResNet-18 (AUC = {roc_auc_score(y, 1 - s):.3f})"
+    assert labels[0].startswith("ours: AUC ") and labels[-1] == "chance"
+    auc = roc_auc_score(y, 1 - s)
+    assert labels[1].startswith(f"ResNet-18: AUC {auc:.3f} [")
+    low, high = (float(v) for v in labels[1].split("[")[1].rstrip("]").split(", "))
+    assert low <= auc <= high and high - low > 0.01  # a real interval around the estimate
+    assert len({line.get_linestyle() for line in ax.lines[:3]}) == 3  # overlapping curves stay apart
+    assert "COVID-19 positive" in plot_roc_curves({"ours": (y, s)}, positive_label="COVID-19").axes[0].get_ylabel()
 
 
 def test_learning_curves_two_phases():
@@ -71,22 +77,29 @@ def test_learning_curves_two_phases():
     np.testing.assert_array_equal(loss2.lines[0].get_xdata(), [1, 2])
 
 
-def test_reliability_diagram_bars_and_ece_in_title():
-    y, s = binary_scores(200)
+@pytest.mark.parametrize("n, bins", [(200, 10), (20, 4)])
+def test_reliability_diagram_quantile_bins_with_counts(n, bins):
+    y, s = binary_scores(n)
     probs = np.stack([1 - s, s], axis=1)
-    fig = plot_reliability_diagram(y, probs, n_bins=10)
-    ax = fig.axes[0]
-    filled = int((reliability_curve(y, probs, 10)["count"] > 0).sum())
-    assert len([p for p in ax.patches if isinstance(p, Rectangle)]) == filled
-    assert f"ECE = {expected_calibration_error(y, probs, 10):.3f}" in ax.get_title()
+    curve = quantile_reliability(y, probs, n_bins=10)
+    assert len(curve["count"]) == bins and curve["count"].sum() == n  # 20 predictions: 4 bins of 5
+    assert curve["count"].min() >= n // bins - 1  # quantile bins: about equal counts
+    conf, correct = probs.max(1), probs.argmax(1) == y
+    assert curve["ece"] == pytest.approx(sum(c / n * abs(a - m) for c, a, m in
+                                             zip(curve["count"], curve["accuracy"], curve["confidence"])))
+    assert 0 <= curve["ece"] <= 1 and correct.mean() == pytest.approx(np.dot(curve["count"], curve["accuracy"]) / n)
+    ax = plot_reliability_diagram(y, probs).axes[0]
+    assert len([p for p in ax.patches if isinstance(p, Rectangle)]) == bins
+    assert [t.get_text() for t in ax.texts] == [f"n = {c}" for c in curve["count"]]
+    assert f"ECE = {curve['ece']:.3f}" in ax.get_title() and conf.min() >= 0.5
 
 
-@pytest.mark.parametrize("volume, n, expected_vmax", [(VOLUME, 5, 1.0), (VOLUME * 1400 - 1000, 3, 400.0)])
-def test_ct_slices(volume, n, expected_vmax):
+@pytest.mark.parametrize("volume, n, expected_vmax", [(VOLUME, 5, 1150 / 1400), (VOLUME * 1400 - 1000, 3, 150.0)])
+def test_ct_slices(volume, n, expected_vmax):  # lung window: W 1500, L -600 (up to 150 HU)
     fig = plot_ct_slices(volume, n=n, title="scan")
     assert len(fig.axes) == n
     image = fig.axes[0].images[0]
-    assert image.get_array().shape == (32, 32) and image.get_clim()[1] == expected_vmax
+    assert image.get_array().shape == (32, 32) and image.get_clim()[1] == pytest.approx(expected_vmax)
     k = int(fig.axes[0].get_title().split()[1].split("/")[0])
     np.testing.assert_array_equal(image.get_array(), volume[:, :, k].T)  # axial slice, transposed
 
@@ -94,14 +107,15 @@ def test_ct_slices(volume, n, expected_vmax):
 def test_saliency_overlay_draws_each_box_on_the_slices_it_crosses():
     boxes = np.array([[0, 0, 0, 8, 8, 4], [10, 12, 2, 18, 20, 6], [20, 20, 10, 28, 28, 14]])  # (K, 6)
     fig = plot_saliency_overlay(VOLUME, SALIENCY, boxes, slices=[1, 3, 5, 12, 15])
-    per_slice = [len([p for p in ax.patches if isinstance(p, Rectangle)]) for ax in fig.axes]
+    assert fig.axes[-1].get_ylabel().startswith("saliency")  # the colour bar of the overlay
+    per_slice = [len([p for p in ax.patches if isinstance(p, Rectangle)]) for ax in fig.axes[:-1]]
     assert per_slice == [1, 2, 1, 1, 0]  # slice 3 lies in boxes 0 and 1
     rect = fig.axes[2].patches[0]  # box 1 on slice 5: voxels 10..17 along H, 12..19 along W
     assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (9.5, 11.5, 8, 8)
-    assert all(len(ax.images) == 2 for ax in fig.axes)  # CT + saliency
+    assert all(len(ax.images) == 2 for ax in fig.axes[:-1])  # CT + saliency
     default = plot_saliency_overlay(VOLUME, SALIENCY, boxes)
-    assert [ax.get_title() for ax in default.axes] == ["slice 1/16", "slice 3/16", "slice 11/16"]  # box centres
-    assert [len(ax.patches) for ax in default.axes] == [1, 2, 1]  # slice 3 also crosses box 0
+    assert [ax.get_title() for ax in default.axes[:-1]] == ["slice 1/16", "slice 3/16", "slice 11/16"]  # box centres
+    assert [len(ax.patches) for ax in default.axes[:-1]] == [1, 2, 1]  # slice 3 also crosses box 0
 
 
 def test_saliency_overlay_upsamples_to_the_volume():
@@ -111,7 +125,7 @@ def test_saliency_overlay_upsamples_to_the_volume():
     overlay = fig.axes[0].images[1].get_array()  # (W, H) after the transpose
     assert overlay.shape == (32, 32) and overlay[-1, -1] == pytest.approx(1.0) and overlay[0, 0] == 0.0
     # default: the 5 slices of largest saliency, here those nearest the hot cell (D index 1 of 2)
-    titles = [ax.get_title() for ax in plot_saliency_overlay(VOLUME, saliency).axes]
+    titles = [ax.get_title() for ax in plot_saliency_overlay(VOLUME, saliency).axes[:-1]]
     assert titles == [f"slice {k}/16" for k in range(11, 16)]
 
 
@@ -142,7 +156,8 @@ def test_save_figure_writes_png_and_closes(tmp_path):
     fig = plot_ct_slices(VOLUME, n=2)
     path = save_figure(fig, tmp_path / "figures" / "slices.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
-    assert [p.name for p in path.parent.iterdir()] == ["slices.png"]  # no temp file left
+    assert path.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"  # a vector copy beside it
+    assert sorted(p.name for p in path.parent.iterdir()) == ["slices.pdf", "slices.png"]  # no temp file left
     assert not fig.axes  # released
     pyplot_fig = plt.figure()
     save_figure(pyplot_fig, tmp_path / "pyplot.png")
@@ -209,3 +224,26 @@ def test_uncertainty_scatter_marks_misclassified_scans_hollow():
     assert sorted(map(tuple, offsets)) == sorted(zip(probs, std))
     with pytest.raises(ValueError, match="same length"):
         plot_uncertainty(probs, std[:3], y, ["Normal", "COVID-19"])
+
+
+def test_axial_slices_are_radiological_with_markers():
+    """A bright voxel on the patient's LEFT (low H in RAS) lands on the screen's RIGHT half;
+    anterior (high W) is at the top; R / L / A / P are written on the sides."""
+    volume = np.zeros((32, 32, 4))
+    volume[2, 28, 1] = 1.0  # patient's left, anterior
+    ax = plot_ct_slices(volume, n=2).axes[0]
+    x, y = ax.transData.transform((2, 28))
+    (left, bottom), (right, top) = ax.transAxes.transform((0, 0)), ax.transAxes.transform((1, 1))
+    assert x > (left + right) / 2 and y > (bottom + top) / 2
+    markers = {t.get_text(): t.get_position() for t in ax.texts}
+    assert markers["R"][0] < 0.5 < markers["L"][0] and markers["A"][1] > 0.5 > markers["P"][1]
+
+
+def test_trajectory_draws_the_dcg_prior_and_confusion_matrices_cover_every_model():
+    probs = np.random.default_rng(1).dirichlet(np.ones(2), size=11)
+    ax = plot_denoising_trajectory(probs, np.linspace(500, 0, 11), ["Normal", "COVID-19"], prior=[0.3, 0.7]).axes[0]
+    prior_lines = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert [float(line.get_ydata()[0]) for line in prior_lines] == [0.3, 0.7]
+    assert any("DCG prior" in t.get_text() for t in ax.get_legend().get_texts())
+    fig = plot_confusion_matrices({"ours": np.eye(2) * 3, "ResNet-18": np.ones((2, 2))}, ["Normal", "COVID-19"])
+    assert [ax.get_title() for ax in fig.axes] == ["ours", "ResNet-18"] and len(fig.axes[1].texts) == 4

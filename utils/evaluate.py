@@ -28,10 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.image
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -46,6 +44,7 @@ from utils.metrics import (
     write_metrics_csv,
 )
 from utils.visualization import (
+    plot_confusion_matrices,
     plot_confusion_matrix,
     plot_denoising_trajectory,
     plot_learning_curves,
@@ -53,6 +52,7 @@ from utils.visualization import (
     plot_roc_curves,
     plot_saliency_overlay,
     save_figure,
+    stack_figures,
 )
 
 RESULTS_CSV = "evaluation_results.csv"
@@ -241,8 +241,9 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
             ``evaluation_results.csv`` (``model,metric,value,ci_low,ci_high``: the scalar
             metrics with stratified percentile bootstrap CIs, then the confusion-matrix cells),
             ``predictions.csv`` (see :func:`write_predictions_csv`) and
-            ``figures/confusion_matrix.png`` (main model), ``figures/roc_curves.png`` (all
-            models; for C > 2 any class but 0 against class 0) and
+            ``figures/confusion_matrix.png`` (main model), ``figures/confusion_matrices.png``
+            (every model), ``figures/roc_curves.png`` (all models with 95% bootstrap bands;
+            for C > 2 any class but 0 against class 0) and
             ``figures/reliability_diagram.png`` (main model).
         class_names: (C,) names, e.g. ``["Normal", "COVID-19"]``.
         seed: bootstrap seed; the same resamples of the test scans for every model (paired).
@@ -266,10 +267,16 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
     cm = classification_metrics(main.labels, main.probs, positive_class)["confusion_matrix"]
     save_figure(plot_confusion_matrix(cm, class_names, title=f"{main_name}: confusion matrix (test)"),
                 figures / "confusion_matrix.png")
-    roc_title = ("ROC curves (test)" if len(class_names) == 2
+    save_figure(plot_confusion_matrices({name: classification_metrics(p.labels, p.probs, positive_class)
+                                         ["confusion_matrix"] for name, p in predictions.items()}, class_names,
+                                        title="Confusion matrices (test)"), figures / "confusion_matrices.png")
+    binary = len(class_names) == 2
+    roc_title = ("ROC curves (test)" if binary
                  else f"ROC curves (test): any of {', '.join(class_names[1:])} vs {class_names[0]}")
     save_figure(plot_roc_curves({name: _roc_inputs(p, positive_class) for name, p in predictions.items()},
-                                title=roc_title), figures / "roc_curves.png")
+                                title=roc_title, seed=seed,
+                                positive_label=class_names[positive_class] if binary else "abnormal"),
+                figures / "roc_curves.png")
     save_figure(plot_reliability_diagram(main.labels, main.probs, title=f"{main_name}: reliability (test)"),
                 figures / "reliability_diagram.png")
     return rows
@@ -381,31 +388,6 @@ def write_learning_curves(history_path: str | Path, output_dir: str | Path) -> P
 # model figures: saliency + ROI boxes, denoising trajectory
 # ----------------------------------------------------------------------------------------
 
-def _render(fig: Figure, dpi: int) -> np.ndarray:
-    """Rasterise a figure, trimmed to its content like ``save_figure``: (rows, cols, 3) float RGB in [0, 1]."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    fig.clear()
-    buffer.seek(0)
-    return matplotlib.image.imread(buffer, format="png")[..., :3]
-
-
-def _stack_figures(figures: Sequence[Figure], dpi: int) -> Figure:
-    """One figure showing ``figures`` stacked top to bottom (rasterised at ``dpi``).
-
-    ``utils.visualization`` draws one scan per figure; a report figure shows several.
-    """
-    images = [_render(fig, dpi) for fig in figures]
-    width = max(img.shape[1] for img in images)
-    padded = [np.pad(img, ((0, 0), (0, width - img.shape[1]), (0, 0)), constant_values=1.0) for img in images]
-    stacked = np.concatenate(padded, axis=0)  # (sum of rows, width, 3)
-    fig = Figure(figsize=(stacked.shape[1] / dpi, stacked.shape[0] / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(stacked, interpolation="nearest")
-    ax.set_axis_off()
-    return fig
-
-
 def _boxes_in_input(boxes: np.ndarray, roi_scale: int) -> np.ndarray:
     """(K, 6) ROI boxes of the high-resolution copy mapped to input voxels (in-plane / s)."""
     if roi_scale == 1:
@@ -446,7 +428,8 @@ def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[st
     cropped, on the centre slice of each box, topped up with evenly spaced slices to
     ``n_slices``) and ``OUTPUT_DIR/figures/denoising_trajectory.png`` (per scan, the class
     probabilities of the state y_t from y_T = M + noise to y_0; with several samples the
-    mean +- one standard deviation).
+    mean +- one standard deviation; the DCG's own prediction dashed). Each figure is written
+    as PNG and PDF (``save_figure``).
 
     Args:
         model: a trained ``DiffMIC3D`` (its DCG runs once per scan; predictions reuse it).
@@ -508,10 +491,11 @@ def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[st
         top = int(probs[i].argmax())
         trajectory_figs.append(plot_denoising_trajectory(
             trajectory[:, :, i, :].transpose(1, 0, 2), timesteps, class_names,  # (steps + 1, S, C)
-            title=f"{name}: {truth}predicted {class_names[top]} (p = {probs[i, top]:.2f})"))
+            title=f"{name}: {truth}predicted {class_names[top]} (p = {probs[i, top]:.2f})",
+            prior=guidance.fused_probs[i].float().cpu().numpy()))
     figures = Path(output_dir) / FIGURES_DIR
     return {
-        "saliency_rois": save_figure(_stack_figures(saliency_figs, dpi), figures / "saliency_rois.png", dpi=dpi),
-        "denoising_trajectory": save_figure(_stack_figures(trajectory_figs, dpi), figures / "denoising_trajectory.png",
+        "saliency_rois": save_figure(stack_figures(saliency_figs, dpi), figures / "saliency_rois.png", dpi=dpi),
+        "denoising_trajectory": save_figure(stack_figures(trajectory_figs, dpi), figures / "denoising_trajectory.png",
                                             dpi=dpi),
     }

@@ -43,6 +43,7 @@ from utils.ood import fit_feature_stats
 from utils.paths import default_cache_dir
 from utils.provenance import record as record_provenance
 from utils.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
+from utils.gradcam import write_baseline_gradcam
 from utils.evaluate import Predictions, evaluate_experiment, predict_loader, write_learning_curves, write_model_figures
 from utils.phantoms import SIDECAR as PHANTOM_SIDECAR, PhantomConfig
 from utils.prepare_data import REPO_ROOT, resolve_data_dir, split_summary
@@ -389,7 +390,8 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
     """The test split, once: DiffMIC-3D, its two ablations and the baselines.
 
     Writes ``evaluation_results.csv``, ``predictions.csv`` and the figures (``utils.evaluate``),
-    including the saliency / ROI and denoising-trajectory figures of one test scan per class.
+    including the saliency / ROI and denoising-trajectory figures of one test scan per class
+    and the baselines' Grad-CAM maps of the same scans (``utils.gradcam``).
     Returns the evaluation rows (``model, metric, value, ci_low, ci_high``).
     """
     config, device, test = exp.config, exp.device, exp.datasets["test"]
@@ -423,6 +425,8 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
                         hires_volumes=None if exp.hires_cache is None else [test[i]["image_hires"].numpy()
                                                                             for i in shown],
                         num_samples=config.num_samples)
+    write_baseline_gradcam(baselines, DISPLAY_NAMES, [test[i]["image"].numpy() for i in shown],
+                           [test.records[i].path for i in shown], exp.output_dir, exp.class_names)
     return rows
 
 

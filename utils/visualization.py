@@ -5,20 +5,24 @@ object-oriented API (``matplotlib.figure.Figure``), so they need no display (the
 Agg), do not pile up in long loops, and show in Jupyter with ``display(fig)`` or as a cell's
 last expression. :func:`save_figure` writes one as PNG atomically.
 
-Array layout: a CT volume is (H, W, D) as everywhere in the project, with D the axial (slice)
-axis; axial slice k is ``volume[:, :, k]`` (H, W) and is drawn as
-``imshow(slice.T, origin="lower")``: H runs along the x axis, W up the y axis, and voxel
-(h, w) is centred at (x, y) = (h, w). Boxes are voxel index ranges ``(h0, w0, d0, h1, w1, d1)``,
+Array layout: a CT volume is (H, W, D) as everywhere in the project, in RAS+ order (index
+increases towards the patient's Right, Anterior, Superior), with D the axial (slice) axis;
+axial slice k is ``volume[:, :, k]`` (H, W) and is drawn in the **radiological convention**:
+the patient's right on the screen's left (the x axis runs from high H to low H), anterior at
+the top, with R / L / A / P markers, in a lung window (W 1500, L -600) with a colour bar for
+any overlay. Voxel (h, w) is centred at data coordinates (x, y) = (h, w). Boxes are voxel index ranges ``(h0, w0, d0, h1, w1, d1)``,
 half-open (``h0 <= h < h1``), as the DCG's ROI crops.
 
 Arrays may be numpy arrays or torch tensors (on any device; they are copied to the CPU).
 """
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import seaborn as sns
 import torch
@@ -28,10 +32,12 @@ from matplotlib.patches import Rectangle
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from utils.atomic import atomic_path
-from utils.metrics import expected_calibration_error, reliability_curve
 
 HU_WINDOW = (-1000.0, 400.0)
-"""Display window for volumes in Hounsfield units: the preprocessing clip range."""
+"""The preprocessing clip range in Hounsfield units (preprocessed 0..1 maps to it)."""
+LUNG_WINDOW = (-1350.0, 150.0)
+"""Lung window (width 1500, level -600 HU): the display range of CT slices."""
+FIGURE_FORMATS = ("png", "pdf")
 
 
 def _as_numpy(x, name: str, ndim: int | tuple[int, ...] | None = None) -> np.ndarray:
@@ -48,25 +54,35 @@ def _as_numpy(x, name: str, ndim: int | tuple[int, ...] | None = None) -> np.nda
 
 
 def _auto_window(volume: np.ndarray) -> tuple[float, float]:
-    """[0, 1] for a preprocessed volume, the HU window otherwise."""
-    return (0.0, 1.0) if volume.min() >= -1e-6 and volume.max() <= 1 + 1e-6 else HU_WINDOW
+    """The lung window, in HU or on the preprocessed 0..1 scale (0 = -1000 HU, 1 = 400 HU)."""
+    if volume.min() >= -1e-6 and volume.max() <= 1 + 1e-6:
+        lo, hi = HU_WINDOW
+        return tuple(max(0.0, (w - lo) / (hi - lo)) for w in LUNG_WINDOW)
+    return LUNG_WINDOW
 
 
 def _show_axial(ax, volume: np.ndarray, k: int, window: tuple[float, float]) -> None:
-    """Draw axial slice k of an (H, W, D) volume (see module docstring for the orientation)."""
+    """Draw axial slice k of an (H, W, D) RAS volume radiologically (module docstring)."""
     ax.imshow(volume[:, :, k].T, origin="lower", cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+    ax.invert_xaxis()  # patient's right (high H) on the screen's left
     ax.set_xticks([])
     ax.set_yticks([])
+    for text, x, y, ha, va in (("R", 0.02, 0.5, "left", "center"), ("L", 0.98, 0.5, "right", "center"),
+                               ("A", 0.5, 0.98, "center", "top"), ("P", 0.5, 0.02, "center", "bottom")):
+        ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize="small", weight="bold")
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write ``fig`` as PNG atomically (temp file + rename) and close it.
+    """Write ``fig`` as PNG at ``path`` and as PDF beside it (vector, for papers), each
+    atomically (temp file + rename), and close it; returns the PNG's path.
 
     Closing removes the figure from pyplot's list if it was made with pyplot (figures from
     this module are not in it) and releases its artists.
     """
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    path = Path(path)
+    for fmt in FIGURE_FORMATS:
+        with atomic_path(path.with_suffix(f".{fmt}")) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     pyplot = sys.modules.get("matplotlib.pyplot")  # only if the caller already uses pyplot
     if pyplot is not None:
         pyplot.close(fig)
@@ -99,19 +115,42 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], title: str = "Confusio
     return fig
 
 
-def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves") -> Figure:
-    """All models' ROC curves on one axes, each labelled with its ROC-AUC, plus the chance line.
+def _roc_band(y: np.ndarray, p: np.ndarray, grid: np.ndarray, n_resamples: int, seed: int
+              ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Stratified bootstrap of a ROC curve: 2.5/97.5 percentiles of the TPR at each FPR of
+    ``grid`` and the 95% interval of the AUC."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    tprs, aucs = [], []
+    for _ in range(n_resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        fpr, tpr, _ = roc_curve(y[idx], p[idx])
+        tprs.append(np.interp(grid, fpr, tpr))
+        aucs.append(roc_auc_score(y[idx], p[idx]))
+    low, high = np.percentile(tprs, [2.5, 97.5], axis=0)
+    return low, high, tuple(float(v) for v in np.percentile(aucs, [2.5, 97.5]))
+
+
+def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves", positive_label: str | None = None,
+                    n_resamples: int = 300, seed: int = 0) -> Figure:
+    """All models' ROC curves on one axes with 95% stratified-bootstrap bands, each labelled
+    with its ROC-AUC and that AUC's interval, plus the chance line. Curves get distinct line
+    styles so overlapping ones stay visible.
 
     Args:
         curves: model name -> ``(y_true (N,), probs_pos (N,))`` with ``y_true`` 1 for the
             positive class and 0 otherwise, and ``probs_pos`` the predicted probability of
             the positive class (for C > 2 pass one class against the rest).
+        positive_label: name of the positive class, shown on the axes.
+        n_resamples, seed: the bootstrap of the bands (the same resamples for every model).
     """
     if not curves:
         raise ValueError("curves is empty: pass at least one model")
-    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    fig = Figure(figsize=(6, 5.5), layout="constrained")
     ax = fig.add_subplot()
-    for name, (y_true, probs_pos) in curves.items():
+    grid = np.linspace(0, 1, 101)
+    styles = ["-", "--", "-.", ":"]
+    for i, (name, (y_true, probs_pos)) in enumerate(curves.items()):
         y = _as_numpy(y_true, f"{name}: y_true", 1)
         p = _as_numpy(probs_pos, f"{name}: probs_pos", 1)
         if y.shape != p.shape:
@@ -119,12 +158,37 @@ def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves") -> F
         if not np.isin(y, (0, 1)).all() or y.min() == y.max():
             raise ValueError(f"{name}: y_true must be 0/1 with both classes present for a ROC curve")
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC = {roc_auc_score(y, p):.3f})")
+        low, high, (auc_lo, auc_hi) = _roc_band(y, p, grid, n_resamples, seed)
+        (line,) = ax.plot(fpr, tpr, lw=2, ls=styles[i % len(styles)], drawstyle="steps-post",
+                          label=f"{name}: AUC {roc_auc_score(y, p):.3f} [{auc_lo:.3f}, {auc_hi:.3f}]")
+        ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.12, step="post")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    positive = f" ({positive_label} positive)" if positive_label else ""
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
-           ylabel="True positive rate (sensitivity)", title=title)
+           ylabel=f"True positive rate (sensitivity){positive}", title=title)
     ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="lower right", fontsize="x-small", title="AUC [95% bootstrap CI]", title_fontsize="x-small")
+    return fig
+
+
+def plot_confusion_matrices(matrices: Mapping[str, object], class_names: Sequence[str],
+                            title: str = "Confusion matrices") -> Figure:
+    """One confusion-matrix panel per model (rows = true class, counts and row shares), side by side."""
+    if not matrices:
+        raise ValueError("matrices is empty: pass at least one model")
+    n = len(class_names)
+    fig = Figure(figsize=((1.1 * n + 1.6) * len(matrices), 1.1 * n + 1.8), layout="constrained")
+    for ax, (name, cm) in zip(fig.subplots(1, len(matrices), squeeze=False)[0], matrices.items()):
+        counts = _as_numpy(cm, f"{name}: cm", 2)
+        if counts.shape != (n, n):
+            raise ValueError(f"{name}: cm must have shape ({n}, {n}), got {counts.shape}")
+        totals = counts.sum(axis=1, keepdims=True)
+        share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+        labels = np.array([[f"{int(c)}\n{100 * s:.0f}%" for c, s in zip(cr, sr)] for cr, sr in zip(counts, share)])
+        sns.heatmap(share, annot=labels, fmt="", cmap="Blues", vmin=0, vmax=1, square=True, ax=ax, cbar=False,
+                    xticklabels=class_names, yticklabels=class_names)
+        ax.set(xlabel="Predicted", ylabel="True", title=name)
+    fig.suptitle(title)
     return fig
 
 
@@ -171,30 +235,54 @@ def plot_learning_curves(history: Mapping[str, Mapping[str, Sequence[float]]],
     return fig
 
 
+def quantile_reliability(y_true, probs, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Top-label reliability on QUANTILE bins (equal counts, so no bin is empty or holds all):
+    ``{edges (B+1,), confidence (B,), accuracy (B,), count (B,), ece}`` with at most
+    ``n_bins`` bins and at least 5 predictions per bin (fewer bins for small sets)."""
+    y = _as_numpy(y_true, "y_true", 1).astype(int)
+    p = _as_numpy(probs, "probs", 2)
+    if len(y) != len(p) or len(y) == 0:
+        raise ValueError(f"y_true ({len(y)}) and probs ({len(p)}) need the same non-zero length")
+    conf, correct = p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
+    bins = max(1, min(n_bins, len(y) // 5))
+    edges = np.unique(np.quantile(conf, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:
+        edges = np.array([conf.min(), conf.max() + 1e-12])
+    which = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, len(edges) - 2)
+    count = np.bincount(which, minlength=len(edges) - 1).astype(float)
+    keep = count > 0
+    confidence = np.bincount(which, conf, len(edges) - 1)[keep] / count[keep]
+    accuracy = np.bincount(which, correct, len(edges) - 1)[keep] / count[keep]
+    ece = float(np.sum(count[keep] / len(y) * np.abs(accuracy - confidence)))
+    lows, highs = edges[:-1][keep], edges[1:][keep]
+    return {"edges": np.append(lows, highs[-1]), "low": lows, "high": highs, "confidence": confidence,
+            "accuracy": accuracy, "count": count[keep].astype(int), "ece": ece}
+
+
 def plot_reliability_diagram(y_true, probs, n_bins: int = 10, title: str = "Reliability diagram") -> Figure:
-    """Top-label reliability diagram (Guo et al. 2017) with the ECE in the title.
+    """Top-label reliability diagram (Guo et al. 2017) on quantile bins, with the count of
+    predictions in every bin and the ECE of those bins in the title.
 
     Args:
         y_true: (N,) integer labels; probs: (N, C) class probabilities.
 
-    Top axes: one bar per non-empty confidence bin, its height the accuracy in the bin, with
-    the bin's mean confidence as a point and the diagonal of perfect calibration. Bottom axes:
-    the number of predictions per bin.
+    One bar per bin spanning its confidence range, its height the accuracy in the bin and its
+    label ``n = count``; the bin's mean confidence as a point; the diagonal of perfect
+    calibration. With 20 test scans that is 4 bins of 5, not 2 nearly empty fixed-width bins.
     """
-    curve = reliability_curve(y_true, probs, n_bins)
-    ece = expected_calibration_error(y_true, probs, n_bins)
-    edges, filled = curve["bin_edges"], curve["count"] > 0
-    left, width = edges[:-1][filled], np.diff(edges)[filled]
-    fig = Figure(figsize=(5, 6), layout="constrained")
-    ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    ax.bar(left, curve["accuracy"][filled], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+    curve = quantile_reliability(y_true, probs, n_bins)
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    width = np.maximum(curve["high"] - curve["low"], 0.01)
+    bars = ax.bar(curve["low"], curve["accuracy"], width=width, align="edge", edgecolor="black", alpha=0.6,
+                  label="accuracy in bin")
+    ax.bar_label(bars, labels=[f"n = {c}" for c in curve["count"]], fontsize="x-small", padding=2)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
-    ax.plot(curve["confidence"][filled], curve["accuracy"][filled], "o", color="crimson", ms=4,
-            label="mean confidence")
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title} (ECE = {ece:.3f})")
+    ax.plot(curve["confidence"], curve["accuracy"], "o", color="crimson", ms=4, label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (top-class probability)", ylabel="accuracy",
+           title=f"{title}\nECE = {curve['ece']:.3f} over {len(curve['count'])} quantile bins, "
+                 f"N = {int(curve['count'].sum())}")
     ax.legend(loc="upper left", fontsize="small")
-    count_ax.stairs(curve["count"], edges, fill=True, alpha=0.6)
-    count_ax.set(xlabel="confidence (top-class probability)", ylabel="count")
     return fig
 
 
@@ -273,23 +361,26 @@ def plot_saliency_overlay(volume, saliency, roi_boxes=None, slices: Sequence[int
         raise ValueError(f"slices must be a non-empty list of axial indices in [0, {D}), got {slices}")
     window = window or _auto_window(vol)
     colours = sns.color_palette("tab10", max(len(boxes), 1))
-    fig = Figure(figsize=(3 * len(slices), 3.3), layout="constrained")
-    for ax, k in zip(fig.subplots(1, len(slices), squeeze=False)[0], slices):
+    fig = Figure(figsize=(3 * len(slices) + 0.8, 3.3), layout="constrained")
+    axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    for ax, k in zip(axes, slices):
         _show_axial(ax, vol, k, window)
-        ax.imshow(sal[:, :, k].T, origin="lower", cmap="jet", vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
+        overlay = ax.imshow(sal[:, :, k].T, origin="lower", cmap="jet", vmin=0, vmax=1, alpha=alpha,
+                            interpolation="bilinear")
         for j, (h0, w0, d0, h1, w1, d1) in enumerate(boxes):
             if d0 <= k < d1:
                 ax.add_patch(Rectangle((h0 - 0.5, w0 - 0.5), h1 - h0, w1 - w0,
                                        fill=False, lw=1.5, edgecolor=colours[j]))
                 ax.text(h0, w1 - 0.5, str(j), color=colours[j], fontsize="small", va="bottom")
         ax.set_title(f"slice {k}/{D}", fontsize="small")
+    fig.colorbar(overlay, ax=list(axes), shrink=0.8, label="saliency (min-max normalised)")
     if title:
         fig.suptitle(title)
     return fig
 
 
 def plot_denoising_trajectory(probs_per_step, timesteps: Sequence[int], class_names: Sequence[str],
-                              title: str = "Denoising trajectory") -> Figure:
+                              title: str = "Denoising trajectory", prior=None) -> Figure:
     """Class probabilities along the reverse diffusion chain, one line per class.
 
     Args:
@@ -300,8 +391,13 @@ def plot_denoising_trajectory(probs_per_step, timesteps: Sequence[int], class_na
         timesteps: (S + 1,) the timestep of each row (e.g. 500, 450, ..., 0); the x axis
             runs from the first to the last, so denoising reads left to right.
         class_names: (C,) names.
+        prior: optional (C,) class probabilities of the DCG prior (the DCG alone), drawn as a
+            dashed line per class: where the chain starts from and what diffusion changes.
     """
     probs = _as_numpy(probs_per_step, "probs_per_step", (2, 3))
+    prior = None if prior is None else _as_numpy(prior, "prior", 1)
+    if prior is not None and prior.shape != (len(class_names),):
+        raise ValueError(f"prior must have shape ({len(class_names)},), got {prior.shape}")
     steps = _as_numpy(timesteps, "timesteps", 1)
     if probs.ndim == 2:
         probs = probs[:, None, :]  # (S + 1, 1, C)
@@ -316,6 +412,8 @@ def plot_denoising_trajectory(probs_per_step, timesteps: Sequence[int], class_na
         (line,) = ax.plot(steps, mean[:, c], marker="o", ms=3, label=name)
         if probs.shape[1] > 1:
             ax.fill_between(steps, mean[:, c] - std[:, c], mean[:, c] + std[:, c], color=line.get_color(), alpha=0.2)
+        if prior is not None:
+            ax.axhline(prior[c], ls="--", lw=1.2, color=line.get_color(), label=f"{name}: DCG prior")
     if steps[0] > steps[-1]:
         ax.invert_xaxis()
     ax.set(xlabel="timestep t", ylabel="class probability", ylim=(0, 1), title=title)
@@ -444,4 +542,29 @@ def plot_uncertainty(probs, std, y_true, class_names: Sequence[str], positive_cl
     ax.axvline(0.5, color="grey", ls=":")
     ax.set(xlabel=f"p({class_names[positive_class]})", ylabel="std over samples", xlim=(-0.02, 1.02), title=title)
     ax.legend(fontsize="small")
+    return fig
+
+
+def _render(fig: Figure, dpi: int) -> np.ndarray:
+    """Rasterise a figure, trimmed to its content like ``save_figure``: (rows, cols, 3) float RGB in [0, 1]."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    fig.clear()
+    buffer.seek(0)
+    return matplotlib.image.imread(buffer, format="png")[..., :3]
+
+
+def stack_figures(figures: Sequence[Figure], dpi: int) -> Figure:
+    """One figure showing ``figures`` stacked top to bottom (rasterised at ``dpi``).
+
+    ``utils.visualization`` draws one scan per figure; a report figure shows several.
+    """
+    images = [_render(fig, dpi) for fig in figures]
+    width = max(img.shape[1] for img in images)
+    padded = [np.pad(img, ((0, 0), (0, width - img.shape[1]), (0, 0)), constant_values=1.0) for img in images]
+    stacked = np.concatenate(padded, axis=0)  # (sum of rows, width, 3)
+    fig = Figure(figsize=(stacked.shape[1] / dpi, stacked.shape[0] / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(stacked, interpolation="nearest")
+    ax.set_axis_off()
     return fig
