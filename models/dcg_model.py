@@ -39,7 +39,7 @@ with 64 training phantoms a GroupNorm ResNet with strided convolutions fits the 
 split while its held-out AUC stays below 0.5, and the same plain CNN with GroupNorm instead
 of BatchNorm does not learn at all, whereas conv / BatchNorm / max-pool blocks reach held-out
 AUC 0.74-0.83 at the demo budget. BatchNorm over batches of 4 volumes has poor running
-statistics (the pitfall DESIGN.md names), so the training code recomputes them over the
+statistics (a known pitfall of BatchNorm with small batches), so the training code recomputes them over the
 training split with the current weights before every evaluation and before the guidance is
 cached ("precise BN", ``utils.precise_bn``); the local encoder (a batch of B * K crops)
 keeps GroupNorm.

@@ -1,6 +1,6 @@
 """Priors for the conditional diffusion classifier, computed from the (frozen) DCG's outputs.
 
-Two priors condition the denoiser (DiffMIC, Yang et al. MICCAI 2023, section 2.2; DESIGN.md):
+Two priors condition the denoiser (DiffMIC, Yang et al. MICCAI 2023, section 2.2):
 
 * Dense guidance map M (B, C, Np, Np, Np): every point of a 3D grid carries a class-probability
   vector interpolated between the global prior p_g and the local prior p_l by its distance from

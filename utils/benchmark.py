@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from utils.cli import make_parser
+from utils.log import get_logger
 from utils.atomic import atomic_write_text
 from utils.prepare_data import REPO_ROOT
 
@@ -78,6 +79,8 @@ QUALITY_REPORTS = {
 SIZES = ((64, 64, 32), (96, 96, 48), (128, 128, 64))
 QUICK_SIZES = ((32, 32, 16), (48, 48, 16), (64, 64, 32))
 STATUSES = ("met", "missed", "not measured")
+
+log = get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------
@@ -804,10 +807,10 @@ def run_benchmark(output_dir: Path, quick: bool = False, device: Optional[str] =
 
     def section(name, fn):
         tic = time.perf_counter()
-        print(f"[benchmark] {name} ...", flush=True)
+        log.info(f"[benchmark] {name} ...")
         result = fn()
         sections.append((name, time.perf_counter() - tic))
-        print(f"[benchmark] {name} done in {sections[-1][1]:.0f} s", flush=True)
+        log.info(f"[benchmark] {name} done in {sections[-1][1]:.0f} s")
         return result
 
     run0 = section("quality", lambda: quality(report, quality_dir, quick, output_dir, str(dev)))

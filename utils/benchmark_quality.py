@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from utils.cli import make_parser
+from utils.log import get_logger
 from utils.atomic import atomic_write_text
 from utils.metrics import classification_metrics, paired_auc_difference, seed_summary
 from utils.prepare_data import REPO_ROOT
@@ -40,6 +41,8 @@ from utils.profiles import TrainConfig, get_profile, parse_overrides
 
 OURS, DCG_FUSED, DCG_GLOBAL = "DiffMIC-3D", "DCG without diffusion", "DCG global prior only"
 ADRENAL = REPO_ROOT.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
+
+log = get_logger(__name__)
 
 
 def dataset_setup(data: str) -> tuple[str, TrainConfig, Optional[Path]]:
@@ -155,7 +158,7 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
         p = predict_dataset(net, test, guidance["test"], device, variant.batch_size, variant.seed,
                             variant.num_samples, variant.ddim_steps)["probs"].numpy()
         rows.append(row("phase 2", name, result.best["val_auc"], p))
-        print(f"[ablation] {name}: test AUC {rows[-1]['test_auc']:.3f}", flush=True)
+        log.info(f"[ablation] {name}: test AUC {rows[-1]['test_auc']:.3f}")
 
     from utils.checkpoint import load_checkpoint
     saved = load_checkpoint(exp.main_checkpoint)
@@ -174,7 +177,7 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
         g = cache_guidance(net, test, device, variant.batch_size, progress=False)
         p = g["fused_probs"].numpy()
         rows.append(row("phase 1 (DCG fused prediction)", name, result.best["val_auc"], p, vs_full=False))
-        print(f"[ablation] {name}: DCG test AUC {rows[-1]['test_auc']:.3f}", flush=True)
+        log.info(f"[ablation] {name}: DCG test AUC {rows[-1]['test_auc']:.3f}")
     return rows
 
 

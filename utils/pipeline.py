@@ -39,6 +39,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.dataset import CTDataset
 from utils.discovery import CLASS_NAMES, ScanRecord, discover_scans, find_dataset_root
 from utils.errors import DataError
+from utils.log import get_logger
 from utils.ood import fit_feature_stats
 from utils.paths import default_cache_dir
 from utils.provenance import record as record_provenance
@@ -64,6 +65,8 @@ STAGES = ("dcg", "diffusion", "resnet18", "densenet121")
 # settings that may change between a run and its resumption: how it is shown and how it computes
 # (like the device, which the folder does not record either), not what it computes
 _IGNORED_FOR_RESUME = ("progress", "amp", "amp_dtype", "num_workers")
+
+log = get_logger(__name__)
 
 
 def display_path(path: str | Path) -> str:
@@ -149,8 +152,8 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
     if data_dir is not None and is_medmnist_file(data_dir):
         exp = _prepare_medmnist(config, output_dir, Path(data_dir), device)
         if verbose:
-            print(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}")
-            print(f"dataset: {display_path(exp.data_root)} (MedMNIST {exp.meta['data_source']['name']}, "
+            log.info(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}")
+            log.info(f"dataset: {display_path(exp.data_root)} (MedMNIST {exp.meta['data_source']['name']}, "
                   f"{len(exp.records)} volumes of {tuple(exp.meta['data_source']['source_shape'])}, official split)\n"
                   f"{split_summary(exp.splits, exp.class_names)}")
         return exp
@@ -191,8 +194,8 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
                      datasets={"train": dataset("train", True), "train_plain": dataset("train"),
                                "val": dataset("val"), "test": dataset("test")}, meta=meta)
     if verbose:
-        print(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}")
-        print(f"dataset: {display_path(root)} ({layout} layout, {len(records)} scans)\n"
+        log.info(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}")
+        log.info(f"dataset: {display_path(root)} ({layout} layout, {len(records)} scans)\n"
               f"{split_summary(splits, config.label_mode)}")
     return exp
 
@@ -335,7 +338,7 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, dict[str
     result = train_diffusion(model, exp.datasets["train"], train_guidance, exp.datasets["val"], guidance["val"],
                              config, exp.device, exp.checkpoint("diffusion"), exp.meta)
     temperature = calibrate_temperature(model, exp.datasets["val"], guidance["val"], config, exp.device)
-    print(f"softmax temperature fitted on the validation split: {temperature:.3f}")
+    log.info(f"softmax temperature fitted on the validation split: {temperature:.3f}")
     result.history["temperature"] = temperature
     return result
 

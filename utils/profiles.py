@@ -52,7 +52,7 @@ class TrainConfig(PlainConfig):
             ``'small'`` (``ModelConfig.small``: Np = 8, K = 3, ~1.7M) or ``'full'`` (``ModelConfig.full``: 8.2M).
         grad_checkpoint: recompute the DCG global encoder in the backward pass (saves memory
             on a T4); None = auto: on iff CUDA and the input is the seed's full size.
-    Optimisation (phase 1 = DCG, phase 2 = diffusion; DESIGN.md):
+    Optimisation (phase 1 = DCG, phase 2 = diffusion):
         batch_size: volumes per step, every stage.
         dcg_epochs / diffusion_epochs / baseline_epochs: epoch budgets (upper bounds: early
             stopping may end a stage sooner). The baselines get the budget of phase 1 (the

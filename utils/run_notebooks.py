@@ -123,7 +123,7 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
         NotebookFailed: at the first notebook that raises.
         ValueError: an unknown profile or override.
     """
-    overrides = dict(overrides or {})
+    overrides = {**resolve_parameters(profile=profile).overrides, **(overrides or {})}  # $MEDISCOPE_SET, then --set
     if seed is not None:
         overrides["seed"] = int(seed)
     config = get_profile(profile, **overrides)

@@ -2,7 +2,7 @@
 
 The split is drawn once per dataset and seed and then frozen in a manifest, so every model
 in a comparison is trained, selected and tested on the same scans; the test split is for
-the final report only (DESIGN.md).
+the final report only.
 
 Stratification is done per class, not with ``sklearn.train_test_split``: each class is
 shuffled with ``np.random.default_rng(seed)`` and cut into round(n * f) test and val scans

@@ -51,9 +51,12 @@ from tqdm.auto import tqdm
 
 from utils.checkpoint import check_config_matches, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.errors import DataError
+from utils.log import get_logger
 from utils.nonfinite import first_nonfinite_module
 
 HISTORY_KEYS = ("train_loss", "val_loss", "val_auc", "val_acc", "lr")
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         best_state = _cpu_state(ckpt["model_state_dict"] if state["best_state_dict"] is None
                                 else state["best_state_dict"])
         set_rng_state(state["rng"])
-        tqdm.write(f"[{config.name}] resuming after epoch {start_epoch} from {checkpoint_path}")
+        log.info(f"[{config.name}] resuming after epoch {start_epoch} from {checkpoint_path}")
 
     started = time.perf_counter()
     epoch_done = start_epoch
@@ -302,12 +305,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             bad_epochs += 1
         epoch_done = epoch + 1
         stopped_early = bad_epochs >= config.patience and epoch_done < config.epochs
-        tqdm.write(f"[{config.name}] epoch {epoch_done}/{config.epochs} train_loss {row['train_loss']:.4f} "
+        log.info(f"[{config.name}] epoch {epoch_done}/{config.epochs} train_loss {row['train_loss']:.4f} "
                    f"val_loss {row['val_loss']:.4f} val_auc {row['val_auc']:.3f} val_acc {row['val_acc']:.3f} "
                    f"lr {lr:.2e} {time.perf_counter() - tic:.1f}s{' *best' if improved else ''}")
         snapshot(complete=False)
         if stopped_early:
-            tqdm.write(f"[{config.name}] early stop: no better validation AUC/loss for {config.patience} epochs")
+            log.info(f"[{config.name}] early stop: no better validation AUC/loss for {config.patience} epochs")
             break
 
     model.load_state_dict(best_state)

@@ -1,4 +1,4 @@
-"""The two training phases of DiffMIC-3D (DESIGN.md), on the generic loop of ``utils.trainer``.
+"""The two training phases of DiffMIC-3D (DCG, then diffusion), on the generic loop of ``utils.trainer``.
 
 Phase 1 (:func:`train_dcg`): the DCG alone, CE(global logits) + CE(local logits) with label
 smoothing, AdamW (lr ``lr_dcg``, weight decay) with a per-step warmup-cosine schedule
