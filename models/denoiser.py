@@ -56,6 +56,9 @@ class DenoiserConfig(PlainConfig):
         use_image_encoder / use_feature_prior: ablation switches (the input is zero without).
         head_kernel: kernel of the per-point head's layers: 1 (the design: no point sees
             another's y_t) or 3, the first version's label leak, kept only for the ablation.
+        film: ``'bounded'`` (FiLM scale through tanh, the design since the float16 hardening)
+            or ``'unbounded'`` (the earlier head, ``h * (1 + s)``). A field, so a checkpoint of
+            one variant is never loaded into the other.
     """
 
     num_classes: int = 2
@@ -73,6 +76,7 @@ class DenoiserConfig(PlainConfig):
     use_image_encoder: bool = True
     use_feature_prior: bool = True
     head_kernel: int = 1
+    film: str = "bounded"
 
     def __post_init__(self):
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -83,6 +87,8 @@ class DenoiserConfig(PlainConfig):
         if self.num_classes < 2 or self.time_dim % 2:
             raise ValueError(f"DenoiserConfig needs num_classes >= 2 and an even time_dim, got "
                              f"{self.num_classes}, {self.time_dim}")
+        if self.film not in ("bounded", "unbounded"):
+            raise ValueError(f"DenoiserConfig.film must be 'bounded' or 'unbounded', got {self.film!r}")
         if self.head_kernel not in (1, 3):
             raise ValueError(f"DenoiserConfig.head_kernel must be 1 or 3, got {self.head_kernel}")
         self.unet_config()  # validates widths and grid
@@ -109,9 +115,9 @@ class PointHead(nn.Module):
     """Per-point y0 predictor: 1x1x1 layers only (no spatial mixing of y_t); ``kernel=3`` is
     the leaky variant of the ablation."""
 
-    def __init__(self, num_classes: int, width: int, time_dim: int, kernel: int = 1):
+    def __init__(self, num_classes: int, width: int, time_dim: int, kernel: int = 1, bounded: bool = True):
         super().__init__()
-        self.time_dim = time_dim
+        self.time_dim, self.bounded = time_dim, bounded
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, 4 * width))
         self.inp = nn.Conv3d(2 * num_classes, width, kernel, padding=kernel // 2)
         self.mid = nn.Conv3d(width, width, kernel, padding=kernel // 2)
@@ -124,7 +130,8 @@ class PointHead(nn.Module):
         """y_t, M (B, C, *grid); t (B, *grid); cond (B, E, *grid) -> y0_hat (B, C, *grid), in float32."""
         temb = self.time_mlp(sinusoidal_embedding(t, self.time_dim))  # (B, *grid, 4E)
         s1, b1, s2, b2 = temb.movedim(-1, 1).chunk(4, dim=1)  # 4 x (B, E, *grid)
-        s1, s2 = torch.tanh(s1), torch.tanh(s2)  # bounded FiLM scale: h * (1 + s) stays within [0, 2] h
+        if self.bounded:
+            s1, s2 = torch.tanh(s1), torch.tanh(s2)  # bounded FiLM scale: h * (1 + s) stays within [0, 2] h
         h = self.inp(torch.cat([y_t, M], dim=1))  # (B, E, *grid)
         h = F.silu((h * (1 + s1) + b1) * cond)  # time FiLM, then the condition product
         h = self.mid(h)
@@ -147,7 +154,7 @@ class ConditionalDenoiser(nn.Module):
         self.prior_norm = nn.LayerNorm(c.feature_dim)
         self.prior_proj = nn.Linear(c.feature_dim, c.prior_dim)
         self.unet = UNet3D(c.unet_config())
-        self.head = PointHead(c.num_classes, c.cond_dim, c.time_dim, c.head_kernel)
+        self.head = PointHead(c.num_classes, c.cond_dim, c.time_dim, c.head_kernel, bounded=c.film == "bounded")
 
     def condition(self, scan: torch.Tensor, M: torch.Tensor, F_prior: torch.Tensor) -> torch.Tensor:
         """scan (B, 1, H, W, D), M (B, C, Np, Np, Np), F_prior (B, feature_dim) -> cond (B, E, Np, Np, Np)."""

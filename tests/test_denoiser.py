@@ -258,3 +258,17 @@ def test_film_starts_as_the_identity_and_its_scale_is_bounded():
         big = net(y_t, M, t, cond)
     assert torch.isfinite(big).all()
     assert big.abs().max() < 10 * base  # unbounded, h * (1 + s) would scale it by ~1e4 per layer
+
+
+def test_the_unbounded_film_variant_is_the_earlier_head():
+    """``film='unbounded'`` drops the tanh (the head before the float16 hardening); the field is
+    part of the config, so neither variant's checkpoint loads as the other."""
+    bounded, unbounded = make(), make(film="unbounded")
+    unbounded.load_state_dict(bounded.state_dict())
+    scan, M, F, y_t, t = inputs(C=3)
+    with torch.no_grad():
+        cond = bounded.condition(scan, M, F)
+        assert not torch.allclose(bounded(y_t, M, t, cond), unbounded(y_t, M, t, cond))
+    assert bounded.config.to_dict()["film"] == "bounded"
+    with pytest.raises(ValueError, match="film"):
+        DenoiserConfig(**{**SMALL, "film": "wide"})

@@ -120,6 +120,8 @@ def bad_checkpoints(tmp: Path) -> dict:
         "older preprocessing": (write_checkpoint(tmp / "old.pth", config, preprocess_config={
                                     "hu_min": -1000.0, "hu_max": 400.0, "target_shape": list(INPUT_SHAPE)}),
                                 "trained by an older version, retrain"),
+        "older model version": (_older(tmp / "older.pth", config),
+                                "written by an older version of the model (checkpoint model_config does not match"),
         "dcg stage checkpoint": (write_checkpoint(tmp / "dcg.pth", config, history=...,
                                                   fit={"name": "dcg", "complete": True}),
                                  "training checkpoint of the 'dcg' stage, not a finished model"),
@@ -135,9 +137,18 @@ def bad_checkpoints(tmp: Path) -> dict:
     }
 
 
+def _older(path, config):
+    """A model file of the version before ``denoiser.film`` existed (same weights' keys)."""
+    write_checkpoint(path, config)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model_config"]["denoiser"]["film"]
+    torch.save(ckpt, path)
+    return path
+
+
 BAD_CHECKPOINTS = ["missing", "corrupt", "baseline", "foreign config", "state dict of another config", "no preprocess_config",
                    "preprocess shape != input", "class names", "older preprocessing", "dcg stage checkpoint",
-                   "diffusion stage checkpoint", "no history", "medmnist"]
+                   "diffusion stage checkpoint", "no history", "medmnist", "older model version"]
 
 
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from models.diffmic3d import DiffMIC3D
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import check_config_matches, load_checkpoint
 from utils.cli import make_parser
 from utils.errors import DataError
 from utils.nifti_io import CTVolume, HUWarning, hu_problem, load_scan
@@ -159,6 +159,10 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
         raise DataError(path, "not a finished model file (written by `python -m utils.run` as "
                               "diffmic3d_enhanced_model.pth)")
     config = model.config
+    try:
+        check_config_matches(model_config, config.to_dict())  # a field added since: an older model
+    except ValueError as err:
+        raise DataError(path, f"written by an older version of the model ({err}); retrain it") from err
     mismatch = _state_dict_mismatch(model, ckpt["model_state_dict"])
     if mismatch:
         raise DataError(path, mismatch)
