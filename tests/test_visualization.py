@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle, StepPatch
 from sklearn.metrics import roc_auc_score
 
+from utils.metrics import quantile_reliability
 from utils.visualization import (
     plot_confusion_matrices,
     plot_confusion_matrix,
@@ -17,7 +18,6 @@ from utils.visualization import (
     plot_reliability_diagram,
     plot_roc_curves,
     plot_saliency_overlay,
-    quantile_reliability,
     save_figure,
 )
 

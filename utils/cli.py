@@ -11,7 +11,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from utils.paths import REPO_ROOT
+from utils.paths import REPO_ROOT, display_path
 from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
 
 SET_KEYS = tuple(f.name for f in fields(TrainConfig))
@@ -31,17 +31,10 @@ class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         default = action.default
         if isinstance(default, Path):
-            default = _shown(default)
+            default = display_path(default)
         elif isinstance(default, (list, tuple)):
             default = " ".join(map(str, default))
         return f"{text} (default: {default})".strip()
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from utils.atomic import atomic_write_text
 from utils.errors import DataError
+from utils.splits import path_in_data_dir
 from utils.metrics import (
     CSV_COLUMNS,
     MIN_RESAMPLES,
@@ -201,11 +202,6 @@ def write_predictions_csv(predictions: Mapping[str, Predictions], class_names: S
     model and scan; ``std_*`` and ``entropy`` are empty for models without them); ``path``
     relative to ``data_root`` (POSIX) when the scan lies inside it, as in ``splits.csv``.
     """
-    root = None if data_root is None else Path(data_root).resolve()
-
-    def shown(scan) -> str:
-        resolved = Path(scan).resolve()
-        return resolved.relative_to(root).as_posix() if root is not None and resolved.is_relative_to(root) else str(scan)
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -216,7 +212,7 @@ def write_predictions_csv(predictions: Mapping[str, Predictions], class_names: S
         for i, scan in enumerate(pred.paths):
             std = [_float_cell(v) for v in pred.std[i]] if pred.std is not None else [""] * n_classes
             entropy = _float_cell(pred.entropy[i]) if pred.entropy is not None else ""
-            writer.writerow([name, shown(scan), int(pred.labels[i]), *(_float_cell(v) for v in pred.probs[i]), *std, entropy])
+            writer.writerow([name, path_in_data_dir(scan, data_root), int(pred.labels[i]), *(_float_cell(v) for v in pred.probs[i]), *std, entropy])
     atomic_write_text(path, buffer.getvalue())
     return Path(path)
 
@@ -264,12 +260,12 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
     write_predictions_csv(predictions, class_names, output_dir / PREDICTIONS_CSV, data_root)
 
     main_name, main = next(iter(predictions.items()))
-    cm = classification_metrics(main.labels, main.probs, positive_class)["confusion_matrix"]
-    save_figure(plot_confusion_matrix(cm, class_names, title=f"{main_name}: confusion matrix (test)"),
+    matrices = {name: classification_metrics(p.labels, p.probs, positive_class)["confusion_matrix"]
+                for name, p in predictions.items()}
+    save_figure(plot_confusion_matrix(matrices[main_name], class_names, title=f"{main_name}: confusion matrix (test)"),
                 figures / "confusion_matrix.png")
-    save_figure(plot_confusion_matrices({name: classification_metrics(p.labels, p.probs, positive_class)
-                                         ["confusion_matrix"] for name, p in predictions.items()}, class_names,
-                                        title="Confusion matrices (test)"), figures / "confusion_matrices.png")
+    save_figure(plot_confusion_matrices(matrices, class_names, title="Confusion matrices (test)"),
+                figures / "confusion_matrices.png")
     binary = len(class_names) == 2
     roc_title = ("ROC curves (test)" if binary
                  else f"ROC curves (test): any of {', '.join(class_names[1:])} vs {class_names[0]}")

@@ -494,6 +494,27 @@ def reliability_curve(y_true, probs, n_bins: int = 10) -> dict[str, np.ndarray]:
     }
 
 
+def quantile_reliability(y_true, probs, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Top-label reliability on QUANTILE bins (equal counts, so no bin is empty or holds all):
+    ``{edges (B+1,), confidence (B,), accuracy (B,), count (B,), ece}`` with at most
+    ``n_bins`` bins and at least 5 predictions per bin (fewer bins for small sets)."""
+    y, p = _check_inputs(y_true, probs)
+    conf, correct = p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
+    bins = max(1, min(n_bins, len(y) // 5))
+    edges = np.unique(np.quantile(conf, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:
+        edges = np.array([conf.min(), conf.max() + 1e-12])
+    which = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, len(edges) - 2)
+    count = np.bincount(which, minlength=len(edges) - 1).astype(float)
+    keep = count > 0
+    confidence = np.bincount(which, conf, len(edges) - 1)[keep] / count[keep]
+    accuracy = np.bincount(which, correct, len(edges) - 1)[keep] / count[keep]
+    ece = float(np.sum(count[keep] / len(y) * np.abs(accuracy - confidence)))
+    lows, highs = edges[:-1][keep], edges[1:][keep]
+    return {"edges": np.append(lows, highs[-1]), "low": lows, "high": highs, "confidence": confidence,
+            "accuracy": accuracy, "count": count[keep].astype(int), "ece": ece}
+
+
 def expected_calibration_error(y_true, probs, n_bins: int = 10) -> float:
     """Top-label ECE = sum_b (n_b / N) |acc_b - conf_b| (Guo et al. 2017, eq. 3), in [0, 1]."""
     curve = reliability_curve(y_true, probs, n_bins)

@@ -9,6 +9,15 @@ EMBEDDED_DATA = REPO_ROOT / "data" / "MosMedData"
 CACHE_DIR_ENV = "MEDISCOPE_CACHE_DIR"
 
 
+def display_path(path: str | Path) -> str:
+    """``path`` relative to the repository root when inside it (what outputs print), else as is."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def default_cache_dir() -> Path:
     """The preprocessed-volume cache: ``$MEDISCOPE_CACHE_DIR``, else ``data/processed``."""
     return Path(os.environ[CACHE_DIR_ENV]).expanduser() if os.environ.get(CACHE_DIR_ENV) else REPO_ROOT / "data" / "processed"

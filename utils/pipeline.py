@@ -41,7 +41,7 @@ from utils.discovery import CLASS_NAMES, ScanRecord, discover_scans, find_datase
 from utils.errors import DataError
 from utils.log import get_logger
 from utils.ood import fit_feature_stats
-from utils.paths import default_cache_dir
+from utils.paths import default_cache_dir, display_path  # noqa: F401 - display_path re-exported
 from utils.provenance import record as record_provenance
 from utils.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
 from utils.gradcam import write_baseline_gradcam
@@ -67,15 +67,6 @@ STAGES = ("dcg", "diffusion", "resnet18", "densenet121")
 _IGNORED_FOR_RESUME = ("progress", "amp", "amp_dtype", "num_workers")
 
 log = get_logger(__name__)
-
-
-def display_path(path: str | Path) -> str:
-    """``path`` relative to the repository root when inside it (what outputs print), else as is."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 @dataclass
@@ -419,17 +410,17 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
     predictions: dict[str, Predictions] = {name: predict_loader(fn, loader, device, desc=f"test {name}",
                                                            progress=config.progress)
                                            for name, fn in predictors.items()}
+    csv_base = exp.data_root if exp.data_root.is_dir() else exp.data_root.parent  # as splits.csv: a .npz's folder
     rows = evaluate_experiment(predictions, exp.output_dir, exp.class_names, seed=config.seed,
-                               n_resamples=config.n_resamples, data_root=exp.data_root)
+                               n_resamples=config.n_resamples, data_root=csv_base)
     shown = figure_scans(test)
-    write_model_figures(model, [test[i]["image"].numpy() for i in shown], [test.records[i].path for i in shown],
-                        exp.output_dir, seed=config.seed, class_names=exp.class_names,
+    volumes, paths = [test[i]["image"].numpy() for i in shown], [test.records[i].path for i in shown]
+    write_model_figures(model, volumes, paths, exp.output_dir, seed=config.seed, class_names=exp.class_names,
                         labels=[int(test.records[i].label) for i in shown],
                         hires_volumes=None if exp.hires_cache is None else [test[i]["image_hires"].numpy()
                                                                             for i in shown],
                         num_samples=config.num_samples)
-    write_baseline_gradcam(baselines, DISPLAY_NAMES, [test[i]["image"].numpy() for i in shown],
-                           [test.records[i].path for i in shown], exp.output_dir, exp.class_names)
+    write_baseline_gradcam(baselines, DISPLAY_NAMES, volumes, paths, exp.output_dir, exp.class_names)
     return rows
 
 

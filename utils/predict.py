@@ -235,7 +235,8 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HUWarning)  # reported in the result instead
         volume = load_scan(path, allow_non_hu=allow_non_hu)
-    reasons = [f"not Hounsfield units: {problem}"] if (problem := hu_problem(volume.hu)) else []
+    problem = hu_problem(volume.hu) if allow_non_hu else None  # otherwise the loader has refused it already
+    reasons = [f"not Hounsfield units: {problem}"] if problem else []
     x = _input_tensor(volume, meta.preprocess, device)
     x_hires = _input_tensor(volume, meta.hires_preprocess, device) if meta.hires_preprocess else None
     generator = torch.Generator().manual_seed(seed)

@@ -62,7 +62,7 @@ def collect(device: torch.device | str) -> dict:
         "git_dirty": None if status is None else bool(status),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
-        "cpu_count": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }

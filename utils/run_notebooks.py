@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import nbformat
 
-from utils.cli import add_run_options, make_parser
+from utils.cli import add_run_options, make_parser, run_config
 from utils.notebook import NOTEBOOKS, PROGRESS_ENV, SET_ENV, resolve_parameters
 from utils.paths import CACHE_DIR_ENV
 from utils.phantoms import PhantomConfig
@@ -123,11 +123,12 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
         NotebookFailed: at the first notebook that raises.
         ValueError: an unknown profile or override.
     """
-    overrides = {**resolve_parameters(profile=profile).overrides, **(overrides or {})}  # $MEDISCOPE_SET, then --set
+    resolved = resolve_parameters(profile=profile)  # what the notebooks will see of the environment
+    overrides = {**resolved.overrides, **(overrides or {})}  # $MEDISCOPE_SET, then --set
     if seed is not None:
         overrides["seed"] = int(seed)
     config = get_profile(profile, **overrides)
-    output_dir = Path(output_dir) if output_dir is not None else resolve_parameters(profile=profile).output_dir
+    output_dir = Path(output_dir) if output_dir is not None else resolved.output_dir
     out_dir = output_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     if data_dir is None:  # the embedded phantoms, generated here (with progress) on first use
@@ -176,16 +177,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        overrides = parse_overrides(args.set)
-        get_profile(args.profile, **overrides)
-        pick_device(args.device)  # fail early, with the reason, on an unavailable device
+        run_config(args)  # fail early, with the reason, on a bad --set ...
+        pick_device(args.device)  # ... or an unavailable device
     except ValueError as exc:
         parser.error(str(exc))
     output_dir = args.output_dir or resolve_parameters(profile=args.profile).output_dir
     try:
         executed = run_notebooks(args.profile, args.data_dir, output_dir, args.seed, args.notebooks_dir,
                                  progress=not args.no_progress, cache_dir=args.cache_dir, device=args.device,
-                                 overrides=overrides)
+                                 overrides=parse_overrides(args.set))
     except NotebookFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -87,8 +87,10 @@ def split_records(records: list[ScanRecord], config: SplitConfig = SplitConfig()
     return {name: sorted(items, key=lambda r: str(r.path)) for name, items in splits.items()}
 
 
-def _manifest_path_of(path: Path, data_dir: Path | None) -> str:
-    resolved = path.resolve()
+def path_in_data_dir(path: str | Path, data_dir: str | Path | None) -> str:
+    """How a CSV of a run names a scan: its POSIX path relative to ``data_dir`` when inside it,
+    else its resolved path (``splits.csv``, ``predictions.csv``)."""
+    resolved, data_dir = Path(path).resolve(), None if data_dir is None else Path(data_dir)
     if data_dir is not None and resolved.is_relative_to(data_dir.resolve()):
         return resolved.relative_to(data_dir.resolve()).as_posix()
     return str(resolved)
@@ -103,7 +105,7 @@ def write_manifest(splits: dict[str, list[ScanRecord]], manifest_path: str | Pat
     writer.writerow(MANIFEST_COLUMNS)
     for name in SPLITS:
         for record in splits[name]:
-            writer.writerow((_manifest_path_of(record.path, data_dir), record.label, name))
+            writer.writerow((path_in_data_dir(record.path, data_dir), record.label, name))
     atomic_write_text(manifest_path, buffer.getvalue())
 
 

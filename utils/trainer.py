@@ -152,12 +152,13 @@ def stage_complete(path: str | Path) -> bool:
 
 
 def _nonfinite_message(config: FitConfig, epoch: int, batch: int, loss: torch.Tensor, model: nn.Module,
-                       replay: Callable[[], object], device: torch.device, amp_dtype: torch.dtype) -> str:
+                       replay: Callable[[], object], autocast: Callable) -> str:
     """The error text for a non-finite loss: where, and the first module whose output was
-    non-finite when the same batch is replayed with the same noise (``utils.nonfinite``)."""
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype) if config.amp else nullcontext():
+    non-finite when the same batch is replayed with the same noise under the same ``autocast``
+    (``utils.nonfinite``)."""
+    with torch.no_grad(), autocast():
         culprit = first_nonfinite_module(model, replay)
-    precision = f"{str(amp_dtype).replace('torch.', '')} autocast" if config.amp else "float32"
+    precision = f"{config.amp_dtype} autocast" if config.amp else "float32"
     where = (f"first non-finite output: {culprit}" if culprit else
              "every module output was finite (the loss arithmetic overflowed)")
     hint = "; retry with --set amp=False" if config.amp else "; lower the learning rate or check the inputs"
@@ -269,7 +270,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             if not torch.isfinite(loss):
                 generator.set_state(generator_state)
                 raise FloatingPointError(_nonfinite_message(config, epoch, i, loss, model, lambda: train_step(
-                    batch, generator), device, amp_dtype))
+                    batch, generator), autocast))
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
                 scaler.unscale_(optimizer)

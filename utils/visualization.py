@@ -32,6 +32,7 @@ from matplotlib.patches import Rectangle
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from utils.atomic import atomic_path
+from utils.metrics import quantile_reliability
 
 HU_WINDOW = (-1000.0, 400.0)
 """The preprocessing clip range in Hounsfield units (preprocessed 0..1 maps to it)."""
@@ -233,30 +234,6 @@ def plot_learning_curves(history: Mapping[str, Mapping[str, Sequence[float]]],
         if not any("loss" not in name for name in series):
             metric_ax.set_visible(False)
     return fig
-
-
-def quantile_reliability(y_true, probs, n_bins: int = 10) -> dict[str, np.ndarray]:
-    """Top-label reliability on QUANTILE bins (equal counts, so no bin is empty or holds all):
-    ``{edges (B+1,), confidence (B,), accuracy (B,), count (B,), ece}`` with at most
-    ``n_bins`` bins and at least 5 predictions per bin (fewer bins for small sets)."""
-    y = _as_numpy(y_true, "y_true", 1).astype(int)
-    p = _as_numpy(probs, "probs", 2)
-    if len(y) != len(p) or len(y) == 0:
-        raise ValueError(f"y_true ({len(y)}) and probs ({len(p)}) need the same non-zero length")
-    conf, correct = p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
-    bins = max(1, min(n_bins, len(y) // 5))
-    edges = np.unique(np.quantile(conf, np.linspace(0, 1, bins + 1)))
-    if len(edges) < 2:
-        edges = np.array([conf.min(), conf.max() + 1e-12])
-    which = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, len(edges) - 2)
-    count = np.bincount(which, minlength=len(edges) - 1).astype(float)
-    keep = count > 0
-    confidence = np.bincount(which, conf, len(edges) - 1)[keep] / count[keep]
-    accuracy = np.bincount(which, correct, len(edges) - 1)[keep] / count[keep]
-    ece = float(np.sum(count[keep] / len(y) * np.abs(accuracy - confidence)))
-    lows, highs = edges[:-1][keep], edges[1:][keep]
-    return {"edges": np.append(lows, highs[-1]), "low": lows, "high": highs, "confidence": confidence,
-            "accuracy": accuracy, "count": count[keep].astype(int), "ece": ece}
 
 
 def plot_reliability_diagram(y_true, probs, n_bins: int = 10, title: str = "Reliability diagram") -> Figure:
