@@ -41,7 +41,7 @@ of BatchNorm does not learn at all, whereas conv / BatchNorm / max-pool blocks r
 AUC 0.74-0.83 at the demo budget. BatchNorm over batches of 4 volumes has poor running
 statistics (a known pitfall of BatchNorm with small batches), so the training code recomputes them over the
 training split with the current weights before every evaluation and before the guidance is
-cached ("precise BN", ``utils.precise_bn``); the local encoder (a batch of B * K crops)
+cached ("precise BN", ``utils.training.precise_bn``); the local encoder (a batch of B * K crops)
 keeps GroupNorm.
 """
 from __future__ import annotations

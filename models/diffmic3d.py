@@ -172,7 +172,7 @@ class DiffMIC3D(nn.Module):
         self.denoiser = ConditionalDenoiser(config.denoiser)
         self.diffusion = PriorShiftedDiffusion(config.diffusion)
         # Softmax temperature of the readout (Guo et al. 2017), fitted on the validation split
-        # after phase 2 (utils.diffusion_training.calibrate_temperature); learned state.
+        # after phase 2 (utils.training.diffusion.calibrate_temperature); learned state.
         self.register_buffer("temperature", torch.ones(()))
 
     @classmethod

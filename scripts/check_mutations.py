@@ -22,10 +22,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MUTATIONS = [
-    ("phase-2 loss x 0", "utils/diffusion_training.py", 'generator=generator)["loss"]',
+    ("phase-2 loss x 0", "utils/training/diffusion.py", 'generator=generator)["loss"]',
      'generator=generator)["loss"] * 0.0',
      ["tests/test_diffusion_method.py::test_c_phase2_learns_and_b_the_condition_carries_the_prediction"]),
-    ("calibrate_temperature returns 1.0", "utils/diffusion_training.py",
+    ("calibrate_temperature returns 1.0", "utils/training/diffusion.py",
      '    predictions will (``num_samples``, ``ddim_steps``, seed), and store it on the model.',
      '    predictions will (``num_samples``, ``ddim_steps``, seed), and store it on the model."""\n    return 1.0\n    """',
      ["tests/test_diffusion_training.py"]),

@@ -21,7 +21,7 @@ DATA = Path(__file__).resolve().parent / "data"
 def write_nifti(path, array, affine=None):
     """Write ``array`` as-is (any dtype, any rank) to a NIfTI file; returns the path.
 
-    Deliberately independent of ``utils.nifti_io.save_nifti`` so loader tests can write
+    Deliberately independent of ``utils.data.nifti_io.save_nifti`` so loader tests can write
     files the project's own writer refuses (2D, 4D, NaN, float).
     """
     path = Path(path)

@@ -11,10 +11,10 @@ from torch import nn
 
 from models.diffmic3d import DiffMIC3D, ModelConfig, guidance_tensors
 from models.precision import float32_forward
-from utils.nonfinite import first_nonfinite_module
-from utils.profiles import get_profile
+from utils.training.nonfinite import first_nonfinite_module
+from utils.training.profiles import get_profile
 from utils.seeding import amp_dtype
-from utils.trainer import FitConfig, fit, make_epoch_loader
+from utils.training.loop import FitConfig, fit, make_epoch_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

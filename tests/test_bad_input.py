@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from helpers import toy_ct, write_nifti
 
-from utils.cache import VolumeCache
-from utils.discovery import discover_scans
+from utils.data.cache import VolumeCache
+from utils.data.discovery import discover_scans
 from utils.errors import DataError
-from utils.nifti_io import load_dicom_series, load_nifti, load_scan
-from utils.preprocessing import PreprocessConfig
+from utils.data.nifti_io import load_dicom_series, load_nifti, load_scan
+from utils.data.preprocessing import PreprocessConfig
 
 
 def assert_one_line_error(info, name: str) -> None:
@@ -196,9 +196,9 @@ def test_a_volume_not_in_hu_is_refused_with_the_reason(tmp_path, name, values):
 
 
 def test_bad_scans_stop_the_run_before_the_split_manifest_and_are_all_named(tmp_path):
-    from utils.phantoms import PhantomConfig, write_dataset
+    from utils.data.phantoms import PhantomConfig, write_dataset
     from utils.pipeline import prepare_experiment
-    from utils.profiles import get_profile
+    from utils.training.profiles import get_profile
 
     config = get_profile("smoke", progress=False)
     paths = write_dataset(tmp_path / "data", 12, seed=0, config=PhantomConfig(size=config.phantom_size), progress=False)

@@ -5,10 +5,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import Dataset
 
-from utils.baselines import baseline_from_checkpoint, build_baseline, train_baseline
-from utils.precise_bn import bn_stats_loader
-from utils.checkpoint import load_checkpoint
-from utils.profiles import get_profile
+from utils.training.baselines import baseline_from_checkpoint, build_baseline, train_baseline
+from utils.training.precise_bn import bn_stats_loader
+from utils.training.checkpoint import load_checkpoint
+from utils.training.profiles import get_profile
 from helpers import BlobVolumes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +89,7 @@ def test_trained_baseline_ranks_held_out_scans_above_chance(tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121"])
 def test_gradcam_maps_cover_the_input_and_follow_the_prediction(name):
-    from utils.gradcam import gradcam_maps
+    from utils.evaluation.gradcam import gradcam_maps
 
     torch.manual_seed(0)
     net = build_baseline(name, 2).eval()

@@ -16,7 +16,7 @@ import torch
 
 import utils.benchmark as bench
 from utils.benchmark import Report, paired_target, auc_target, probe, quality, read_quality_csv, speed, timed
-from utils.prepare_data import REPO_ROOT
+from utils.paths import REPO_ROOT
 
 CPU = torch.device("cpu")
 
@@ -105,7 +105,7 @@ def test_quality_section_includes_present_reports_and_marks_absent_ones(tmp_path
     import utils.histogram_baseline as hb
     monkeypatch.setattr(hb, "histogram_baseline_accuracy", lambda paths, labels: (0.55, 0.05))
     monkeypatch.setattr(bench, "REPO_ROOT", tmp_path)  # the fallback phantom folder
-    from utils.phantoms import PhantomConfig, write_dataset
+    from utils.data.phantoms import PhantomConfig, write_dataset
     write_dataset(tmp_path / "data" / "phantoms_300", 6, seed=0, config=PhantomConfig(size=32), progress=False)
     qdir = tmp_path / "q"
     qdir.mkdir()
@@ -137,7 +137,7 @@ def test_probe_trains_the_stage_and_measures_it(stage):
 
 def test_speed_section_measures_the_new_phase_2_and_samplers(tmp_path, monkeypatch):
     """One tiny smoke run, then section 2: every figure positive, the ratio targets computed from them."""
-    from utils.profiles import get_profile
+    from utils.training.profiles import get_profile
     from utils.run import run_experiment
 
     config = get_profile("smoke", seed=0, progress=False, dcg_epochs=1, diffusion_epochs=1, baseline_epochs=1,

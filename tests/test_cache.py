@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from helpers import toy_ct, write_nifti
 
-from utils.cache import VolumeCache
+from utils.data.cache import VolumeCache
 from utils.errors import DataError
-from utils.nifti_io import load_scan
-from utils.preprocessing import PreprocessConfig, preprocess
+from utils.data.nifti_io import load_scan
+from utils.data.preprocessing import PreprocessConfig, preprocess
 
 SMALL = PreprocessConfig(target_shape=(16, 16, 8))
 

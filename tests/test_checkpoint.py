@@ -1,4 +1,4 @@
-"""Tests of utils.checkpoint: weights_only round trip, atomic writes, validation, RNG state."""
+"""Tests of utils.training.checkpoint: weights_only round trip, atomic writes, validation, RNG state."""
 import dataclasses
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import (
+from utils.training.checkpoint import (
     check_config_matches,
     load_checkpoint,
     rng_state,

@@ -12,7 +12,7 @@ from utils.paths import CACHE_DIR_ENV
 from utils.run_notebooks import run_notebooks
 from utils.seeding import DEVICE_ENV_VAR
 
-CLIS = ["run", "run_notebooks", "predict", "benchmark", "benchmark_quality", "prepare_data", "phantoms",
+CLIS = ["run", "run_notebooks", "predict", "benchmark", "benchmark_quality", "prepare_data", "data.phantoms",
         "histogram_baseline"]
 
 

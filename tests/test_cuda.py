@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from models.diffmic3d import DiffMIC3D, ModelConfig, guidance_tensors
-from utils.nifti_io import save_nifti
-from utils.phantoms import PhantomConfig, generate_phantom
+from utils.data.nifti_io import save_nifti
+from utils.data.phantoms import PhantomConfig, generate_phantom
 from utils.predict import load_model, predict_scan
-from utils.profiles import get_profile
+from utils.training.profiles import get_profile
 from utils.run import run_experiment
 from utils.seeding import amp_dtype
 

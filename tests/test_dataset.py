@@ -5,11 +5,11 @@ import pytest
 import torch
 from helpers import toy_ct, write_nifti
 
-from utils.cache import VolumeCache
-from utils.dataset import CTDataset, make_loader
-from utils.discovery import ScanRecord
-from utils.nifti_io import load_scan
-from utils.preprocessing import AP_AXIS, LR_AXIS, PreprocessConfig
+from utils.data.cache import VolumeCache
+from utils.data.dataset import CTDataset, make_loader
+from utils.data.discovery import ScanRecord
+from utils.data.nifti_io import load_scan
+from utils.data.preprocessing import AP_AXIS, LR_AXIS, PreprocessConfig
 
 
 @pytest.fixture

@@ -610,8 +610,8 @@ def localisation(model, x, y, cells):
 
 
 def test_short_training_localises_a_planted_lesion(one_thread):
-    from utils.precise_bn import recompute_batchnorm_stats
-    from utils.training import dcg_lr_factor
+    from utils.training.precise_bn import recompute_batchnorm_stats
+    from utils.training.dcg import dcg_lr_factor
 
     cfg = ModelConfig.tiny(input_shape=LESION_SHAPE).dcg
     x, y, _ = lesion_volumes(48, 0)

@@ -13,8 +13,8 @@ import torch
 
 from device_guard import STAND_IN, OnStandIn, StandInDevice
 from models.diffmic3d import DiffMIC3D, ModelConfig
-from utils.checkpoint import load_checkpoint
-from utils.profiles import get_profile
+from utils.training.checkpoint import load_checkpoint
+from utils.training.profiles import get_profile
 from utils.run import run_experiment
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),

@@ -13,7 +13,7 @@ from helpers import SHAPE, BlobVolumes
 from models.dcg_model import DCGConfig
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from models.prior_generator import PriorConfig
-from utils.precise_bn import recompute_batchnorm_stats
+from utils.training.precise_bn import recompute_batchnorm_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,7 +242,7 @@ def test_two_phase_training_overfits_a_tiny_problem():
         loss.backward()
         opt.step()
 
-    # phase 2: frozen DCG with precise BatchNorm statistics (as utils.training), cached
+    # phase 2: frozen DCG with precise BatchNorm statistics (as utils.training.dcg), cached
     # guidance, diffusion loss on the scans
     recompute_batchnorm_stats(model.dcg, [x], lambda batch: model.dcg(batch))
     model.freeze_dcg()

@@ -18,9 +18,9 @@ from torch import nn
 from helpers import BlobVolumes
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from models.diffusion_process import DiffusionConfig, PriorShiftedDiffusion, one_hot_grid
-from utils.diffusion_training import predict_dataset, train_diffusion
-from utils.profiles import get_profile
-from utils.training import cache_guidance
+from utils.training.diffusion import predict_dataset, train_diffusion
+from utils.training.profiles import get_profile
+from utils.training.dcg import cache_guidance
 
 GRID = (4, 4, 4)
 T_PROBE = 400

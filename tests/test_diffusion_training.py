@@ -1,4 +1,4 @@
-"""Phase 2 (``utils.diffusion_training``): the run itself -- cached guidance, frozen DCG,
+"""Phase 2 (``utils.training.diffusion``): the run itself -- cached guidance, frozen DCG,
 resumable checkpoints, EMA, learning-rate schedule -- and the validation-fitted temperature.
 
 Whether phase 2 actually learns (and reads the scan) is tested in test_diffusion_method.py.
@@ -13,10 +13,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from helpers import SHAPE, BlobVolumes
 from models.diffmic3d import DiffMIC3D, ModelConfig
-from utils.diffusion_training import (calibrate_temperature, fit_temperature, predict_dataset, recompute_encoder_bn,
+from utils.training.diffusion import (calibrate_temperature, fit_temperature, predict_dataset, recompute_encoder_bn,
                                       train_diffusion, warmup_cosine)
-from utils.profiles import get_profile
-from utils.training import cache_guidance
+from utils.training.profiles import get_profile
+from utils.training.dcg import cache_guidance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

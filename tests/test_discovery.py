@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
+from utils.data.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
 from utils.errors import DataError
 
 

@@ -1,4 +1,4 @@
-"""Tests of utils.evaluate: prediction collection, result files, tables and figures."""
+"""Tests of utils.evaluation.evaluate: prediction collection, result files, tables and figures."""
 import csv
 import json
 import math
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import utils.evaluate as evaluate
+import utils.evaluation.evaluate as evaluate
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.errors import DataError
-from utils.evaluate import (
+from utils.evaluation.evaluate import (
     Predictions,
     evaluate_experiment,
     format_results_table,
@@ -19,7 +19,7 @@ from utils.evaluate import (
     write_learning_curves,
     write_model_figures,
 )
-from utils.metrics import CSV_COLUMNS, SCALAR_METRICS, classification_metrics
+from utils.evaluation.metrics import CSV_COLUMNS, SCALAR_METRICS, classification_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from utils.discovery import discover_scans
+from utils.data.discovery import discover_scans
 from utils.errors import DataError
 from utils.histogram_baseline import histogram_baseline_accuracy, histogram_features, main
-from utils.phantoms import DIFFICULTIES, PhantomConfig, write_dataset
+from utils.data.phantoms import DIFFICULTIES, PhantomConfig, write_dataset
 
 
 @pytest.mark.parametrize("bins, shape", [(32, (8, 8, 4)), (16, (5, 7, 3)), (4, (100,))])
@@ -32,7 +32,7 @@ def test_histogram_rejects_empty_or_bad_range():
 
 def test_baseline_separates_an_obvious_difference(tmp_path):
     """The check has power: easy phantoms at full contrast with CT-3-like burden would be caught."""
-    from utils.nifti_io import save_nifti
+    from utils.data.nifti_io import save_nifti
 
     rng = np.random.default_rng(0)
     paths, labels = [], []

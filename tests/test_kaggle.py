@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from utils.notebook import resolve_parameters
-from utils.profiles import get_profile
+from utils.training.profiles import get_profile
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CELL = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL) if "KAGGLE_ROOT" in b)

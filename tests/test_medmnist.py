@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from utils.dataset import CTDataset
+from utils.data.dataset import CTDataset
 from utils.errors import DataError
-from utils.medmnist import MedMNISTDataset, class_names_for, dataset_name, load_medmnist
+from utils.data.medmnist import MedMNISTDataset, class_names_for, dataset_name, load_medmnist
 from utils.pipeline import build_model, prepare_experiment, with_num_classes
-from utils.profiles import get_profile
+from utils.training.profiles import get_profile
 
 REPO = Path(__file__).resolve().parents[1]
 ADRENAL = REPO.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"

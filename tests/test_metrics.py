@@ -1,4 +1,4 @@
-"""Tests of utils.metrics against hand-computed values, sklearn, and bootstrap properties."""
+"""Tests of utils.evaluation.metrics against hand-computed values, sklearn, and bootstrap properties."""
 import csv
 import math
 import time
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from utils.metrics import (
+from utils.evaluation.metrics import (
     CSV_COLUMNS,
     SCALAR_METRICS,
     _auc_from_counts,

@@ -7,8 +7,8 @@ import pytest
 from helpers import DATA, toy_ct, write_nifti
 
 from utils.errors import DataError
-from utils.nifti_io import HUWarning, hu_problem, load_dicom_series, load_nifti, load_scan, save_nifti
-from utils.preprocessing import PreprocessConfig, preprocess
+from utils.data.nifti_io import HUWarning, hu_problem, load_dicom_series, load_nifti, load_scan, save_nifti
+from utils.data.preprocessing import PreprocessConfig, preprocess
 
 
 def test_lps_and_ras_files_load_to_the_same_array(tmp_path):

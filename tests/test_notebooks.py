@@ -19,7 +19,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from utils.errors import DataError
 from utils.notebook import NOTEBOOKS, open_experiment, resolve_parameters
-from utils.prepare_data import REPO_ROOT
+from utils.paths import REPO_ROOT
 from utils.run_notebooks import relative_to, scrub_metadata
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"

@@ -1,8 +1,8 @@
-"""The feature-distance out-of-distribution flag (``utils.ood``)."""
+"""The feature-distance out-of-distribution flag (``utils.evaluation.ood``)."""
 import pytest
 import torch
 
-from utils.ood import THRESHOLD_FACTOR, feature_distance, fit_feature_stats
+from utils.evaluation.ood import THRESHOLD_FACTOR, feature_distance, fit_feature_stats
 
 
 def test_training_like_features_pass_and_far_ones_are_flagged():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from utils.errors import DataError
-from utils.nifti_io import load_nifti
-from utils.phantoms import (DIFFICULTIES, SEVERITY_BANDS, Difficulty, PhantomConfig, generate_phantom, main,
+from utils.data.nifti_io import load_nifti
+from utils.data.phantoms import (DIFFICULTIES, SEVERITY_BANDS, Difficulty, PhantomConfig, generate_phantom, main,
                             write_dataset)
 
 SMALL = PhantomConfig(size=48)
@@ -167,7 +167,7 @@ def test_refuses_to_write_into_real_data(tmp_path):
 
 def test_parallel_writing_gives_the_same_files_as_serial(tmp_path, monkeypatch):
     """Scan i depends on (seed, i) only: 2 worker processes write byte-identical volumes."""
-    import utils.phantoms as phantoms
+    import utils.data.phantoms as phantoms
 
     serial = write_dataset(tmp_path / "serial", 4, seed=3, config=SMALL, progress=False)
     monkeypatch.setattr(phantoms, "PHANTOMS_PER_WORKER", 2)

@@ -1,6 +1,6 @@
 import torch
 
-from utils.precise_bn import recompute_batchnorm_stats
+from utils.training.precise_bn import recompute_batchnorm_stats
 
 
 def test_precise_batchnorm_statistics_are_the_training_average():

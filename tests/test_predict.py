@@ -12,11 +12,11 @@ import torch
 
 from helpers import DATA, toy_ct, write_nifti
 from models.diffmic3d import DiffMIC3D, ModelConfig
-from utils.checkpoint import save_checkpoint
+from utils.training.checkpoint import save_checkpoint
 from utils.errors import DataError
 from utils.predict import expand_inputs, load_model, main, predict_scan, predict_scans
-from utils.ood import fit_feature_stats
-from utils.preprocessing import PreprocessConfig, preprocess
+from utils.evaluation.ood import fit_feature_stats
+from utils.data.preprocessing import PreprocessConfig, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE = (32, 32, 16)

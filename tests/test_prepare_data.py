@@ -1,5 +1,5 @@
 """The data-preparation command: discover, split, cache, summarise; one-line errors."""
-from utils.phantoms import PhantomConfig, write_dataset
+from utils.data.phantoms import PhantomConfig, write_dataset
 from utils.prepare_data import main
 
 

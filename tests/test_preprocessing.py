@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.preprocessing import PreprocessConfig, anti_alias_sigma, apply_flips, preprocess, random_flip
+from utils.data.preprocessing import PreprocessConfig, anti_alias_sigma, apply_flips, preprocess, random_flip
 
 
 def test_clip_and_scale_values():

@@ -2,7 +2,7 @@
 import pytest
 
 from models.diffmic3d import DiffMIC3D
-from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
+from utils.training.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
 
 
 def test_full_profile_is_the_seed_configuration():

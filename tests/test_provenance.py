@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.paths import REPO_ROOT
-from utils.profiles import get_profile
+from utils.training.profiles import get_profile
 from utils.provenance import collect, record
 from utils.run import run_experiment
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from utils.checkpoint import load_checkpoint
+from utils.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

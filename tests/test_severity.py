@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from utils.phantoms import PhantomConfig, write_dataset
+from utils.data.phantoms import PhantomConfig, write_dataset
 from utils.predict import load_model, predict_scan
-from utils.profiles import get_profile
+from utils.training.profiles import get_profile
 from utils.run import run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")

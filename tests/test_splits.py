@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from utils.discovery import ScanRecord
+from utils.data.discovery import ScanRecord
 from utils.errors import DataError
-from utils.splits import SPLITS, SplitConfig, load_or_create_splits, split_records
+from utils.data.splits import SPLITS, SplitConfig, load_or_create_splits, split_records
 
 
 def make_records(root: Path, n_normal: int, n_abnormal: int) -> list[ScanRecord]:

@@ -8,9 +8,9 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, ReduceLROnPlateau
 from torch.utils.data import Dataset
 
-from utils.checkpoint import load_checkpoint
+from utils.training.checkpoint import load_checkpoint
 from utils.errors import DataError
-from utils.trainer import FitConfig, epoch_seed, fit, make_epoch_loader, stage_complete
+from utils.training.loop import FitConfig, epoch_seed, fit, make_epoch_loader, stage_complete
 
 CONFIG = {"model": "toy", "hidden": 8}
 

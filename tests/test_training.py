@@ -1,6 +1,6 @@
 """Phase 1 and the guidance cache on a tiny model and a tiny separable problem.
 
-Phase 2 and the temperature (``utils.diffusion_training``) are tested in
+Phase 2 and the temperature (``utils.training.diffusion``) are tested in
 test_diffusion_training.py and test_diffusion_method.py."""
 from dataclasses import replace
 
@@ -9,10 +9,10 @@ import torch
 
 from helpers import SHAPE, BlobVolumes
 from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
-from utils.checkpoint import load_checkpoint
-from utils.precise_bn import bn_stats_loader, recompute_batchnorm_stats
-from utils.profiles import get_profile
-from utils.training import cache_guidance, dcg_lr_factor, dcg_steps_per_epoch, train_dcg
+from utils.training.checkpoint import load_checkpoint
+from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
+from utils.training.profiles import get_profile
+from utils.training.dcg import cache_guidance, dcg_lr_factor, dcg_steps_per_epoch, train_dcg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

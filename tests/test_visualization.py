@@ -1,4 +1,4 @@
-"""Tests of utils.visualization: each plot's structure, PNG output, and input errors."""
+"""Tests of utils.evaluation.visualization: each plot's structure, PNG output, and input errors."""
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle, StepPatch
 from sklearn.metrics import roc_auc_score
 
-from utils.metrics import quantile_reliability
-from utils.visualization import (
+from utils.evaluation.metrics import quantile_reliability
+from utils.evaluation.visualization import (
     plot_confusion_matrices,
     plot_confusion_matrix,
     plot_ct_slices,
@@ -189,7 +189,7 @@ def test_bad_inputs_raise_clear_value_errors(call, match):
 
 
 def test_guidance_map_one_panel_per_slice_on_a_shared_scale():
-    from utils.visualization import plot_guidance_map
+    from utils.evaluation.visualization import plot_guidance_map
     grid = torch.softmax(torch.randn(2, 4, 4, 4), dim=0)  # (C, Np, Np, Np)
     fig = plot_guidance_map(grid, 1, ["Normal", "COVID-19"])
     images = [ax.images[0] for ax in fig.axes if ax.images]
@@ -202,7 +202,7 @@ def test_guidance_map_one_panel_per_slice_on_a_shared_scale():
 
 
 def test_feature_prior_heatmap_and_mean_gate_per_source():
-    from utils.visualization import plot_feature_prior
+    from utils.evaluation.visualization import plot_feature_prior
     feats = RNG.normal(size=(3, 16))
     gates = torch.softmax(torch.randn(4, 16), dim=0)  # K + 1 = 4 sources
     fig = plot_feature_prior(feats, gates)
@@ -215,7 +215,7 @@ def test_feature_prior_heatmap_and_mean_gate_per_source():
 
 
 def test_uncertainty_scatter_marks_misclassified_scans_hollow():
-    from utils.visualization import plot_uncertainty
+    from utils.evaluation.visualization import plot_uncertainty
     probs, std, y = np.array([0.9, 0.2, 0.7, 0.4]), np.array([0.05, 0.1, 0.2, 0.3]), np.array([1, 0, 0, 1])
     fig = plot_uncertainty(probs, std, y, ["Normal", "COVID-19"])
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

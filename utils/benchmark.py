@@ -59,7 +59,7 @@ import torch
 from utils.cli import make_parser
 from utils.log import get_logger
 from utils.atomic import atomic_write_text
-from utils.prepare_data import REPO_ROOT
+from utils.paths import REPO_ROOT
 
 OURS, DCG_FUSED, RESNET = "DiffMIC-3D", "DCG without diffusion", "3D ResNet-18"
 TARGETS = {
@@ -231,8 +231,8 @@ def probe(stage: str, input_shape: tuple[int, int, int], preset: str, batch_size
     Runs in the calling process; :func:`run_probe` runs it in a subprocess.
     """
     from models.diffmic3d import DiffMIC3D
-    from utils.baselines import build_baseline
-    from utils.profiles import get_profile
+    from utils.training.baselines import build_baseline
+    from utils.training.profiles import get_profile
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -363,9 +363,9 @@ def _quality_rows(report: Report, name: str, data: dict) -> None:
 
 def quality(report: Report, quality_dir: Path, quick: bool, output_dir: Path, device: Optional[str]) -> Optional[Path]:
     """Section 1 and the quality targets; returns the seed-0 smoke run folder with ``quick``."""
-    from utils.discovery import discover_scans, find_dataset_root
+    from utils.data.discovery import discover_scans, find_dataset_root
     from utils.histogram_baseline import histogram_baseline_accuracy
-    from utils.profiles import get_profile
+    from utils.training.profiles import get_profile
 
     quality_dir = Path(quality_dir)
     parts = [f"## 1. Quality\n\nThe quality benchmark is `utils.benchmark_quality` (DiffMIC-3D against its own DCG "
@@ -440,13 +440,13 @@ def speed(report: Report, run_dir: Path, config, device: torch.device, quick: bo
     from torch.utils.data import DataLoader
 
     from models.diffmic3d import DiffMIC3D
-    from utils.baselines import baseline_from_checkpoint, build_baseline
-    from utils.checkpoint import load_checkpoint
-    from utils.diffusion_training import select_guidance
-    from utils.metrics import classification_metrics
+    from utils.training.baselines import baseline_from_checkpoint, build_baseline
+    from utils.training.checkpoint import load_checkpoint
+    from utils.training.diffusion import select_guidance
+    from utils.evaluation.metrics import classification_metrics
     from utils.pipeline import prepare_experiment
     from utils.predict import load_model
-    from utils.training import cache_guidance
+    from utils.training.dcg import cache_guidance
 
     exp = prepare_experiment(config, run_dir, device=str(device), verbose=False)
     model, _ = load_model(exp.main_checkpoint, device)
@@ -592,7 +592,7 @@ def speed(report: Report, run_dir: Path, config, device: torch.device, quick: bo
 def memory_and_projection(report: Report, device: torch.device, quick: bool, n_train: int) -> str:
     """Section 3 (added to the report) and section 5 (returned, to follow section 4): each
     stage at the full configuration, batch 4, in its own process."""
-    from utils.profiles import get_profile
+    from utils.training.profiles import get_profile
 
     shape, preset = ((64, 64, 32), "small") if quick else ((128, 128, 64), "full")
     steps = 2 if quick else 3
@@ -677,7 +677,7 @@ def scaling(report: Report, device: torch.device, quick: bool) -> None:
                      f"{m2['seconds_per_step'] / base[2]:.1f}x", f"{m['peak_rss_gb']:.2f}", f"{m2['peak_rss_gb']:.2f}"])
     # epoch time against the number of volumes, at the smallest size, real epochs on random data
     from models.diffmic3d import DiffMIC3D
-    from utils.profiles import get_profile
+    from utils.training.profiles import get_profile
     shape = sizes[0]
     config = get_profile("demo", input_shape=shape)
     torch.manual_seed(0)
@@ -726,10 +726,10 @@ def scaling(report: Report, device: torch.device, quick: bool) -> None:
 def design_choices(report: Report, runs: Path, device: torch.device, quick: bool) -> None:
     """Section 6: phase-1 DCG variants on hard phantoms; fused-prior AUC on validation and test."""
     from models.diffmic3d import DiffMIC3D
-    from utils.metrics import classification_metrics
-    from utils.phantoms import DIFFICULTIES, PhantomConfig, write_dataset
+    from utils.evaluation.metrics import classification_metrics
+    from utils.data.phantoms import DIFFICULTIES, PhantomConfig, write_dataset
     from utils.pipeline import build_model, cache_split_guidance, prepare_experiment, train_phase1
-    from utils.profiles import get_profile
+    from utils.training.profiles import get_profile
 
     profile = "smoke" if quick else "demo"
     data = runs / f"phantoms_hard_{profile}"
@@ -791,7 +791,7 @@ def run_benchmark(output_dir: Path, quick: bool = False, device: Optional[str] =
     ``outputs/benchmark``).
     """
     from utils.benchmark_quality import dataset_setup
-    from utils.profiles import get_profile
+    from utils.training.profiles import get_profile
     from utils.run import run_experiment
     from utils.seeding import pick_device, seed_everything
 

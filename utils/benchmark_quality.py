@@ -15,7 +15,7 @@ Per seed the whole experiment runs (``utils.run.run_experiment``, resumable: a f
 only loaded) and its test predictions, made ONCE per configuration, are compared pairwise on
 the same scans: ROC-AUC of DiffMIC-3D minus that of the DCG it is conditioned on (its fused
 prediction, and its global prior alone) and minus each baseline, with a 95% stratified paired
-bootstrap interval (``utils.metrics.paired_auc_difference``). ``--ablations`` (seed 0 only)
+bootstrap interval (``utils.evaluation.metrics.paired_auc_difference``). ``--ablations`` (seed 0 only)
 retrains phase 2 with one design element reverted at a time, and phase 1 without the DCG
 curriculum or the foreground ROI restriction, each evaluated once on the test split.
 
@@ -35,9 +35,9 @@ import numpy as np
 from utils.cli import make_parser
 from utils.log import get_logger
 from utils.atomic import atomic_write_text
-from utils.metrics import classification_metrics, paired_auc_difference, seed_summary
-from utils.prepare_data import REPO_ROOT
-from utils.profiles import TrainConfig, get_profile, parse_overrides
+from utils.evaluation.metrics import classification_metrics, paired_auc_difference, seed_summary
+from utils.paths import REPO_ROOT
+from utils.training.profiles import TrainConfig, get_profile, parse_overrides
 
 OURS, DCG_FUSED, DCG_GLOBAL = "DiffMIC-3D", "DCG without diffusion", "DCG global prior only"
 ADRENAL = REPO_ROOT.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
@@ -115,10 +115,10 @@ def _merge(a: dict, b: dict) -> dict:
 def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out: Path) -> list[dict]:
     """Rows ``{group, variant, val_auc, test_auc, diff vs full, diff vs DCG}`` (module docstring)."""
     from models.diffmic3d import DiffMIC3D
-    from utils.diffusion_training import calibrate_temperature, predict_dataset, train_diffusion
+    from utils.training.diffusion import calibrate_temperature, predict_dataset, train_diffusion
     from utils.pipeline import (build_model, cache_split_guidance, out_of_fold_guidance, prepare_experiment,
                                 reseed_stage, train_phase1)
-    from utils.training import cache_guidance, train_dcg
+    from utils.training.dcg import cache_guidance, train_dcg
 
     exp = prepare_experiment(config, run_dir, data_dir, verbose=False)
     device, test, val = exp.device, exp.datasets["test"], exp.datasets["val"]
@@ -160,7 +160,7 @@ def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out:
         rows.append(row("phase 2", name, result.best["val_auc"], p))
         log.info(f"[ablation] {name}: test AUC {rows[-1]['test_auc']:.3f}")
 
-    from utils.checkpoint import load_checkpoint
+    from utils.training.checkpoint import load_checkpoint
     saved = load_checkpoint(exp.main_checkpoint)
     full = DiffMIC3D.from_config_dict(saved["model_config"]).to(device)
     full.load_state_dict(saved["model_state_dict"])

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from utils.paths import REPO_ROOT, display_path
-from utils.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
+from utils.training.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
 
 SET_KEYS = tuple(f.name for f in fields(TrainConfig))
 
@@ -45,7 +45,7 @@ def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--profile, --data-dir, --output-dir, --cache-dir, --seed, --device, --set."""
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="demo", help="run size (utils.profiles)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="demo", help="run size (utils.training.profiles)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="MosMedData folder or MedMNIST .npz (default: $MEDISCOPE_DATA_DIR, a MosMedData copy "
                              "under /kaggle/input, else the profile's embedded phantoms)")

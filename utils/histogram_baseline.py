@@ -6,7 +6,7 @@ be separable from normal scans by how much of the volume sits in the ground-glas
 consolidation HU range, only by where and how it is arranged. At the default difficulty
 the 5-fold cross-validated accuracy should stay near chance (<= 70 %).
 
-Scans are read with the project's loader (``utils.nifti_io.load_nifti``), so the
+Scans are read with the project's loader (``utils.data.nifti_io.load_nifti``), so the
 baseline measures exactly what the pipeline sees.
 
 Usage::
@@ -24,9 +24,9 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from utils.discovery import discover_scans
+from utils.data.discovery import discover_scans
 from utils.errors import DataError
-from utils.nifti_io import load_nifti
+from utils.data.nifti_io import load_nifti
 
 
 def histogram_features(hu: np.ndarray, bins: int = 32, hu_range: tuple[float, float] = (-1100.0, 500.0)) -> np.ndarray:

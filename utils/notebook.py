@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from utils.discovery import default_data_dir
+from utils.data.discovery import default_data_dir
 from utils.errors import DataError
 from utils.pipeline import Experiment, display_path, prepare_experiment
-from utils.prepare_data import EMBEDDED_DATA, REPO_ROOT
-from utils.profiles import PROFILES, TrainConfig, get_profile
+from utils.paths import EMBEDDED_DATA, REPO_ROOT
+from utils.training.profiles import PROFILES, TrainConfig, get_profile
 
 OUTPUT_DIR_ENV = "MEDISCOPE_OUTPUT_DIR"
 PROFILE_ENV = "MEDISCOPE_PROFILE"
@@ -50,7 +50,7 @@ class NotebookParameters:
         data_dir: folder to read scans from, or None for the profile's embedded phantoms
             (generated on first use by notebook 01).
         output_dir: the run folder all notebooks read and write.
-        profile: a ``utils.profiles`` name (smoke, demo, full).
+        profile: a ``utils.training.profiles`` name (smoke, demo, full).
         seed: the run's seed (split, initialisation, sampling).
         progress: show progress bars.
         overrides: further ``TrainConfig`` fields (``$MEDISCOPE_SET``, set by ``utils.run_notebooks --set``).

@@ -33,29 +33,31 @@ from torch.utils.data import Subset
 
 from models.diffmic3d import DiffMIC3D
 from utils.atomic import atomic_write_text
-from utils.baselines import DISPLAY_NAMES, baseline_from_checkpoint, train_baseline
-from utils.cache import VolumeCache
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.dataset import CTDataset
-from utils.discovery import CLASS_NAMES, ScanRecord, discover_scans, find_dataset_root
+from utils.training.baselines import DISPLAY_NAMES, baseline_from_checkpoint, train_baseline
+from utils.data.cache import VolumeCache
+from utils.training.checkpoint import load_checkpoint, save_checkpoint
+from utils.data.dataset import CTDataset
+from utils.data.discovery import CLASS_NAMES, ScanRecord, discover_scans, find_dataset_root
 from utils.errors import DataError
 from utils.log import get_logger
-from utils.ood import fit_feature_stats
+from utils.evaluation.ood import fit_feature_stats
 from utils.paths import default_cache_dir, display_path  # noqa: F401 - display_path re-exported
 from utils.provenance import record as record_provenance
-from utils.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
-from utils.gradcam import write_baseline_gradcam
-from utils.evaluate import Predictions, evaluate_experiment, predict_loader, write_learning_curves, write_model_figures
-from utils.phantoms import SIDECAR as PHANTOM_SIDECAR, PhantomConfig
-from utils.prepare_data import REPO_ROOT, resolve_data_dir, split_summary
-from utils.preprocessing import PreprocessConfig
-from utils.profiles import TrainConfig
+from utils.data.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
+from utils.evaluation.gradcam import write_baseline_gradcam
+from utils.evaluation.evaluate import Predictions, evaluate_experiment, predict_loader, write_learning_curves, write_model_figures
+from utils.data.phantoms import SIDECAR as PHANTOM_SIDECAR, PhantomConfig
+from utils.paths import REPO_ROOT
+from utils.prepare_data import resolve_data_dir, split_summary
+from utils.data.preprocessing import PreprocessConfig
+from utils.training.profiles import TrainConfig
 from utils.seeding import pick_device, seed_everything
-from utils.splits import load_or_create_splits
+from utils.data.splits import load_or_create_splits
 from utils.stage_timer import StageTimer
-from utils.trainer import FitResult, epoch_seed, stage_complete
-from utils.diffusion_training import calibrate_temperature, predict_dataset, train_diffusion
-from utils.training import cache_guidance, eval_loader, train_dcg
+from utils.training.loop import FitResult, epoch_seed, stage_complete
+from utils.training.diffusion import calibrate_temperature, predict_dataset, train_diffusion
+from utils.training.dcg import cache_guidance, train_dcg
+from utils.training.stage import eval_loader
 
 MAIN_CHECKPOINT = "diffmic3d_enhanced_model.pth"
 OURS = "DiffMIC-3D"
@@ -128,7 +130,7 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
     Data: ``data_dir``; else ``$MEDISCOPE_DATA_DIR`` or a MosMedData copy under
     ``/kaggle/input``; else phantoms generated at the profile's size into its
     ``phantom_dir``. The split is ``OUTPUT_DIR/splits.csv`` (created once, then reused).
-    A ``data_dir`` ending in ``.npz`` is a MedMNIST 3D file (``utils.medmnist``): its official
+    A ``data_dir`` ending in ``.npz`` is a MedMNIST 3D file (``utils.data.medmnist``): its official
     train / val / test split is used as is and its volumes are held in memory (no cache).
     Seeds every generator from ``config.seed``; ``device`` None picks CUDA when available.
     """
@@ -262,7 +264,7 @@ def train_phase1(exp: Experiment, model: DiffMIC3D) -> FitResult:
 def cache_split_guidance(exp: Experiment, model: DiffMIC3D,
                          splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict[str, torch.Tensor]]:
     """The frozen DCG's outputs once per volume of each split (unflipped), e.g. ``['train']
-    ['guidance'...]``; see ``utils.training.cache_guidance``."""
+    ['guidance'...]``; see ``utils.training.dcg.cache_guidance``."""
     model.freeze_dcg()
     names = {"train": "train_plain"}
     return {split: cache_guidance(model, exp.datasets[names.get(split, split)], exp.device, exp.config.batch_size,
@@ -337,7 +339,7 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, dict[str
 def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict) -> Path:
     """Write ``OUTPUT_DIR/diffmic3d_enhanced_model.pth`` (what ``utils.predict`` loads): the
     finished model with its preprocessing, history, and the training scans' DCG feature
-    statistics for the out-of-distribution flag (``utils.ood``)."""
+    statistics for the out-of-distribution flag (``utils.evaluation.ood``)."""
     features = cache_split_guidance(exp, model, ("train",))["train"]["global_features"]  # (N, F)
     return save_checkpoint(exp.main_checkpoint, model_config=model.config.to_dict(),
                            model_state_dict=model.state_dict(), **exp.meta, history=history,
@@ -383,9 +385,9 @@ def write_history(exp: Experiment, results: dict[str, FitResult]) -> Path:
 def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Module]) -> list[dict]:
     """The test split, once: DiffMIC-3D, its two ablations and the baselines.
 
-    Writes ``evaluation_results.csv``, ``predictions.csv`` and the figures (``utils.evaluate``),
+    Writes ``evaluation_results.csv``, ``predictions.csv`` and the figures (``utils.evaluation.evaluate``),
     including the saliency / ROI and denoising-trajectory figures of one test scan per class
-    and the baselines' Grad-CAM maps of the same scans (``utils.gradcam``).
+    and the baselines' Grad-CAM maps of the same scans (``utils.evaluation.gradcam``).
     Returns the evaluation rows (``model, metric, value, ci_low, ci_high``).
     """
     config, device, test = exp.config, exp.device, exp.datasets["test"]

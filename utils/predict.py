@@ -5,8 +5,8 @@
 
 SCAN is a ``.nii`` / ``.nii.gz`` file, a folder holding one DICOM series, or a folder of
 ``.nii`` / ``.nii.gz`` files (each is predicted). Every scan goes through exactly the
-training pipeline: ``utils.nifti_io.load_scan`` (HU, RAS+, voxel spacing) then
-``utils.preprocessing.preprocess`` with the checkpoint's own ``preprocess_config`` (and its
+training pipeline: ``utils.data.nifti_io.load_scan`` (HU, RAS+, voxel spacing) then
+``utils.data.preprocessing.preprocess`` with the checkpoint's own ``preprocess_config`` (and its
 ``hires_preprocess_config`` for a model with ``roi_scale > 1``), read with
 ``PreprocessConfig.from_dict``. A checkpoint whose preprocessing predates anti-aliasing /
 ``target_spacing`` (no such keys) is refused ("trained by an older version, retrain"), and so
@@ -22,7 +22,7 @@ and so is a stage checkpoint (``checkpoints/dcg.pth``, ``diffusion.pth``): only 
 model file is accepted. A scan whose values are not Hounsfield units (no air: an 8-bit or
 normalised image, stored values without the rescale) is refused with the reason unless
 ``--allow-non-hu`` is given; then, and whenever the scan's DCG features lie far from the
-training scans' (``utils.ood``), the result is marked out-of-distribution in the text and in
+training scans' (``utils.evaluation.ood``), the result is marked out-of-distribution in the text and in
 the JSON (``out_of_distribution``, ``ood_reasons``, ``feature_distance``).
 """
 from __future__ import annotations
@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 
 from models.diffmic3d import DiffMIC3D
-from utils.checkpoint import check_config_matches, load_checkpoint
+from utils.training.checkpoint import check_config_matches, load_checkpoint
 from utils.cli import make_parser
 from utils.errors import DataError
-from utils.nifti_io import CTVolume, HUWarning, hu_problem, load_scan
-from utils.ood import feature_distance
-from utils.preprocessing import PreprocessConfig, preprocess
+from utils.data.nifti_io import CTVolume, HUWarning, hu_problem, load_scan
+from utils.evaluation.ood import feature_distance
+from utils.data.preprocessing import PreprocessConfig, preprocess
 from utils.seeding import pick_device
 
 DEFAULT_CHECKPOINT = Path("outputs") / "diffmic3d_enhanced_model.pth"
@@ -62,7 +62,7 @@ class CheckpointMeta:
         hires_preprocess: preprocessing of the high-resolution copy (``roi_scale > 1``), else None.
         num_samples: stochastic samples per scan used at evaluation (the training profile's
             ``num_samples``; the model config's default when the checkpoint has none).
-        feature_stats: the training scans' DCG feature statistics (``utils.ood``), or None.
+        feature_stats: the training scans' DCG feature statistics (``utils.evaluation.ood``), or None.
         training_data: what the model was trained on, in words (for the research-use note).
     """
 
@@ -202,7 +202,7 @@ def _training_data(source) -> str:
 
 def _input_tensor(volume: CTVolume, config: PreprocessConfig, device: torch.device | str) -> torch.Tensor:
     """(1, 1, H, W, D) float32 network input from a loaded scan (its voxel spacing is
-    used when the config has a ``target_spacing``), exactly as ``utils.cache`` does it."""
+    used when the config has a ``target_spacing``), exactly as ``utils.data.cache`` does it."""
     return torch.from_numpy(preprocess(volume.hu, config, spacing=volume.spacing))[None].to(device)
 
 
@@ -226,7 +226,7 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         "out_of_distribution": bool, "ood_reasons": [str], "feature_distance": float or None,
         "feature_threshold": float or None}``: out-of-distribution when the scan is not in
         HU (with ``allow_non_hu``) or its DCG features are far from the training scans'
-        (``utils.ood``; None for a model file without training statistics).
+        (``utils.evaluation.ood``; None for a model file without training statistics).
 
     Raises:
         DataError: the scan cannot be loaded (the loader's one-line message), or is not in

@@ -16,14 +16,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from utils.cache import VolumeCache
-from utils.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
+from utils.data.cache import VolumeCache
+from utils.data.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
 from utils.errors import DataError
 from utils.cli import make_parser
-from utils.paths import EMBEDDED_DATA, REPO_ROOT  # noqa: F401 - re-exported for older imports
-from utils.phantoms import PhantomConfig, write_dataset
-from utils.preprocessing import PreprocessConfig
-from utils.splits import SPLITS, load_or_create_splits
+from utils.paths import EMBEDDED_DATA, REPO_ROOT
+from utils.data.phantoms import PhantomConfig, write_dataset
+from utils.data.preprocessing import PreprocessConfig
+from utils.data.splits import SPLITS, load_or_create_splits
 
 
 

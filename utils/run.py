@@ -2,7 +2,7 @@
 
     python -m utils.run --profile demo [--data-dir DIR] [--output-dir outputs] [--seed N]
                         [--cache-dir data/processed] [--device cpu|cuda|auto]
-                        [--set key=value ...]          # any TrainConfig field (utils.profiles)
+                        [--set key=value ...]          # any TrainConfig field (utils.training.profiles)
 
 Steps, each resumable:
 
@@ -18,12 +18,12 @@ Steps, each resumable:
    class names and training config; ``utils.predict`` loads it) and ``OUTPUT_DIR/history.json``.
 4. Once, at the end: predictions on the TEST split of DiffMIC-3D, its two ablations (DCG
    global prior only; DCG without diffusion = the fused DCG prediction) and the baselines;
-   ``evaluation_results.csv``, ``predictions.csv`` and the figures (``utils.evaluate``); the
+   ``evaluation_results.csv``, ``predictions.csv`` and the figures (``utils.evaluation.evaluate``); the
    results table and the wall time are printed.
 
 A run killed at any point continues from its last checkpoint when started again with the
 same arguments and ends with the same metrics as an uninterrupted run: every stage re-seeds
-torch's global generator from (seed, stage) before building its model, and ``utils.trainer``
+torch's global generator from (seed, stage) before building its model, and ``utils.training.loop``
 restores the rest. The output folder remembers its configuration (``train_config.json``);
 starting it again with another configuration is refused.
 """
@@ -37,11 +37,11 @@ from typing import Optional
 from utils.atomic import atomic_write_text
 from utils.cli import add_run_options, make_parser, run_config
 from utils.errors import DataError
-from utils.evaluate import format_results_table
+from utils.evaluation.evaluate import format_results_table
 from utils.pipeline import (build_model, cache_split_guidance, display_path, evaluate_test, history_entry,
                             prepare_experiment, save_main_checkpoint, train_baselines, train_phase1, train_phase2,
                             write_history)
-from utils.profiles import TrainConfig
+from utils.training.profiles import TrainConfig
 from utils.seeding import pick_device
 from utils.stage_timer import StageTimer
 

@@ -36,9 +36,10 @@ import nbformat
 from utils.cli import add_run_options, make_parser, run_config
 from utils.notebook import NOTEBOOKS, PROGRESS_ENV, SET_ENV, resolve_parameters
 from utils.paths import CACHE_DIR_ENV
-from utils.phantoms import PhantomConfig
-from utils.prepare_data import REPO_ROOT, resolve_data_dir
-from utils.profiles import get_profile, parse_overrides
+from utils.data.phantoms import PhantomConfig
+from utils.paths import REPO_ROOT
+from utils.prepare_data import resolve_data_dir
+from utils.training.profiles import get_profile, parse_overrides
 from utils.seeding import DEVICE_ENV_VAR, pick_device
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"

@@ -3,7 +3,7 @@
 The recipe follows the Keras 3D CT example the seed builds on: clip HU to a lung-to-soft-
 tissue window [-1000, 400], scale to [0, 1], resize with linear interpolation to a fixed
 grid (H, W, D) = (128, 128, 64), channel first. Array layout: H, W are the in-plane axes
-(canonical X, Y from ``utils.nifti_io``: H runs Left -> Right, W Posterior -> Anterior), D
+(canonical X, Y from ``utils.data.nifti_io``: H runs Left -> Right, W Posterior -> Anterior), D
 the slice axis (Z, Inferior -> Superior).
 
 Deviations from the seed (``PreprocessConfig`` fields, so part of every cache key):
@@ -18,7 +18,7 @@ Deviations from the seed (``PreprocessConfig`` fields, so part of every cache ke
   voxels depends on the scanner's field of view). Given, the scan is resampled to that
   voxel size and centre-cropped or padded with air (0 after scaling) to ``target_shape``,
   so one voxel is the same physical size in every scan; this needs the scan's spacing
-  (``preprocess(..., spacing=)``; ``utils.cache`` passes the loader's).
+  (``preprocess(..., spacing=)``; ``utils.data.cache`` passes the loader's).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-LR_AXIS = -3  # H: canonical X, patient Left -> Right (utils.nifti_io); mirroring it keeps a supine CT plausible
+LR_AXIS = -3  # H: canonical X, patient Left -> Right (utils.data.nifti_io); mirroring it keeps a supine CT plausible
 AP_AXIS = -2  # W: canonical Y, Posterior -> Anterior; never flipped (spine on top is no supine CT)
 
 

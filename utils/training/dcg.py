@@ -1,10 +1,10 @@
-"""The two training phases of DiffMIC-3D (DCG, then diffusion), on the generic loop of ``utils.trainer``.
+"""The two training phases of DiffMIC-3D (DCG, then diffusion), on the generic loop of ``utils.training.loop``.
 
 Phase 1 (:func:`train_dcg`): the DCG alone, CE(global logits) + CE(local logits) with label
 smoothing, AdamW (lr ``lr_dcg``, weight decay) with a per-step warmup-cosine schedule
 (:func:`dcg_lr_factor`) and a pooling / local-CE curriculum, early stopping on validation AUC of the DCG's fused prediction, train-time H / W flips
 (``CTDataset(augment=True)``). Before every evaluation the BatchNorm statistics of the
-global encoder are recomputed over the training split (``utils.precise_bn``), so the kept
+global encoder are recomputed over the training split (``utils.training.precise_bn``), so the kept
 (best) weights carry statistics that match them, and so does the guidance cached from them.
 
 Between the phases (:func:`cache_guidance`): the frozen DCG runs ONCE per volume and its
@@ -12,7 +12,7 @@ outputs are kept as tensors stacked in dataset order, for phase 2 to read instea
 the DCG per epoch (a frozen DCG's guidance is a deterministic function of the volume).
 
 Phase 2 (the prior generator and the denoiser on the frozen DCG, EMA, prior dropout, the
-validation-fitted temperature) lives in ``utils.diffusion_training``.
+validation-fitted temperature) lives in ``utils.training.diffusion``.
 """
 from __future__ import annotations
 
@@ -26,34 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from models.diffmic3d import DiffMIC3D
-from utils.metrics import classification_metrics
-from utils.precise_bn import bn_stats_loader, recompute_batchnorm_stats
-from utils.profiles import TrainConfig
-from utils.trainer import FitConfig, FitResult, fit, make_epoch_loader
-
-
-def validation_metrics(labels: np.ndarray, probs: np.ndarray, loss: float) -> dict[str, float]:
-    """``{'val_loss', 'val_auc', 'val_acc'}``; AUC from the probabilities (NaN if one class)."""
-    metrics = classification_metrics(labels, probs)
-    return {"val_loss": float(loss), "val_auc": metrics["roc_auc"], "val_acc": metrics["accuracy"]}
-
-
-def fit_config(config: TrainConfig, name: str, epochs: int, device: torch.device) -> FitConfig:
-    """The :class:`FitConfig` of one stage of a run."""
-    return FitConfig(name=name, epochs=epochs, patience=config.patience, grad_clip=config.grad_clip,
-                     amp=config.use_amp(device), amp_dtype=config.autocast_dtype(device), seed=config.seed,
-                     progress=config.progress)
-
-
-def _inputs(batch: Mapping, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """(image (B, 1, H, W, D), image_hires or None, labels (B,)) of a CTDataset batch on ``device``."""
-    hires = batch.get("image_hires")
-    return (batch["image"].to(device), None if hires is None else hires.to(device), batch["label"].to(device))
-
-
-def eval_loader(dataset: Dataset, config: TrainConfig) -> DataLoader:
-    """Fixed-order loader for validation / caching (no shuffling, no augmentation)."""
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers)
+from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
+from utils.training.profiles import TrainConfig
+from utils.training.loop import FitResult, fit, make_epoch_loader
+from utils.training.stage import batch_inputs, eval_loader, fit_config, validation_metrics
 
 
 # ------------------------------------------------------------------------------------------
@@ -75,7 +51,7 @@ def dcg_lr_factor(step: int, total_steps: int, warmup: float) -> float:
 
 
 def dcg_steps_per_epoch(n_train: int, batch_size: int) -> int:
-    """Optimiser steps per epoch of :func:`utils.trainer.make_epoch_loader` (which drops a
+    """Optimiser steps per epoch of :func:`utils.training.loop.make_epoch_loader` (which drops a
     last batch of a single volume); phase 2's schedule counts its steps with it too."""
     return n_train // batch_size if n_train % batch_size == 1 else -(-n_train // batch_size)
 
@@ -119,17 +95,17 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         lr = config.lr_dcg * dcg_lr_factor(step, total_steps, config.dcg_lr_warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, x_hires, y = _inputs(batch, device)
+        x, x_hires, y = batch_inputs(batch, device)
         return model.dcg_loss(x, y, x_hires, label_smoothing=config.label_smoothing,
                               progress=step / total_steps, **curriculum)["loss"]
 
     def evaluate():
         recompute_batchnorm_stats(model.dcg,
                                   bn_stats_loader(train_set, config.batch_size, config.seed, config.num_workers),
-                                  lambda batch: model.dcg(*_inputs(batch, device)[:2]))
+                                  lambda batch: model.dcg(*batch_inputs(batch, device)[:2]))
         losses, probs, labels = [], [], []
         for batch in eval_loader(val_set, config):
-            x, x_hires, y = _inputs(batch, device)
+            x, x_hires, y = batch_inputs(batch, device)
             out = model.dcg_loss(x, y, x_hires, label_smoothing=config.label_smoothing)
             losses.append(out["loss"].item() * len(y))
             probs.append(out["output"].fused_probs.float().cpu())
@@ -162,7 +138,7 @@ def cache_guidance(model: DiffMIC3D, dataset: Dataset, device: torch.device, bat
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     seen = []
     for batch in tqdm(loader, desc="cache DCG guidance", leave=False, disable=not progress):
-        x, x_hires, _ = _inputs(batch, device)
+        x, x_hires, _ = batch_inputs(batch, device)
         for key, value in model.guidance(x, x_hires).as_dict().items():
             parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
         seen.append(torch.as_tensor(batch["index"]))

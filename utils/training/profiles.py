@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 from models.diffmic3d import ModelConfig
-from utils.phantoms import PhantomConfig
+from utils.data.phantoms import PhantomConfig
 from utils.seeding import amp_dtype, amp_enabled
 from models.plain_config import PlainConfig
 
@@ -115,7 +115,7 @@ class TrainConfig(PlainConfig):
     label_mode: str = "binary"
     roi_scale: int = 1
     n_phantoms: int = 100
-    phantom_size: int = PhantomConfig.size  # the embedded default set (utils.phantoms)
+    phantom_size: int = PhantomConfig.size  # the embedded default set (utils.data.phantoms)
     phantom_dir: str = "data/MosMedData"
     phantom_seed: int = 0
     model_preset: str = "full"

@@ -16,7 +16,7 @@ classes is ``max(label) + 1`` over all splits; class names come from a small tab
 sets (matched by file name), else ``'class k'``.
 
 The official split is used as it is (never re-drawn): each volume is a ``ScanRecord`` whose
-``path`` is ``<npz resolved>#<split>/<row>``, so the split manifest (``utils.splits``
+``path`` is ``<npz resolved>#<split>/<row>``, so the split manifest (``utils.data.splits``
 format) lists ``adrenalmnist3d.npz#test/17`` relative to the file's folder.
 :class:`MedMNISTDataset` serves them with exactly ``CTDataset``'s items and augmentation.
 Every problem with the file (unreadable, missing key, wrong shape or dtype, label count
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.dataset import CTDataset
-from utils.discovery import ScanRecord
+from utils.data.dataset import CTDataset
+from utils.data.discovery import ScanRecord
 from utils.errors import DataError
-from utils.splits import SPLITS, read_manifest, write_manifest
+from utils.data.splits import SPLITS, read_manifest, write_manifest
 
 KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 CLASS_NAMES = {  # MedMNIST v2's label tables (medmnist.INFO), adrenal as in the brief of this project

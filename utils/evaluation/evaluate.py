@@ -5,14 +5,14 @@ one interface: a ``predict_batch(batch) -> {"probs": (B, C)[, "std": (B, C), "en
 callable run over a DataLoader by :func:`predict_loader`, which collects a :class:`Predictions`.
 :func:`evaluate_experiment` then turns the models' predictions on the SAME test scans into
 
-    OUTPUT_DIR/evaluation_results.csv    model,metric,value,ci_low,ci_high (utils.metrics)
+    OUTPUT_DIR/evaluation_results.csv    model,metric,value,ci_low,ci_high (utils.evaluation.metrics)
     OUTPUT_DIR/predictions.csv           one row per (model, scan): label, probabilities, uncertainty
     OUTPUT_DIR/figures/confusion_matrix.png, roc_curves.png, reliability_diagram.png
 
 and :func:`write_learning_curves` / :func:`write_model_figures` draw the training curves
 (from ``history.json``), the DCG's saliency maps with ROI boxes, and the denoising trajectory
-of the class probabilities. The maths lives in ``utils.metrics`` and the drawing in
-``utils.visualization``; this module only wires them to files.
+of the class probabilities. The maths lives in ``utils.evaluation.metrics`` and the drawing in
+``utils.evaluation.visualization``; this module only wires them to files.
 
 Conventions: the first model of the ``predictions`` mapping is the main model (ours); its
 confusion matrix and reliability diagram are drawn. Labels are integers in ``[0, C)``;
@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from utils.atomic import atomic_write_text
 from utils.errors import DataError
-from utils.splits import path_in_data_dir
-from utils.metrics import (
+from utils.data.splits import path_in_data_dir
+from utils.evaluation.metrics import (
     CSV_COLUMNS,
     MIN_RESAMPLES,
     SCALAR_METRICS,
@@ -44,7 +44,7 @@ from utils.metrics import (
     metrics_table,
     write_metrics_csv,
 )
-from utils.visualization import (
+from utils.evaluation.visualization import (
     plot_confusion_matrices,
     plot_confusion_matrix,
     plot_denoising_trajectory,
@@ -249,7 +249,7 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
             ``splits.csv``) when they lie inside it.
 
     Returns:
-        the metric rows written to ``evaluation_results.csv`` (``utils.metrics.metrics_table``).
+        the metric rows written to ``evaluation_results.csv`` (``utils.evaluation.metrics.metrics_table``).
     """
     _check_same_scans(predictions, class_names)
     output_dir = Path(output_dir)

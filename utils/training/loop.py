@@ -14,7 +14,7 @@ the checkpoint:
 * noise drawn by the loss (diffusion timesteps and eps): the ``generator`` handed to
   ``train_step``, re-seeded with ``epoch_seed(seed, epoch)`` at the start of each epoch;
 * torch's global generators (dropout, anything un-seeded): saved with
-  :func:`utils.checkpoint.rng_state` at the end of each epoch and restored on resume;
+  :func:`utils.training.checkpoint.rng_state` at the end of each epoch and restored on resume;
 * model, optimizer, scheduler, GradScaler, best weights, history and the early-stopping
   counter: saved at the end of each epoch.
 
@@ -24,7 +24,7 @@ weights and metrics of an uninterrupted run (on the same device and thread count
 A finished stage rewrites its checkpoint with ``fit.complete = True`` and the BEST weights as
 ``model_state_dict`` (optimizer state dropped); calling :func:`fit` again then only loads it.
 
-Checkpoint layout (``utils.checkpoint.save_checkpoint``, loads with ``weights_only=True``)::
+Checkpoint layout (``utils.training.checkpoint.save_checkpoint``, loads with ``weights_only=True``)::
 
     {model_config, model_state_dict, **meta,            # meta: e.g. preprocess_config
      "fit": {"name", "epoch" (epochs done), "complete", "stopped_early", "history",
@@ -49,10 +49,10 @@ from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, ReduceLROnPlat
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from utils.checkpoint import check_config_matches, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.training.checkpoint import check_config_matches, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.errors import DataError
 from utils.log import get_logger
-from utils.nonfinite import first_nonfinite_module
+from utils.training.nonfinite import first_nonfinite_module
 
 HISTORY_KEYS = ("train_loss", "val_loss", "val_auc", "val_acc", "lr")
 
@@ -155,7 +155,7 @@ def _nonfinite_message(config: FitConfig, epoch: int, batch: int, loss: torch.Te
                        replay: Callable[[], object], autocast: Callable) -> str:
     """The error text for a non-finite loss: where, and the first module whose output was
     non-finite when the same batch is replayed with the same noise under the same ``autocast``
-    (``utils.nonfinite``)."""
+    (``utils.training.nonfinite``)."""
     with torch.no_grad(), autocast():
         culprit = first_nonfinite_module(model, replay)
     precision = f"{config.amp_dtype} autocast" if config.amp else "float32"

@@ -22,10 +22,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from utils.atomic import atomic_path
-from utils.discovery import study_id_of
+from utils.data.discovery import study_id_of
 from utils.errors import DataError
-from utils.nifti_io import CTVolume, load_scan
-from utils.preprocessing import PreprocessConfig, preprocess
+from utils.data.nifti_io import CTVolume, load_scan
+from utils.data.preprocessing import PreprocessConfig, preprocess
 
 
 def _digest(text: str) -> str:
@@ -50,7 +50,7 @@ class VolumeCache:
     Args:
         root: cache folder (the project uses ``data/processed``); one subfolder per config.
         config: preprocessing settings; part of every cache key.
-        loader: reads a scan into a ``CTVolume`` (default ``utils.nifti_io.load_scan``).
+        loader: reads a scan into a ``CTVolume`` (default ``utils.data.nifti_io.load_scan``).
     """
 
     def __init__(self, root: str | Path, config: PreprocessConfig,

@@ -34,10 +34,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
-from utils.precise_bn import bn_stats_loader, recompute_batchnorm_stats
-from utils.profiles import TrainConfig
-from utils.trainer import FitResult, fit, make_epoch_loader
-from utils.training import dcg_steps_per_epoch, eval_loader, fit_config, validation_metrics
+from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
+from utils.training.profiles import TrainConfig
+from utils.training.loop import FitResult, fit, make_epoch_loader
+from utils.training.dcg import dcg_steps_per_epoch
+from utils.training.stage import eval_loader, fit_config, validation_metrics
 
 
 def select_guidance(guidance: Mapping[str, torch.Tensor], index, device: torch.device) -> dict[str, torch.Tensor]:
@@ -97,7 +98,7 @@ def predict_dataset(model: DiffMIC3D, dataset: Dataset, guidance: Mapping[str, t
 
 def recompute_encoder_bn(model: DiffMIC3D, train_set: Dataset, config: TrainConfig, device: torch.device) -> None:
     """Precise BatchNorm statistics of the denoiser's image encoder over the training split
-    (shuffled, fixed order: ``utils.precise_bn.bn_stats_loader``)."""
+    (shuffled, fixed order: ``utils.training.precise_bn.bn_stats_loader``)."""
     encoder = model.denoiser.image_encoder
     recompute_batchnorm_stats(encoder,
                               bn_stats_loader(train_set, config.batch_size, config.seed, config.num_workers),

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.atomic import atomic_write_text
-from utils.discovery import ScanRecord
+from utils.data.discovery import ScanRecord
 from utils.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -147,7 +147,7 @@ def load_or_create_splits(records: list[ScanRecord], manifest_path: str | Path,
     """Reuse the split stored in ``manifest_path`` or draw one and store it.
 
     Args:
-        records: the dataset's scans (``utils.discovery.discover_scans``).
+        records: the dataset's scans (``utils.data.discovery.discover_scans``).
         manifest_path: CSV to read or create.
         seed: shuffle seed when a new split is drawn (ignored when the manifest exists).
         data_dir: folder the manifest paths are relative to (see the module docstring).

@@ -32,7 +32,7 @@ from matplotlib.patches import Rectangle
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from utils.atomic import atomic_path
-from utils.metrics import quantile_reliability
+from utils.evaluation.metrics import quantile_reliability
 
 HU_WINDOW = (-1000.0, 400.0)
 """The preprocessing clip range in Hounsfield units (preprocessed 0..1 maps to it)."""
@@ -534,7 +534,7 @@ def _render(fig: Figure, dpi: int) -> np.ndarray:
 def stack_figures(figures: Sequence[Figure], dpi: int) -> Figure:
     """One figure showing ``figures`` stacked top to bottom (rasterised at ``dpi``).
 
-    ``utils.visualization`` draws one scan per figure; a report figure shows several.
+    ``utils.evaluation.visualization`` draws one scan per figure; a report figure shows several.
     """
     images = [_render(fig, dpi) for fig in figures]
     width = max(img.shape[1] for img in images)

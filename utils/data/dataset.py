@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.cache import VolumeCache
-from utils.discovery import ScanRecord
-from utils.preprocessing import apply_flips, sample_flips
+from utils.data.cache import VolumeCache
+from utils.data.discovery import ScanRecord
+from utils.data.preprocessing import apply_flips, sample_flips
 
 
 class CTDataset(Dataset):

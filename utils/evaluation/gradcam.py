@@ -15,7 +15,7 @@ import torch
 from monai.visualize import GradCAM
 from torch import nn
 
-from utils.visualization import plot_saliency_overlay, save_figure, stack_figures
+from utils.evaluation.visualization import plot_saliency_overlay, save_figure, stack_figures
 
 TARGET_LAYERS = {"resnet18": "layer4", "densenet121": "class_layers.relu"}  # last conv stage, before pooling
 GRADCAM_PNG = "baseline_gradcam.png"

@@ -5,7 +5,7 @@ Every scan is an int16 Hounsfield-unit volume laid out like a MosMedData file: a
 ``diag(-sx, -sy, sz)`` plus an offset (a negative x and y axis), 30-50 slices of ~8 mm,
 a pixel spacing of 0.58-0.92 mm at 512 x 512 (scaled by 512 / size at smaller sizes, so
 the field of view stays 300-470 mm) and -2048 outside the circular reconstruction field.
-The same loader (``utils.nifti_io.load_nifti``) therefore serves phantoms and real data.
+The same loader (``utils.data.nifti_io.load_nifti``) therefore serves phantoms and real data.
 
 Anatomy, per scan with its own random patient: body ellipse with subcutaneous fat and
 muscle, two lungs whose outline follows the apex-to-base profile and the diaphragm domes,
@@ -38,7 +38,7 @@ regression on 32 HU bins): easy CNN ~0.87, default ~0.73-0.80 (AUC 0.84-0.89), h
 
 Usage::
 
-    python -m utils.phantoms --out data/MosMedData --n 100 --seed 0 [--difficulty easy|default|hard]
+    python -m utils.data.phantoms --out data/MosMedData --n 100 --seed 0 [--difficulty easy|default|hard]
                              [--layout ct0_ct23|studies] [--size 256]
 
 Scan ``i`` (1-based study number) is drawn from ``np.random.default_rng([seed, i])``, so a
@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from utils.atomic import atomic_write_text
 from utils.errors import DataError
-from utils.nifti_io import save_nifti
+from utils.data.nifti_io import save_nifti
 
 SEVERITY_BANDS = {0: (0.0, 0.0), 1: (0.0, 0.25), 2: (0.25, 0.50), 3: (0.50, 0.75), 4: (0.75, 1.0)}
 """MosMedData's share of lung volume involved per category (CT-1 is > 0 and < 25 %)."""
@@ -568,7 +568,7 @@ def _plan(n: int, layout: str) -> list[tuple[int, int, str]]:
 
 
 def _settings(n: int, seed: int, layout: str, config: PhantomConfig) -> dict:
-    return {"generator": "utils.phantoms", "version": 2, "n": n, "seed": seed, "layout": layout,
+    return {"generator": "utils.data.phantoms", "version": 2, "n": n, "seed": seed, "layout": layout,
             "config": json.loads(json.dumps(asdict(config)))}
 
 
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     """Command line: write a phantom dataset and print a summary."""
     from utils.cli import make_parser  # utils.cli imports the profiles, which import this module
 
-    parser = make_parser("utils.phantoms", __doc__)
+    parser = make_parser("utils.data.phantoms", __doc__)
     parser.add_argument("--out", type=Path, default=Path("data/MosMedData"), help="dataset folder")
     parser.add_argument("--n", type=int, default=100, help="number of scans (balanced classes)")
     parser.add_argument("--seed", type=int, default=0, help="scan i is drawn from (seed, i)")

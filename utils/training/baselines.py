@@ -14,13 +14,13 @@ MONAI's default (growth rate 32, blocks 6-12-24-16, stride-2 stem and pooling).
 Both networks use BatchNorm, and with the small batches a 3D CT volume allows (4) the
 running statistics that eval mode uses are poor estimates. Before every evaluation the
 statistics are therefore recomputed over the training split with the current weights
-(``utils.precise_bn``), so the checkpoint that validation selects carries statistics that
+(``utils.training.precise_bn``), so the checkpoint that validation selects carries statistics that
 match its weights. That pass reads the split in a fixed SHUFFLED order
 (:func:`bn_stats_loader`): the splits are stored sorted by class, and single-class batches
 would leave the between-class variance out of the averaged batch variances.
 
 Training (:func:`train_baseline`) uses the same splits, preprocessing, train-time flips,
-epoch loop (``utils.trainer.fit``), early stopping on validation AUC (patience), AdamW with
+epoch loop (``utils.training.loop.fit``), early stopping on validation AUC (patience), AdamW with
 ``lr_baseline`` (1e-3, as phase 1) and weight decay, ReduceLROnPlateau and cross-entropy with
 the same label smoothing as phase 1; the epoch budget is ``baseline_epochs``.
 """
@@ -37,10 +37,10 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import Dataset
 
-from utils.precise_bn import bn_stats_loader, recompute_batchnorm_stats
-from utils.profiles import BASELINE_NAMES, TrainConfig
-from utils.trainer import FitResult, fit, make_epoch_loader
-from utils.training import _inputs, eval_loader, fit_config, validation_metrics
+from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
+from utils.training.profiles import BASELINE_NAMES, TrainConfig
+from utils.training.loop import FitResult, fit, make_epoch_loader
+from utils.training.stage import batch_inputs, eval_loader, fit_config, validation_metrics
 
 DISPLAY_NAMES = {"resnet18": "3D ResNet-18", "densenet121": "3D DenseNet-121"}
 
@@ -90,7 +90,7 @@ def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: Trai
                                   patience=config.plateau_patience)
 
     def train_step(batch, generator):
-        x, _, y = _inputs(batch, device)
+        x, _, y = batch_inputs(batch, device)
         return F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
 
     def evaluate():
@@ -99,7 +99,7 @@ def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: Trai
                                   lambda b: model(b["image"].to(device)))
         loss, probs, labels = 0.0, [], []
         for batch in eval_loader(val_set, config):
-            x, _, y = _inputs(batch, device)
+            x, _, y = batch_inputs(batch, device)
             logits = model(x)
             loss += F.cross_entropy(logits, y, label_smoothing=config.label_smoothing).item() * len(y)
             probs.append(torch.softmax(logits.float(), dim=1).cpu())

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-BN_STATS_STREAM = 3  # utils.trainer.epoch_seed stream of the batch order of the statistics pass
+BN_STATS_STREAM = 3  # utils.training.loop.epoch_seed stream of the batch order of the statistics pass
 
 
 def bn_stats_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
@@ -28,7 +28,7 @@ def bn_stats_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: i
     between-class variance, and eval mode then normalises with statistics that match no
     (shuffled, mixed) training batch. A last batch of one volume is dropped, as in training.
     """
-    from utils.trainer import epoch_seed  # utils.trainer imports this module's users
+    from utils.training.loop import epoch_seed  # utils.training.loop imports this module's users
 
     generator = torch.Generator().manual_seed(epoch_seed(seed, 0, BN_STATS_STREAM))
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers,
