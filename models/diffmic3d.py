@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -35,12 +35,11 @@ from torch import nn
 from models.dcg_model import DCG, DCGConfig, DCGOutput, dcg_objective
 from models.denoiser import ConditionalDenoiser, DenoiserConfig
 from models.diffusion_process import DiffusionConfig, PriorShiftedDiffusion
-from models.prior_generator import PriorConfig, PriorGenerator
+from models.prior_generator import PriorConfig, PriorGenerator, Priors
 
 # config
 
-GUIDANCE_KEYS = ("global_probs", "local_probs", "global_features", "roi_features")
-Guidance = Union[DCGOutput, Mapping]  # a DCGOutput, or a cache dict holding GUIDANCE_KEYS
+PRESETS = ("tiny", "small", "full")  # ModelConfig.<name>(): the named model sizes
 
 
 @dataclass
@@ -106,6 +105,42 @@ class ModelConfig:
                                  **(denoiser or {}))
         return cls(dcg=dcg_cfg, prior=prior_cfg, denoiser=den_cfg, diffusion=DiffusionConfig(**(diffusion or {})))
 
+    def with_changes(self, dcg: Optional[dict[str, Any]] = None, denoiser: Optional[dict[str, Any]] = None,
+                     diffusion: Optional[dict[str, Any]] = None, **shared) -> "ModelConfig":
+        """A consistent copy with some fields changed, rebuilt through :meth:`create`.
+
+        ``dcg``, ``denoiser``, ``diffusion``: field -> new value of that section; ``shared``: any of
+        ``num_classes``, ``input_shape``, ``grid_size``, ``feature_dim``. What follows from a change
+        follows (e.g. ``dcg={'num_rois': 5}`` also gives the prior generator K = 5).
+        """
+        sizes = {"num_classes": self.num_classes, "input_shape": self.dcg.input_shape,
+                 "grid_size": self.grid_size, "feature_dim": self.prior.feature_dim}
+        unknown = sorted(set(shared) - set(sizes))
+        if unknown:
+            raise ValueError(f"ModelConfig.with_changes: unknown arguments {unknown}; shared sizes are {sorted(sizes)}")
+        derived = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"},
+                   "diffusion": set()}
+        sections = {}
+        for name, changes in (("dcg", dcg), ("denoiser", denoiser), ("diffusion", diffusion)):
+            current = getattr(self, name)
+            known = {f.name for f in fields(current)} - derived[name]
+            bad = sorted(set(changes or {}) - known)
+            if bad:
+                raise ValueError(f"ModelConfig.with_changes: {name} has no settable fields {bad}; known: {sorted(known)}")
+            own = {k: v for k, v in current.to_dict().items() if k in known}
+            sections[name] = {**own, **(changes or {})}
+        return self.create(**{**sizes, **shared}, **sections)
+
+    @classmethod
+    def preset(cls, name: str, num_classes: int = 2,
+               input_shape: Optional[tuple[int, int, int]] = None) -> "ModelConfig":
+        """The named preset (one of ``PRESETS``) at ``input_shape`` (default: the preset's own)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS}")
+        kwargs = {"num_classes": num_classes} if input_shape is None else \
+            {"num_classes": num_classes, "input_shape": tuple(input_shape)}
+        return getattr(cls, name)(**kwargs)
+
     @classmethod
     def full(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (128, 128, 64)) -> "ModelConfig":
         """The full size: 128x128x64 input, Np = 8, K = 5, T = 1000, every default."""
@@ -151,16 +186,6 @@ class ModelConfig:
 # model
 
 
-def guidance_tensors(guidance: Guidance) -> dict[str, torch.Tensor]:
-    """The four DCG outputs the priors need, from a DCGOutput or a cache mapping."""
-    if isinstance(guidance, Mapping):
-        missing = [k for k in GUIDANCE_KEYS if k not in guidance]
-        if missing:
-            raise ValueError(f"cached guidance is missing {missing} (save DCGOutput.as_dict())")
-        return {k: guidance[k] for k in GUIDANCE_KEYS}
-    return {k: getattr(guidance, k) for k in GUIDANCE_KEYS}
-
-
 class DiffMIC3D(nn.Module):
     """DCG + prior generator + conditional denoiser + prior-shifted diffusion + temperature."""
 
@@ -204,14 +229,19 @@ class DiffMIC3D(nn.Module):
         """Run the (frozen) DCG once on ``scan`` (B, 1, H, W, D); cache the result per volume."""
         return self.dcg(scan, x_hires)
 
-    def condition(self, scan: torch.Tensor, guidance: Guidance,
+    def priors(self, guidance: DCGOutput) -> Priors:
+        """The dense guidance map M and the feature prior F of the (cached) DCG outputs."""
+        g = guidance
+        return self.prior_generator(g.global_probs, g.local_probs, g.global_features, g.roi_features)
+
+    def condition(self, scan: torch.Tensor, guidance: DCGOutput,
                   drop_prior: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(M (B, C, Np, Np, Np), cond (B, E, Np, Np, Np)) for a batch; run once per volume.
 
         ``drop_prior`` (B,) bool: those volumes get a uniform M (1/C) and a zero feature prior
         (prior dropout, training only).
         """
-        priors = self.prior_generator(**guidance_tensors(guidance))
+        priors = self.priors(guidance)
         M, F_prior = priors.guidance_map, priors.feature_prior  # (B, C, Np^3), (B, feature_dim)
         if drop_prior is not None:
             keep = (~drop_prior).to(M.dtype)
@@ -219,7 +249,7 @@ class DiffMIC3D(nn.Module):
             F_prior = F_prior * keep[:, None]
         return M, self.denoiser.condition(scan, M, F_prior)
 
-    def diffusion_loss(self, scan: torch.Tensor, guidance: Guidance, labels: torch.Tensor,
+    def diffusion_loss(self, scan: torch.Tensor, guidance: DCGOutput, labels: torch.Tensor,
                        prior_dropout: float = 0.0,
                        generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Phase-2 objective: dict(loss, mse, ce) of ``PriorShiftedDiffusion.training_loss``.
@@ -251,7 +281,7 @@ class DiffMIC3D(nn.Module):
         self.temperature.fill_(float(value))
 
     @torch.no_grad()
-    def predict(self, scan: torch.Tensor, guidance: Optional[Guidance] = None,
+    def predict(self, scan: torch.Tensor, guidance: Optional[DCGOutput] = None,
                 x_hires: Optional[torch.Tensor] = None, num_samples: Optional[int] = None,
                 sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
                 generator: Optional[torch.Generator] = None,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.diffmic3d import DiffMIC3D, ModelConfig, guidance_tensors
+from models.diffmic3d import DiffMIC3D, ModelConfig
 from models.precision import float32_forward
 from utils.training.nonfinite import first_nonfinite_module
 from utils.training.profiles import get_profile
@@ -32,9 +32,9 @@ def test_phase2_stays_finite_under_autocast_with_a_huge_feature_prior(dtype, sca
     torch.manual_seed(0)
     model = DiffMIC3D(ModelConfig.tiny()).freeze_dcg()
     x, y = torch.rand(2, 1, 32, 32, 16), torch.tensor([0, 1])
-    usual = model.prior_generator(**guidance_tensors(model.guidance(x))).feature_prior.abs().max()
+    usual = model.priors(model.guidance(x)).feature_prior.abs().max()
     guidance = guidance_with_feature_scale(model, x, scale)
-    priors = model.prior_generator(**guidance_tensors(guidance))
+    priors = model.priors(guidance)
     assert priors.feature_prior.abs().max() > 0.5 * scale * usual  # the feature prior really is that large
     with torch.autocast("cpu", dtype=dtype):
         out = model.diffusion_loss(x, guidance, y, generator=torch.Generator().manual_seed(0))
@@ -66,7 +66,7 @@ def test_heads_and_prior_generator_run_in_float32_under_autocast():
     x = torch.rand(2, 1, 32, 32, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         out = model.dcg(x)
-        priors = model.prior_generator(**guidance_tensors(out))
+        priors = model.priors(out)
         M, cond = model.condition(x, out)
         y0 = model.denoiser(M, M, torch.zeros(M.shape[0], *M.shape[2:], dtype=torch.long), cond)
     assert cond.dtype == torch.float16  # the U-Net itself does run in half precision

@@ -197,7 +197,7 @@ def test_a_volume_not_in_hu_is_refused_with_the_reason(tmp_path, name, values):
 
 def test_bad_scans_stop_the_run_before_the_split_manifest_and_are_all_named(tmp_path):
     from utils.data.phantoms import PhantomConfig, write_dataset
-    from utils.pipeline import prepare_experiment
+    from utils.experiment import prepare_experiment
     from utils.training.profiles import get_profile
 
     config = get_profile("smoke", progress=False)

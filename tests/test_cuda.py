@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffmic3d import DiffMIC3D, ModelConfig, guidance_tensors
+from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.data.nifti_io import save_nifti
 from utils.data.phantoms import PhantomConfig, generate_phantom
 from utils.predict import load_model, predict_scan
@@ -46,7 +46,7 @@ def test_dcg_and_priors_on_cuda_match_the_cpu():
     with torch.no_grad():
         cpu = model.dcg(x)
         gpu = model.to(CUDA).dcg(x.to(CUDA))
-        priors = model.prior_generator(**guidance_tensors(gpu))
+        priors = model.priors(gpu)
     for name, value in gpu.as_dict().items():
         assert value.device == x.to(CUDA).device, name
         torch.testing.assert_close(value.cpu(), getattr(cpu, name), rtol=1e-3, atol=1e-4, msg=name)

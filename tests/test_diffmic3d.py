@@ -80,6 +80,40 @@ def test_inconsistent_configs_error(build, match):
         build(ModelConfig.full())
 
 
+@pytest.mark.parametrize("changes, expected", [
+    (dict(dcg={"num_rois": 3}), {"dcg.num_rois": 3, "prior.num_rois": 3}),
+    (dict(dcg={"global_channels": (8, 16, 16, 48), "feature_dim": 48, "local_channels": (8, 24), "local_dim": 24}),
+     {"prior.global_dim": 48, "prior.roi_dim": 24}),
+    (dict(num_classes=3), {"dcg.num_classes": 3, "prior.num_classes": 3, "denoiser.num_classes": 3}),
+    (dict(grid_size=2, feature_dim=8), {"prior.grid_size": 2, "denoiser.grid_size": 2, "denoiser.feature_dim": 8}),
+    (dict(diffusion={"num_samples": 7}), {"diffusion.num_samples": 7, "diffusion.ddim_steps": 5}),
+])
+def test_with_changes_rebuilds_a_consistent_config(changes, expected):
+    base = ModelConfig.tiny()
+    changed = base.with_changes(**changes)
+    for path, value in expected.items():
+        section, name = path.split(".")
+        assert getattr(getattr(changed, section), name) == value, path
+    assert changed.denoiser.head_kernel == base.denoiser.head_kernel  # the rest is kept
+    assert base.with_changes() == base
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(dcg={"num_classes": 3}), r"dcg has no settable fields \['num_classes'\]"),
+    (dict(prior={"num_rois": 3}), "unknown arguments"),
+    (dict(diffusion={"ddim_steps": 0}), "ddim_steps"),
+])
+def test_with_changes_refuses_derived_or_unknown_fields(changes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ModelConfig.tiny().with_changes(**changes)
+
+
+def test_presets_by_name():
+    assert ModelConfig.preset("small", 3, (32, 32, 16)) == ModelConfig.small(num_classes=3, input_shape=(32, 32, 16))
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset("huge")
+
+
 def test_inconsistent_config_lists_every_mismatch():
     c = ModelConfig.full()
     with pytest.raises(ValueError) as info:
@@ -211,7 +245,7 @@ def test_dcg_and_condition_run_once_per_predict_the_point_head_once_per_step():
     assert calls == {"dcg": [2], "image_encoder": [2], "unet": [2], "head": [6] * 4}
 
     calls.clear()
-    cache = model.guidance(x).as_dict()
+    cache = model.guidance(x)
     assert calls == {"dcg": [2]}
     calls.clear()
     cached = model.predict(x, cache, steps=4, num_samples=3, generator=gen())
@@ -247,7 +281,7 @@ def test_two_phase_training_overfits_a_tiny_problem():
     recompute_batchnorm_stats(model.dcg, [x], lambda batch: model.dcg(batch))
     model.freeze_dcg()
     dcg_before = {k: v.clone() for k, v in model.dcg.state_dict().items()}
-    cache = model.guidance(x).as_dict()
+    cache = model.guidance(x)
     steps = 200
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

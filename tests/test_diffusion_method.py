@@ -128,7 +128,7 @@ def test_a_a_point_output_depends_on_its_own_y_t_only():
 def blob_config(**overrides):
     return get_profile("smoke", input_shape=(32, 32, 32), batch_size=8, diffusion_epochs=6, patience=10,
                        lr_diffusion=3e-3, ema_decay=0.9, prior_dropout=0.0, val_num_samples=4, val_ddim_steps=5,
-                       num_samples=4, ddim_steps=5, **overrides)
+                       model_overrides={"diffusion": {"num_samples": 4, "ddim_steps": 5}}, **overrides)
 
 
 def blob_model():
@@ -149,7 +149,7 @@ def run_phase2(tmp_path, loss_scale=1.0):
     config = blob_config()
     train_diffusion(model, train, guidance["train"], val, guidance["val"], config, torch.device("cpu"),
                     tmp_path / "diffusion.pth")
-    probs = predict_dataset(model, val, guidance["val"], torch.device("cpu"), 8, 0, 4, 5)["probs"]
+    probs = predict_dataset(model, val, guidance["val"], torch.device("cpu"), 8, 0)["probs"]
     after = dict(model.denoiser.named_parameters())
     moved = max(float((after[k].detach() - v).abs().max()) for k, v in before.items())
     return model, guidance, val, roc_auc_score(val.labels, probs[:, 1].numpy()), moved
@@ -163,7 +163,7 @@ def test_c_phase2_learns_and_b_the_condition_carries_the_prediction(tmp_path):
     # (b) the same weights with the condition shuffled across the batch: chance
     x = torch.stack([val[i]["image"] for i in range(len(val))])
     labels = torch.as_tensor(val.labels)
-    M, cond = model.condition(x, {k: v for k, v in guidance["val"].items()})
+    M, cond = model.condition(x, guidance["val"])
     accuracies = {}
     for name, perm in (("true", torch.arange(len(val))), ("shuffled", torch.roll(torch.arange(len(val)), 1))):
         c = cond[perm]

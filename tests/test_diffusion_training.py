@@ -247,9 +247,8 @@ def test_calibrate_temperature_stores_the_fit_on_the_model_and_is_deterministic(
     model = new_model().eval().freeze_dcg()
     val = copy.copy(data["val"])
     val_guidance = data["val_guidance"]
-    before = predict_dataset(model, val, val_guidance, CPU, BATCH, config.seed, config.num_samples,
-                             config.ddim_steps)
-    assert before["y0_mean"].shape == (config.num_samples, N_VAL, 2)
+    before = predict_dataset(model, val, val_guidance, CPU, BATCH, config.seed)
+    assert before["y0_mean"].shape == (model.config.diffusion.num_samples, N_VAL, 2)
     # labels that agree with the untrained model's ranking 3 times in 4: an interior optimum
     val.labels = np.array([int(before["probs"][i].argmax()) ^ int(i == 0) for i in range(N_VAL)])
     with warnings.catch_warnings():
@@ -258,7 +257,7 @@ def test_calibrate_temperature_stores_the_fit_on_the_model_and_is_deterministic(
     assert value != 1.0 and float(model.temperature) == value
     # it is the fit on the validation samples drawn exactly as the test predictions are drawn
     assert value == fit_temperature(before["y0_mean"], torch.as_tensor(val.labels))
-    after = predict_dataset(model, val, val_guidance, CPU, BATCH, config.seed, config.num_samples, config.ddim_steps)
+    after = predict_dataset(model, val, val_guidance, CPU, BATCH, config.seed)
     assert torch.equal(after["probs"].argmax(1), before["probs"].argmax(1))
     torch.testing.assert_close(after["y0_mean"], before["y0_mean"])  # the temperature only acts on the readout
     # deterministic (a resumed run refits the same), whatever temperature the model held

@@ -10,7 +10,8 @@ import torch
 from utils.data.dataset import CTDataset
 from utils.errors import DataError
 from utils.data.medmnist import MedMNISTDataset, class_names_for, dataset_name, load_medmnist
-from utils.pipeline import build_model, prepare_experiment, with_num_classes
+from utils.experiment import prepare_experiment
+from utils.pipeline import build_model
 from utils.training.profiles import get_profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,9 +110,9 @@ def test_same_size_keeps_values_exactly(tmp_path):
                                arrays["val_images"][2].astype(np.float32) / 255, atol=1e-7)
 
 
-def test_with_num_classes_propagates():
-    config = smoke().model_config("cpu")
-    assert with_num_classes(config, 7).num_classes == 7 and with_num_classes(config, 2) is config
+def test_the_data_class_count_reaches_every_part_of_the_model():
+    config = smoke().model_config("cpu", num_classes=7)
+    assert (config.dcg.num_classes, config.prior.num_classes, config.denoiser.num_classes) == (7, 7, 7)
 
 
 def bad_arrays(kind):

@@ -14,7 +14,7 @@ from helpers import DATA, toy_ct, write_nifti
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.training.checkpoint import save_checkpoint
 from utils.errors import DataError
-from utils.predict import expand_inputs, load_model, main, predict_scan, predict_scans
+from utils.predict import expand_inputs, load_model, main, predict_scan
 from utils.evaluation.ood import fit_feature_stats
 from utils.data.preprocessing import PreprocessConfig, preprocess
 
@@ -43,7 +43,7 @@ def write_checkpoint(path, config: ModelConfig, state_dict=None, **overrides):
         "hires_preprocess_config": preprocess_dict((s * h, s * w, d)) if s > 1 else None,
         "label_mode": "binary",
         "class_names": list(CLASS_NAMES),
-        "train_config": {"num_samples": 2, "seed": 0},
+        "train_config": {"seed": 0},
         "history": {},
     }
     entries.update(overrides)
@@ -54,7 +54,8 @@ def write_checkpoint(path, config: ModelConfig, state_dict=None, **overrides):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pth", ModelConfig.tiny(input_shape=INPUT_SHAPE))
+    config = ModelConfig.tiny(input_shape=INPUT_SHAPE).with_changes(diffusion={"num_samples": 2})
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pth", config)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_load_model_restores_weights_and_metadata(checkpoint, loaded):
     assert not model.training
     assert meta.class_names == tuple(CLASS_NAMES)
     assert meta.preprocess.target_shape == INPUT_SHAPE and meta.hires_preprocess is None
-    assert meta.num_samples == 2  # from the training profile
+    assert model.config.diffusion.num_samples == 2  # the training profile's sampling, kept in the model
 
 
 def bad_checkpoints(tmp: Path) -> dict:
@@ -179,14 +180,14 @@ def test_predict_scan_record(loaded, scans):
     assert all(s >= 0 for s in result["std"].values())
 
 
-def test_predict_scans_is_seeded_and_independent_of_order(loaded, scans):
+def test_predict_scan_is_seeded_and_independent_of_order(loaded, scans):
     model, meta = loaded
     a, b = scans / "a.nii.gz", scans / "b.nii"
-    first = predict_scans(model, meta, [a, b], num_samples=2, seed=7)
-    again = predict_scans(model, meta, [b, a], num_samples=2, seed=7)
-    assert first == again[::-1]
-    other_seed = predict_scans(model, meta, [a], num_samples=2, seed=8)
-    assert other_seed[0]["probs"] != first[0]["probs"]
+    first = [predict_scan(model, meta, p, num_samples=2, seed=7) for p in (a, b)]
+    again = [predict_scan(model, meta, p, num_samples=2, seed=7) for p in (b, a)]
+    assert first == again[::-1]  # no generator state carried from one scan to the next
+    other_seed = predict_scan(model, meta, a, num_samples=2, seed=8)
+    assert other_seed["probs"] != first[0]["probs"]
 
 
 def test_one_sample_has_zero_std(loaded, scans):

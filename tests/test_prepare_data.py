@@ -1,5 +1,6 @@
 """The data-preparation command: discover, split, cache, summarise; one-line errors."""
 from utils.data.phantoms import PhantomConfig, write_dataset
+from utils.paths import CACHE_DIR_ENV
 from utils.prepare_data import main
 
 
@@ -26,3 +27,11 @@ def test_prepare_data_reports_an_empty_folder_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "empty" in err and "\n" not in err
     assert not (tmp_path / "o" / "splits.csv").exists()
+
+
+def test_prepare_data_caches_where_the_environment_says(tmp_path, monkeypatch):
+    data = tmp_path / "MosMedData"
+    write_dataset(data, n=6, seed=0, config=PhantomConfig(size=32), progress=False)
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "env_cache"))
+    assert main(["--data-dir", str(data), "--output-dir", str(tmp_path / "o"), "--target", "32", "32", "16"]) == 0
+    assert len(list((tmp_path / "env_cache").rglob("*.npy"))) == 6

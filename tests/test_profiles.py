@@ -20,7 +20,8 @@ def test_every_profile_builds_its_model_and_round_trips(name):
     assert TrainConfig.from_dict(profile.to_dict()) == profile
     config = profile.model_config("cpu")
     assert config.dcg.input_shape == profile.input_shape
-    assert (config.diffusion.num_samples, config.diffusion.ddim_steps) == (profile.num_samples, profile.ddim_steps)
+    sampling = profile.model_overrides["diffusion"]  # the profile's sampling settings live in the model config
+    assert (config.diffusion.num_samples, config.diffusion.ddim_steps) == (sampling["num_samples"], sampling["ddim_steps"])
     if name == "smoke":
         assert sum(p.numel() for p in DiffMIC3D(config).parameters()) < 1_000_000
 
@@ -34,8 +35,20 @@ def test_overrides_apply_and_parse_from_strings():
     assert profile.grad_clip is None and profile.dcg_epochs == PROFILES["demo"].dcg_epochs
 
 
+def test_model_settings_merge_over_the_profiles_by_section():
+    profile = get_profile("smoke", **parse_overrides(["diffusion.num_samples=3", "dcg.top_t=0.5"]))
+    assert profile.model_overrides == {"diffusion": {"num_samples": 3, "ddim_steps": 2}, "dcg": {"top_t": 0.5}}
+    config = profile.model_config("cpu")
+    assert (config.diffusion.num_samples, config.diffusion.ddim_steps, config.dcg.top_t) == (3, 2, 0.5)
+    merged = get_profile("smoke", model_overrides={"diffusion": {"eta": 0.5}})
+    assert merged.model_overrides["diffusion"] == {"num_samples": 2, "ddim_steps": 2, "eta": 0.5}
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: get_profile("huge"), "unknown profile"),
+    (lambda: get_profile("demo", **{"diffusion.num_steps": 3}), r"diffusion has no settable fields \['num_steps'\]"),
+    (lambda: get_profile("demo", **{"diffusion.ddim_steps": 0}), "ddim_steps must be in"),
+    (lambda: get_profile("demo", **{"prior.num_rois": 3}), "unknown sections"),
     (lambda: get_profile("demo", epochs=3), "unknown TrainConfig field"),
     (lambda: get_profile("demo", input_shape=(60, 64, 32)), "multiples of 16"),
     (lambda: get_profile("demo", n_resamples=100), "n_resamples"),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers import SHAPE, BlobVolumes
-from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
+from models.dcg_model import DCGOutput
+from models.diffmic3d import DiffMIC3D
 from utils.training.checkpoint import load_checkpoint
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.training.profiles import get_profile
@@ -89,7 +90,8 @@ def test_cache_guidance_runs_the_dcg_once_per_volume_in_index_order(config):
     calls = count_dcg_calls(model)
     cache = cache_guidance(model, data, torch.device("cpu"), batch_size=4, progress=False)
     assert sum(calls) == len(data) and calls == [4, 2]
-    assert set(GUIDANCE_KEYS) <= set(cache) and cache["global_probs"].shape == (6, 2)
+    assert isinstance(cache, DCGOutput) and len(cache) == 6 and cache.global_probs.shape == (6, 2)
     single = model.guidance(data[4]["image"][None])
-    assert torch.allclose(cache["global_probs"][4], single.global_probs[0], atol=1e-5)
-    assert torch.allclose(cache["roi_features"][4], single.roi_features[0], atol=1e-5)
+    for name, value in single.as_dict().items():  # every field, row 4 = the volume alone
+        torch.testing.assert_close(getattr(cache, name)[4], value[0].to(getattr(cache, name).dtype), atol=1e-5,
+                                   rtol=1e-5, msg=name)

@@ -57,8 +57,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:N or auto (default: $MEDISCOPE_DEVICE, else CUDA when available)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a TrainConfig field; repeatable, e.g. --set dcg_epochs=3 --set "
-                             "input_shape=64,64,32 (default: none). Keys: " + ", ".join(SET_KEYS))
+                        help="override a TrainConfig field, or SECTION.FIELD of the model (sections dcg, "
+                             "denoiser, diffusion); repeatable, e.g. --set dcg_epochs=3 --set input_shape=64,64,32 "
+                             "--set diffusion.num_samples=4 (default: none). Keys: " + ", ".join(SET_KEYS))
 
 
 def run_config(args: argparse.Namespace) -> TrainConfig:

@@ -27,7 +27,8 @@ from typing import Optional
 
 from utils.data.discovery import default_data_dir
 from utils.errors import DataError
-from utils.pipeline import Experiment, display_path, prepare_experiment
+from utils.experiment import Experiment, prepare_experiment
+from utils.paths import display_path
 from utils.paths import EMBEDDED_DATA, REPO_ROOT
 from utils.training.profiles import PROFILES, TrainConfig, get_profile
 

@@ -21,3 +21,12 @@ def display_path(path: str | Path) -> str:
 def default_cache_dir() -> Path:
     """The preprocessed-volume cache: ``$MEDISCOPE_CACHE_DIR``, else ``data/processed``."""
     return Path(os.environ[CACHE_DIR_ENV]).expanduser() if os.environ.get(CACHE_DIR_ENV) else REPO_ROOT / "data" / "processed"
+
+
+# file names inside a run's output folder (OUTPUT_DIR/...)
+SPLITS_CSV = "splits.csv"  # the frozen train / val / test split (utils.data.splits)
+TRAIN_CONFIG_JSON = "train_config.json"  # the run's TrainConfig; another configuration is refused
+CHECKPOINTS_DIR = "checkpoints"  # one resumable checkpoint per training stage
+MAIN_CHECKPOINT = "diffmic3d_enhanced_model.pth"  # the finished model that utils.predict loads
+HISTORY_JSON = "history.json"  # per-epoch series and selected epoch of every stage
+TIMINGS_JSON = "timings.json"  # seconds (and peak CUDA memory) per stage (utils.stage_timer)

@@ -60,8 +60,6 @@ class CheckpointMeta:
         label_mode: ``'binary'`` or ``'severity'``.
         preprocess: preprocessing of the network input (target_shape = the model's input).
         hires_preprocess: preprocessing of the high-resolution copy (``roi_scale > 1``), else None.
-        num_samples: stochastic samples per scan used at evaluation (the training profile's
-            ``num_samples``; the model config's default when the checkpoint has none).
         feature_stats: the training scans' DCG feature statistics (``utils.evaluation.ood``), or None.
         training_data: what the model was trained on, in words (for the research-use note).
     """
@@ -71,7 +69,6 @@ class CheckpointMeta:
     label_mode: str
     preprocess: PreprocessConfig
     hires_preprocess: PreprocessConfig | None
-    num_samples: int
     feature_stats: dict | None = None
     training_data: str = "unknown data"
 
@@ -183,10 +180,9 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     class_names = tuple(str(c) for c in ckpt["class_names"])
     if len(class_names) != config.num_classes:
         raise DataError(path, f"{len(class_names)} class_names for a model with {config.num_classes} classes")
-    num_samples = (ckpt.get("train_config") or {}).get("num_samples") or config.diffusion.num_samples
     meta = CheckpointMeta(checkpoint=path, class_names=class_names, label_mode=str(ckpt.get("label_mode", "binary")),
                           preprocess=prep, hires_preprocess=hires if dcg.roi_scale > 1 else None,
-                          num_samples=int(num_samples), feature_stats=ckpt.get("feature_stats"),
+                          feature_stats=ckpt.get("feature_stats"),
                           training_data=_training_data(source))
     return model.to(device).eval(), meta
 
@@ -214,7 +210,7 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         model, meta: from :func:`load_model`.
         path: the scan.
         device: where the model lives.
-        num_samples: stochastic diffusion samples (default ``meta.num_samples``).
+        num_samples: stochastic diffusion samples (default: the model's ``DiffusionConfig.num_samples``).
         seed: seed of the CPU generator drawing the sampling noise; the result of a scan
             depends only on it, not on the other scans predicted alongside.
         allow_non_hu: predict a scan whose values are not Hounsfield units (refused by
@@ -241,7 +237,7 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
     x_hires = _input_tensor(volume, meta.hires_preprocess, device) if meta.hires_preprocess else None
     generator = torch.Generator().manual_seed(seed)
     guidance = model.guidance(x, x_hires)
-    out = model.predict(x, guidance=guidance, num_samples=num_samples or meta.num_samples, generator=generator)
+    out = model.predict(x, guidance=guidance, num_samples=num_samples, generator=generator)
     distance = None
     if meta.feature_stats is not None:
         distance = float(feature_distance(meta.feature_stats, guidance.global_features.float())[0])
@@ -265,12 +261,6 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         "feature_threshold": None if meta.feature_stats is None else float(meta.feature_stats["threshold"]),
         "note": meta.note,
     }
-
-
-def predict_scans(model: DiffMIC3D, meta: CheckpointMeta, paths: Sequence[str | Path],
-                  device: torch.device | str = "cpu", num_samples: int | None = None, seed: int = 0) -> list[dict]:
-    """:func:`predict_scan` for each path, in order (raises on the first bad scan)."""
-    return [predict_scan(model, meta, p, device, num_samples, seed) for p in paths]
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:

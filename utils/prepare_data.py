@@ -12,7 +12,6 @@ and per split, where the manifest and cache are.
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from utils.data.cache import VolumeCache
 from utils.data.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
 from utils.errors import DataError
 from utils.cli import make_parser
-from utils.paths import EMBEDDED_DATA, REPO_ROOT
+from utils.paths import EMBEDDED_DATA, REPO_ROOT, default_cache_dir
+from utils.stage_timer import StageTimer
 from utils.data.phantoms import PhantomConfig, write_dataset
 from utils.data.preprocessing import PreprocessConfig
 from utils.data.splits import SPLITS, load_or_create_splits
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding a MosMedData layout (default: $MEDISCOPE_DATA_DIR, /kaggle/input, "
                              "else the embedded phantoms)")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="where splits.csv goes")
-    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "data" / "processed",
-                        help="preprocessed-volume cache")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="preprocessed-volume cache (default: $MEDISCOPE_CACHE_DIR, else data/processed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (and of generated phantoms)")
     parser.add_argument("--label-mode", choices=("binary", "severity"), default="binary", help="labels")
     parser.add_argument("--target", type=int, nargs=3, default=(128, 128, 64), metavar=("H", "W", "D"),
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phantoms", type=int, default=100, help="size of the embedded set if generated")
     parser.add_argument("--no-cache", action="store_true", help="skip preprocessing into the cache")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
+    timer = StageTimer()
     try:
         data_dir = resolve_data_dir(args.data_dir, n_phantoms=args.phantoms, seed=args.seed)
         root, layout = find_dataset_root(data_dir)
@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         print(split_summary(splits, args.label_mode))
         print(f"split manifest: {manifest}")
         if not args.no_cache:
-            cache = VolumeCache(args.cache_dir, PreprocessConfig(target_shape=tuple(args.target)))
+            cache = VolumeCache(args.cache_dir or default_cache_dir(), PreprocessConfig(target_shape=tuple(args.target)))
             cache.warm([r.path for r in records])
             print(f"preprocessed cache: {cache.folder}")
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    print(f"done in {timer.total():.1f} s")
     return 0
 
 

@@ -38,9 +38,9 @@ from utils.atomic import atomic_write_text
 from utils.cli import add_run_options, make_parser, run_config
 from utils.errors import DataError
 from utils.evaluation.evaluate import format_results_table
-from utils.pipeline import (build_model, cache_split_guidance, display_path, evaluate_test, history_entry,
-                            prepare_experiment, save_main_checkpoint, train_baselines, train_phase1, train_phase2,
-                            write_history)
+from utils.experiment import prepare_experiment
+from utils.paths import TIMINGS_JSON, display_path
+from utils.pipeline import evaluate_test, train_all
 from utils.training.profiles import TrainConfig
 from utils.seeding import pick_device
 from utils.stage_timer import StageTimer
@@ -52,20 +52,10 @@ def run_experiment(config: TrainConfig, output_dir: Path, data_dir: Optional[Pat
     timer = StageTimer(pick_device(device))
     with timer.stage("data"):
         exp = prepare_experiment(config, output_dir, data_dir, cache_dir, device)
-    model = build_model(exp)
-    with timer.stage("phase 1 (DCG)"):
-        results = {"dcg": train_phase1(exp, model)}
-    with timer.stage("phase 2 (diffusion)"):
-        guidance = cache_split_guidance(exp, model, ("train", "val"))
-        results["diffusion"] = train_phase2(exp, model, guidance)
-        save_main_checkpoint(exp, model, {k: history_entry(r) for k, r in results.items()})
-    baselines = {}
-    for name, (net, result) in train_baselines(exp, timer).items():
-        baselines[name], results[name] = net, result
-    write_history(exp, results)
+    model, _, baselines = train_all(exp, timer)
     with timer.stage("test evaluation"):
         rows = evaluate_test(exp, model, baselines)
-    atomic_write_text(exp.output_dir / "timings.json", json.dumps(timer.as_dict(), indent=2) + "\n")
+    atomic_write_text(exp.output_dir / TIMINGS_JSON, json.dumps(timer.as_dict(), indent=2) + "\n")
     test = exp.datasets["test"]
     print(f"\nTest split ({len(test)} scans), 95% stratified bootstrap CIs ({config.n_resamples} resamples):")
     print(format_results_table(rows))

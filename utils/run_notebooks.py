@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,9 +34,9 @@ import nbformat
 
 from utils.cli import add_run_options, make_parser, run_config
 from utils.notebook import NOTEBOOKS, PROGRESS_ENV, SET_ENV, resolve_parameters
-from utils.paths import CACHE_DIR_ENV
+from utils.paths import CACHE_DIR_ENV, REPO_ROOT
 from utils.data.phantoms import PhantomConfig
-from utils.paths import REPO_ROOT
+from utils.stage_timer import StageTimer
 from utils.prepare_data import resolve_data_dir
 from utils.training.profiles import get_profile, parse_overrides
 from utils.seeding import DEVICE_ENV_VAR, pick_device
@@ -112,8 +111,9 @@ def execute(name: str, notebook_dir: Path, out_dir: Path, parameters: dict, prog
 def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output_dir: Optional[Path] = None,
                   seed: Optional[int] = None, notebook_dir: Path = NOTEBOOK_DIR, names: Sequence[str] = NOTEBOOKS,
                   progress: bool = True, cache_dir: Optional[Path] = None, device: Optional[str] = None,
-                  overrides: Optional[dict] = None) -> list[Path]:
+                  overrides: Optional[dict] = None, timer: Optional[StageTimer] = None) -> list[Path]:
     """Execute ``names`` in order (see the module docstring); returns the executed copies.
+    Each notebook is a stage of ``timer`` (a new one when None).
 
     ``output_dir`` None: as the notebooks resolve it (``$MEDISCOPE_OUTPUT_DIR``,
     ``/kaggle/working/outputs`` on Kaggle, else ``outputs/``). ``cache_dir``, ``device`` and
@@ -149,12 +149,13 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
     if rest:
         os.environ[SET_ENV] = json.dumps(rest)
     os.environ.setdefault(PROGRESS_ENV, "0")  # inherited by the kernels
+    timer = timer if timer is not None else StageTimer()
     executed = []
     for i, name in enumerate(names, 1):
-        tic = time.perf_counter()
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
-        executed.append(execute(name, Path(notebook_dir), out_dir, parameters, progress))
-        print(f"[{i}/{len(names)}] {name} done in {time.perf_counter() - tic:.0f} s", flush=True)
+        with timer.stage(name):
+            executed.append(execute(name, Path(notebook_dir), out_dir, parameters, progress))
+        print(f"[{i}/{len(names)}] {name} done in {timer.seconds[name]:.0f} s", flush=True)
     return executed
 
 
@@ -176,7 +177,7 @@ def build_parser():
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    started = time.perf_counter()
+    timer = StageTimer()
     try:
         run_config(args)  # fail early, with the reason, on a bad --set ...
         pick_device(args.device)  # ... or an unavailable device
@@ -186,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         executed = run_notebooks(args.profile, args.data_dir, output_dir, args.seed, args.notebooks_dir,
                                  progress=not args.no_progress, cache_dir=args.cache_dir, device=args.device,
-                                 overrides=parse_overrides(args.set))
+                                 overrides=parse_overrides(args.set), timer=timer)
     except NotebookFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -196,8 +197,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             shutil.copyfile(path, target)
             strip_injected_parameters(target)
         print(f"updated {len(executed)} notebooks in {args.notebooks_dir}")
-    minutes = (time.perf_counter() - started) / 60
-    print(f"all {len(executed)} notebooks ran in {minutes:.1f} min; executed copies in {output_dir / 'notebooks'}")
+    print(timer.report())
+    print(f"all {len(executed)} notebooks ran in {timer.total() / 60:.1f} min; executed copies in "
+          f"{output_dir / 'notebooks'}")
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.training.profiles import TrainConfig
@@ -124,25 +125,25 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
 
 @torch.no_grad()
 def cache_guidance(model: DiffMIC3D, dataset: Dataset, device: torch.device, batch_size: int = 4,
-                   num_workers: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+                   num_workers: int = 0, progress: bool = True) -> DCGOutput:
     """Run the frozen DCG once per volume of ``dataset``; stack its outputs by dataset index.
 
     Returns:
-        ``DCGOutput.as_dict()`` with every tensor stacked over the dataset, on CPU, row ``i``
-        = ``dataset[i]``: e.g. ``global_probs`` (N, C), ``roi_features`` (N, K, L),
-        ``saliency`` (N, C, h, w, d). Pass the ``GUIDANCE_KEYS`` rows to
+        one :class:`DCGOutput` over the whole dataset, on CPU (floats in float32), row ``i`` =
+        ``dataset[i]``: e.g. ``global_probs`` (N, C), ``roi_features`` (N, K, L), ``saliency``
+        (N, C, h, w, d). ``cache.index(rows).to(device)`` is the guidance of a batch for
         ``DiffMIC3D.diffusion_loss`` / ``predict``.
     """
     model.eval()
-    parts: dict[str, list[torch.Tensor]] = {}
+    parts: list[DCGOutput] = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     seen = []
     for batch in tqdm(loader, desc="cache DCG guidance", leave=False, disable=not progress):
         x, x_hires, _ = batch_inputs(batch, device)
-        for key, value in model.guidance(x, x_hires).as_dict().items():
-            parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
+        out = model.guidance(x, x_hires).as_dict()
+        parts.append(DCGOutput(**{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}))
         seen.append(torch.as_tensor(batch["index"]))
     order = torch.cat(seen)
     if not torch.equal(order, torch.arange(len(dataset))):
         raise RuntimeError("cache_guidance: the loader did not visit the dataset in index order")
-    return {key: torch.cat(values) for key, values in parts.items()}
+    return DCGOutput.cat(parts)

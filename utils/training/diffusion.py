@@ -33,18 +33,13 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from models.diffmic3d import GUIDANCE_KEYS, DiffMIC3D
+from models.dcg_model import DCGOutput
+from models.diffmic3d import DiffMIC3D
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.training.profiles import TrainConfig
 from utils.training.loop import FitResult, fit, make_epoch_loader
 from utils.training.dcg import dcg_steps_per_epoch
 from utils.training.stage import eval_loader, fit_config, validation_metrics
-
-
-def select_guidance(guidance: Mapping[str, torch.Tensor], index, device: torch.device) -> dict[str, torch.Tensor]:
-    """Rows ``index`` of the ``GUIDANCE_KEYS`` tensors of a cache, on ``device``."""
-    index = torch.as_tensor(index) if not isinstance(index, slice) else index
-    return {key: guidance[key][index].to(device) for key in GUIDANCE_KEYS}
 
 
 def warmup_cosine(step: int, total: int, warmup: float) -> float:
@@ -76,11 +71,12 @@ class _Phase2(nn.Module):
 
 
 @torch.no_grad()
-def predict_dataset(model: DiffMIC3D, dataset: Dataset, guidance: Mapping[str, torch.Tensor],
-                    device: torch.device, batch_size: int, seed: int, num_samples: int, steps: int,
-                    num_workers: int = 0) -> dict[str, torch.Tensor]:
+def predict_dataset(model: DiffMIC3D, dataset: Dataset, guidance: DCGOutput,
+                    device: torch.device, batch_size: int, seed: int, num_samples: Optional[int] = None,
+                    steps: Optional[int] = None, num_workers: int = 0) -> dict[str, torch.Tensor]:
     """``model.predict`` over ``dataset`` (fixed order) with its cached guidance rows and ONE
-    generator seeded with ``seed``; tensors concatenated on CPU.
+    generator seeded with ``seed``; tensors concatenated on CPU. ``num_samples`` / ``steps``
+    None: the model's own sampling settings (``DiffusionConfig``), as for the test predictions.
 
     Returns probs (N, C), std (N, C), entropy (N,), y0_mean (S, N, C).
     """
@@ -89,7 +85,7 @@ def predict_dataset(model: DiffMIC3D, dataset: Dataset, guidance: Mapping[str, t
     outputs: dict[str, list[torch.Tensor]] = {}
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         rows = torch.as_tensor(batch["index"])
-        out = model.predict(batch["image"].to(device), select_guidance(guidance, rows, device),
+        out = model.predict(batch["image"].to(device), guidance.index(rows).to(device),
                             num_samples=num_samples, steps=steps, generator=generator)
         for key in ("probs", "std", "entropy", "y0_mean"):
             outputs.setdefault(key, []).append(out[key].float().cpu())
@@ -105,8 +101,8 @@ def recompute_encoder_bn(model: DiffMIC3D, train_set: Dataset, config: TrainConf
                               lambda batch: encoder(batch["image"].to(device)))
 
 
-def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: Mapping[str, torch.Tensor],
-                    val_set: Dataset, val_guidance: Mapping[str, torch.Tensor], config: TrainConfig,
+def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOutput,
+                    val_set: Dataset, val_guidance: DCGOutput, config: TrainConfig,
                     device: torch.device, checkpoint_path: str | Path,
                     meta: Optional[Mapping] = None) -> FitResult:
     """Phase 2 (module docstring); ``model`` ends with the selected EMA weights.
@@ -134,7 +130,7 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: Mappin
         model.dcg.eval()  # frozen: keep its BatchNorm in eval mode although fit() sets train()
         wrapper.ema.eval()
         rows = torch.as_tensor(batch["index"])
-        return model.diffusion_loss(batch["image"].to(device), select_guidance(train_guidance, rows, device),
+        return model.diffusion_loss(batch["image"].to(device), train_guidance.index(rows).to(device),
                                     batch["label"].to(device), prior_dropout=config.prior_dropout,
                                     generator=generator)["loss"]
 
@@ -147,7 +143,7 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: Mappin
         generator = torch.Generator(device).manual_seed(config.seed)
         for batch in eval_loader(val_set, config):
             rows = torch.as_tensor(batch["index"])
-            out = ema.diffusion_loss(batch["image"].to(device), select_guidance(val_guidance, rows, device),
+            out = ema.diffusion_loss(batch["image"].to(device), val_guidance.index(rows).to(device),
                                      batch["label"].to(device), generator=generator)
             loss += out["loss"].item() * len(rows)
             n += len(rows)
@@ -189,14 +185,14 @@ def fit_temperature(y0_mean: torch.Tensor, labels: torch.Tensor, grid: Optional[
     return float(grid[best])
 
 
-def calibrate_temperature(model: DiffMIC3D, val_set: Dataset, val_guidance: Mapping[str, torch.Tensor],
+def calibrate_temperature(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutput,
                           config: TrainConfig, device: torch.device) -> float:
     """Fit the readout temperature on the VALIDATION split, sampling exactly as the test
-    predictions will (``num_samples``, ``ddim_steps``, seed), and store it on the model.
+    predictions will (the model's ``num_samples`` and ``ddim_steps``, the run's seed), and store it on the model.
     The ranking of each sample is unchanged; deterministic, so a resumed run refits the same value."""
     model.set_temperature(1.0)
     out = predict_dataset(model, val_set, val_guidance, device, config.batch_size, config.seed,
-                          config.num_samples, config.ddim_steps, config.num_workers)
+                          num_workers=config.num_workers)
     value = fit_temperature(out["y0_mean"], torch.as_tensor(np.asarray(val_set.labels)))
     model.set_temperature(value)
     return value

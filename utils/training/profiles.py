@@ -20,12 +20,12 @@ import ast
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
-from models.diffmic3d import ModelConfig
+from models.diffmic3d import PRESETS, ModelConfig
 from utils.data.phantoms import PhantomConfig
 from utils.seeding import amp_dtype, amp_enabled
 from models.plain_config import PlainConfig
 
-MODEL_PRESETS = ("tiny", "small", "full")
+MODEL_SECTIONS = ("dcg", "denoiser", "diffusion")  # what model_overrides may change
 BASELINE_NAMES = ("resnet18", "densenet121")
 
 
@@ -48,8 +48,9 @@ class TrainConfig(PlainConfig):
             one per profile so profiles of different sizes never overwrite each other.
         phantom_seed: seed of the phantom set (the data, fixed; ``seed`` varies the run).
     Model:
-        model_preset: ``'tiny'`` (``ModelConfig.tiny``: Np = 4, K = 2, ~0.36M parameters),
-            ``'small'`` (``ModelConfig.small``: Np = 8, K = 3, ~1.7M) or ``'full'`` (``ModelConfig.full``: 8.2M).
+        model_preset: one of ``models.diffmic3d.PRESETS``: ``'tiny'`` (``ModelConfig.tiny``: Np = 4,
+            K = 2, ~0.36M parameters), ``'small'`` (``ModelConfig.small``: Np = 8, K = 3, ~1.7M) or
+            ``'full'`` (``ModelConfig.full``: 8.2M).
         grad_checkpoint: recompute the DCG global encoder in the backward pass (saves memory
             on a T4); None = auto: on iff CUDA and the input is the seed's full size.
     Optimisation (phase 1 = DCG, phase 2 = diffusion):
@@ -91,19 +92,19 @@ class TrainConfig(PlainConfig):
             there is ignored (CPU autocast is slower than float32 on the CPUs we run on).
         amp_dtype: ``'float16'`` or ``'bfloat16'``; None = auto (``utils.seeding.amp_dtype``:
             bfloat16 on compute capability >= 8.0, float16 on a T4 or P100).
-    Sampling and evaluation:
-        num_samples: stochastic diffusion samples per test volume (their spread is the
-            reported uncertainty).
-        ddim_steps: DDIM steps for the test predictions.
-        val_num_samples / val_ddim_steps: the same for validation during phase 2. One sample
+    Sampling and evaluation (the test predictions use the model's own sampling settings,
+    ``DiffusionConfig.num_samples`` / ``ddim_steps``, set per profile in ``model_overrides``):
+        val_num_samples / val_ddim_steps: samples and DDIM steps per volume for validation
+            during phase 2 (a cheaper budget than the test predictions'). One sample
             is too noisy to select on: on the demo's validation split the same weights scored
             AUC 0.59 with one 5-step sample and 0.78 averaged over ten 10-step samples.
         n_resamples: bootstrap resamples of the confidence intervals (>= 1000).
         baselines: which 3D CNN baselines to train (subset of ``BASELINE_NAMES``).
     Run:
         model_overrides: fields of the model configuration to change, by section, e.g.
-            ``{'denoiser': {'head_kernel': 3}, 'diffusion': {'num_timesteps': 500}}``
-            (sections ``dcg``, ``denoiser``, ``diffusion``; used by the ablations).
+            ``{'denoiser': {'head_kernel': 3}, 'diffusion': {'num_samples': 4, 'ddim_steps': 5}}``
+            (sections ``dcg``, ``denoiser``, ``diffusion``; ``ModelConfig.with_changes``). On
+            the command line: ``--set diffusion.num_samples=4``, merged over the profile's.
         num_workers: DataLoader workers.
         seed: seed of the split, initialisation, data order, noise and sampling.
         progress: show tqdm bars.
@@ -143,8 +144,6 @@ class TrainConfig(PlainConfig):
     grad_clip: Optional[float] = 1.0
     amp: Optional[bool] = None
     amp_dtype: Optional[str] = None
-    num_samples: int = 20
-    ddim_steps: int = 10
     val_num_samples: int = 4
     val_ddim_steps: int = 10
     n_resamples: int = 2000
@@ -165,13 +164,16 @@ class TrainConfig(PlainConfig):
             problems.append(f"input_shape={self.input_shape} must be three positive multiples of 16")
         if self.label_mode not in ("binary", "severity"):
             problems.append(f"label_mode={self.label_mode!r} must be 'binary' or 'severity'")
-        if self.model_preset not in MODEL_PRESETS:
-            problems.append(f"model_preset={self.model_preset!r} must be one of {MODEL_PRESETS}")
+        if self.model_preset not in PRESETS:
+            problems.append(f"model_preset={self.model_preset!r} must be one of {PRESETS}")
+        unknown_sections = sorted(set(self.model_overrides) - set(MODEL_SECTIONS))
+        if unknown_sections:
+            problems.append(f"model_overrides: unknown sections {unknown_sections} (choose from {MODEL_SECTIONS})")
         unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
         if unknown:
             problems.append(f"baselines {unknown} unknown (choose from {BASELINE_NAMES})")
-        for name in ("roi_scale", "batch_size", "patience", "plateau_patience", "num_samples",
-                     "ddim_steps", "val_num_samples", "val_ddim_steps"):
+        for name in ("roi_scale", "batch_size", "patience", "plateau_patience", "val_num_samples",
+                     "val_ddim_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("dcg_epochs", "diffusion_epochs", "baseline_epochs", "num_workers"):
@@ -190,6 +192,11 @@ class TrainConfig(PlainConfig):
             problems.append(f"n_resamples={self.n_resamples} must be >= 1000 for a 95% bootstrap interval")
         if self.n_phantoms < 6 or self.phantom_size < 32:
             problems.append("n_phantoms must be >= 6 (3 per class to split) and phantom_size >= 32")
+        if not problems:
+            try:  # the model sections: field names and values (ModelConfig.with_changes checks them)
+                self.model_config("cpu")
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -216,53 +223,55 @@ class TrainConfig(PlainConfig):
         ckpt = self.grad_checkpoint
         if ckpt is None:  # auto: the full size on a GPU (conservative for a 15 GB T4)
             ckpt = str(device).startswith("cuda") and self.input_shape == (128, 128, 64)
-        preset = {"tiny": ModelConfig.tiny, "small": ModelConfig.small, "full": ModelConfig.full}[self.model_preset]
-        base = preset(num_classes=num_classes or self.num_classes, input_shape=self.input_shape)
-        sections = {"dcg": replace(base.dcg, roi_scale=self.roi_scale, grad_checkpoint=bool(ckpt)),
-                    "denoiser": base.denoiser,
-                    "diffusion": replace(base.diffusion, num_samples=self.num_samples, ddim_steps=self.ddim_steps)}
-        for section, changes in self.model_overrides.items():
-            if section not in sections:
-                raise ValueError(f"model_overrides: unknown section {section!r}; choose from {sorted(sections)}")
-            known = {f.name for f in fields(sections[section])}
-            unknown = sorted(set(changes) - known)
-            if unknown:
-                raise ValueError(f"model_overrides[{section!r}]: unknown fields {unknown}; known: {sorted(known)}")
-            sections[section] = replace(sections[section], **changes)
-        return ModelConfig(prior=base.prior, **sections)
+        base = ModelConfig.preset(self.model_preset, num_classes or self.num_classes, self.input_shape)
+        changes = {section: dict(self.model_overrides.get(section, {})) for section in MODEL_SECTIONS}
+        changes["dcg"] = {"roi_scale": self.roi_scale, "grad_checkpoint": bool(ckpt), **changes["dcg"]}
+        return base.with_changes(**changes)
 
 
 PROFILES: dict[str, TrainConfig] = {
     "smoke": TrainConfig(
         profile="smoke", input_shape=(32, 32, 32), n_phantoms=12, phantom_size=32,
         phantom_dir="data/phantoms_smoke", model_preset="tiny", batch_size=4, dcg_epochs=2,
-        diffusion_epochs=2, baseline_epochs=2, patience=2, num_samples=2, oof_folds=2,
-        ddim_steps=2, val_num_samples=1, val_ddim_steps=2, n_resamples=1000, progress=False),
+        diffusion_epochs=2, baseline_epochs=2, patience=2, oof_folds=2, val_num_samples=1, val_ddim_steps=2,
+        model_overrides={"diffusion": {"num_samples": 2, "ddim_steps": 2}}, n_resamples=1000, progress=False),
     "demo": TrainConfig(
         profile="demo", input_shape=(64, 64, 32), target_spacing=(6.0, 6.0, 10.0), n_phantoms=100,
         phantom_dir="data/MosMedData", model_preset="small", batch_size=4, dcg_epochs=20,
-        diffusion_epochs=40, baseline_epochs=20, patience=7, num_samples=20,
-        ddim_steps=10, val_num_samples=4, val_ddim_steps=10, n_resamples=2000),
+        diffusion_epochs=40, baseline_epochs=20, patience=7, val_num_samples=4, val_ddim_steps=10,
+        model_overrides={"diffusion": {"num_samples": 20, "ddim_steps": 10}}, n_resamples=2000),
     "full": TrainConfig(
         profile="full", input_shape=(128, 128, 64), target_spacing=(3.0, 3.0, 5.0), n_phantoms=100,
         phantom_dir="data/MosMedData", model_preset="full", batch_size=4, dcg_epochs=15,
-        diffusion_epochs=30, baseline_epochs=15, patience=7, num_samples=20,
-        ddim_steps=10, n_resamples=2000),
+        diffusion_epochs=30, baseline_epochs=15, patience=7,
+        model_overrides={"diffusion": {"num_samples": 20, "ddim_steps": 10}}, n_resamples=2000),
 }
 
 
 def get_profile(name: str, **overrides) -> TrainConfig:
     """The profile ``name`` with ``overrides`` applied (field name -> value).
 
+    A key ``'section.field'`` (e.g. ``'diffusion.num_samples'``) and a ``model_overrides``
+    mapping change the model configuration; both are merged over the profile's own
+    ``model_overrides`` section by section.
+
     Raises:
         ValueError: unknown profile or field, or an invalid value (the message says which).
     """
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    model = {section: dict(changes) for section, changes in PROFILES[name].model_overrides.items()}
+    for section, changes in (overrides.pop("model_overrides", None) or {}).items():
+        model.setdefault(section, {}).update(changes)
+    for key in [k for k in overrides if "." in k]:
+        section, _, model_field = key.partition(".")
+        model.setdefault(section, {})[model_field] = overrides.pop(key)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(f.name for f in fields(TrainConfig))}")
-    return replace(PROFILES[name], **overrides)
+        raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)} "
+                         f"and SECTION.FIELD of the model ({', '.join(MODEL_SECTIONS)})")
+    return replace(PROFILES[name], model_overrides=model, **overrides)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
