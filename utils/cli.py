@@ -43,15 +43,20 @@ def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                                    formatter_class=_DefaultsFormatter)
 
 
+def add_data_options(parser: argparse.ArgumentParser, data: str, output: str) -> None:
+    """--data-dir (``data``: what it may be), --output-dir (``output``: what goes there), --cache-dir."""
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"{data} (default: $MEDISCOPE_DATA_DIR, a MosMedData copy under /kaggle/input, "
+                             "else the embedded phantoms)")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help=output)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="preprocessed-volume cache (default: $MEDISCOPE_CACHE_DIR, else data/processed)")
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--profile, --data-dir, --output-dir, --cache-dir, --seed, --device, --set."""
     parser.add_argument("--profile", choices=sorted(PROFILES), default="demo", help="run size (utils.training.profiles)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="MosMedData folder or MedMNIST .npz (default: $MEDISCOPE_DATA_DIR, a MosMedData copy "
-                             "under /kaggle/input, else the profile's embedded phantoms)")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="the run folder")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="preprocessed-volume cache (default: $MEDISCOPE_CACHE_DIR, else data/processed)")
+    add_data_options(parser, "MosMedData folder or MedMNIST .npz", "the run folder")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of split, initialisation and sampling (default: the profile's, 0)")
     parser.add_argument("--device", default=None,

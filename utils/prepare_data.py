@@ -18,7 +18,7 @@ from pathlib import Path
 from utils.data.cache import VolumeCache
 from utils.data.discovery import CLASS_NAMES, default_data_dir, discover_scans, find_dataset_root
 from utils.errors import DataError
-from utils.cli import make_parser
+from utils.cli import add_data_options, make_parser
 from utils.paths import EMBEDDED_DATA, REPO_ROOT, default_cache_dir
 from utils.stage_timer import StageTimer
 from utils.data.phantoms import PhantomConfig, write_dataset
@@ -56,12 +56,7 @@ def split_summary(splits: dict, classes) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser("utils.prepare_data", __doc__)
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder holding a MosMedData layout (default: $MEDISCOPE_DATA_DIR, /kaggle/input, "
-                             "else the embedded phantoms)")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="where splits.csv goes")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="preprocessed-volume cache (default: $MEDISCOPE_CACHE_DIR, else data/processed)")
+    add_data_options(parser, "folder holding a MosMedData layout", "where splits.csv goes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (and of generated phantoms)")
     parser.add_argument("--label-mode", choices=("binary", "severity"), default="binary", help="labels")
     parser.add_argument("--target", type=int, nargs=3, default=(128, 128, 64), metavar=("H", "W", "D"),

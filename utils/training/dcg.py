@@ -1,18 +1,18 @@
-"""The two training phases of DiffMIC-3D (DCG, then diffusion), on the generic loop of ``utils.training.loop``.
+"""Phase 1 of DiffMIC-3D: the DCG, on the generic loop of ``utils.training.loop``, and its
+guidance cached once per volume for phase 2.
 
 Phase 1 (:func:`train_dcg`): the DCG alone, CE(global logits) + CE(local logits) with label
 smoothing, AdamW (lr ``lr_dcg``, weight decay) with a per-step warmup-cosine schedule
-(:func:`dcg_lr_factor`) and a pooling / local-CE curriculum, early stopping on validation AUC of the DCG's fused prediction, train-time H / W flips
-(``CTDataset(augment=True)``). Before every evaluation the BatchNorm statistics of the
-global encoder are recomputed over the training split (``utils.training.precise_bn``), so the kept
-(best) weights carry statistics that match them, and so does the guidance cached from them.
+(:func:`dcg_lr_factor`) and a pooling / local-CE curriculum, early stopping on validation AUC
+of the DCG's fused prediction, train-time H / W flips (``CTDataset(augment=True)``). Before
+every evaluation the BatchNorm statistics of the global encoder are recomputed over the
+training split (``utils.training.precise_bn``), so the kept (best) weights carry statistics
+that match them, and so does the guidance cached from them.
 
 Between the phases (:func:`cache_guidance`): the frozen DCG runs ONCE per volume and its
-outputs are kept as tensors stacked in dataset order, for phase 2 to read instead of running
-the DCG per epoch (a frozen DCG's guidance is a deterministic function of the volume).
-
-Phase 2 (the prior generator and the denoiser on the frozen DCG, EMA, prior dropout, the
-validation-fitted temperature) lives in ``utils.training.diffusion``.
+outputs are kept as one :class:`DCGOutput` over the dataset, for phase 2 to read instead of
+running the DCG per epoch (a frozen DCG's guidance is a deterministic function of the volume).
+Phase 2 lives in ``utils.training.diffusion``.
 """
 from __future__ import annotations
 

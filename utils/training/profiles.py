@@ -111,43 +111,54 @@ class TrainConfig(PlainConfig):
     """
 
     profile: str = "custom"
+    # data
     input_shape: tuple[int, int, int] = (128, 128, 64)
     target_spacing: Optional[tuple[float, float, float]] = None
     label_mode: str = "binary"
     roi_scale: int = 1
+    # the phantom set generated when no real data is found
     n_phantoms: int = 100
     phantom_size: int = PhantomConfig.size  # the embedded default set (utils.data.phantoms)
     phantom_dir: str = "data/MosMedData"
     phantom_seed: int = 0
+    # model
     model_preset: str = "full"
     grad_checkpoint: Optional[bool] = None
+    # budgets, every stage
     batch_size: int = 4
     dcg_epochs: int = 15
     diffusion_epochs: int = 30
-    baseline_epochs: int = 15
+    baseline_epochs: int = 15  # = the DCG's budget: the same encoder training
+    # phase 1 (DCG)
     lr_dcg: float = 1e-3
-    dcg_lr_warmup: float = 0.05
+    dcg_lr_warmup: float = 0.05  # fractions of phase 1's steps, from here ...
     dcg_pool_warmup: float = 0.3
     dcg_local_start: float = 0.3
-    dcg_local_ramp: float = 0.1
+    dcg_local_ramp: float = 0.1  # ... to here
+    # phase 2 (diffusion)
     lr_diffusion: float = 1e-3
     warmup_fraction: float = 0.05
-    ema_decay: float = 0.995
+    ema_decay: float = 0.995  # the EMA weights are the ones validated and kept
     prior_dropout: float = 0.3
-    oof_folds: int = 3
+    oof_folds: int = 3  # 0: the final DCG's own (memorised) training priors
+    # baselines; regularisation of every stage
     lr_baseline: float = 1e-3
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
+    # early stopping and the plateau schedule
     patience: int = 7
-    plateau_factor: float = 0.5
+    plateau_factor: float = 0.5  # ReduceLROnPlateau of the baselines
     plateau_patience: int = 3
+    # numerics
     grad_clip: Optional[float] = 1.0
     amp: Optional[bool] = None
     amp_dtype: Optional[str] = None
+    # validation sampling, evaluation
     val_num_samples: int = 4
     val_ddim_steps: int = 10
-    n_resamples: int = 2000
+    n_resamples: int = 2000  # bootstrap resamples of every confidence interval
     baselines: tuple[str, ...] = BASELINE_NAMES
+    # run
     model_overrides: dict = field(default_factory=dict)
     num_workers: int = 0
     seed: int = 0
