@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dcg_model import ConvPoolEncoder3d
+from models.encoders import ConvPoolEncoder3d
 from models.precision import float32_forward
 from models.plain_config import PlainConfig
 from models.unet_3d import UNet3D, UNetConfig
@@ -68,10 +68,10 @@ class DenoiserConfig(PlainConfig):
     encoder_blocks: tuple[int, ...] = (1, 2, 2, 1)
     image_dim: int = 64
     prior_dim: int = 32
-    cond_dim: int = 128
+    cond_dim: int = 128  # E: the condition U-Net's output width
     unet_base: int = 64
     unet_mults: tuple[int, ...] = (1, 2)
-    time_dim: int = 64
+    time_dim: int = 64  # sinusoidal embedding of the per-point t
     groups: int = 8
     use_image_encoder: bool = True
     use_feature_prior: bool = True

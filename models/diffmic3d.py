@@ -32,7 +32,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from models.dcg_model import DCG, DCGConfig, DCGOutput, dcg_objective
+from models.dcg_config import DCGConfig
+from models.dcg_model import DCG, DCGOutput, dcg_objective
 from models.denoiser import ConditionalDenoiser, DenoiserConfig
 from models.diffusion_process import DiffusionConfig, PriorShiftedDiffusion
 from models.prior_generator import PriorConfig, PriorGenerator, Priors

@@ -24,7 +24,6 @@ Two priors condition the denoiser (DiffMIC, Yang et al. MICCAI 2023, section 2.2
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 from torch import nn
@@ -186,8 +185,3 @@ class PriorGenerator(nn.Module):
                              self.roi_proj(roi_features)], dim=1)  # (B, K+1, D)
         feature_prior, gates = gated_fusion(sources, self.gate_logits)
         return Priors(guidance_map=guidance, feature_prior=feature_prior, gates=gates)
-
-    def from_dcg(self, dcg_out: Any) -> Priors:
-        """Convenience: ``forward`` on a ``DCGOutput`` (or anything with its four fields)."""
-        return self(dcg_out.global_probs, dcg_out.local_probs, dcg_out.global_features,
-                    dcg_out.roi_features)

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dcg_model import (DCG, DCGConfig, DCGOutput, GatedAttentionMIL, cells_to_boxes,
-                              crop_rois, dcg_objective, foreground_cells, local_ce_weight, pool_maps,
-                              roi_scores, select_cells, top_t_pool, warmup_top_t)
+from models.dcg_config import DCGConfig
+from models.dcg_model import DCG, DCGOutput, dcg_objective, local_ce_weight, warmup_top_t
+from models.encoders import GatedAttentionMIL
+from models.roi import (cells_to_boxes, crop_rois, foreground_cells, pool_maps, roi_scores, select_cells,
+                        top_t_pool)
 from models.diffmic3d import ModelConfig
 
 

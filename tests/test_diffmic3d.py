@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import SHAPE, BlobVolumes
-from models.dcg_model import DCGConfig
+from models.dcg_config import DCGConfig
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from models.prior_generator import PriorConfig
 from utils.training.precise_bn import recompute_batchnorm_stats
