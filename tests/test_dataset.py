@@ -1,15 +1,16 @@
 """CTDataset items, per-(seed, epoch, index) augmentation (left-right flips only, optional
-intensity jitter), paired hi-res flips, seeded loader."""
+intensity jitter), paired hi-res flips, and the training loader's seeded order over it."""
 import numpy as np
 import pytest
 import torch
 from helpers import toy_ct, write_nifti
 
 from utils.data.cache import VolumeCache
-from utils.data.dataset import CTDataset, make_loader
+from utils.data.dataset import CTDataset
 from utils.data.discovery import ScanRecord
 from utils.data.nifti_io import load_scan
 from utils.data.preprocessing import AP_AXIS, LR_AXIS, PreprocessConfig
+from utils.training.loop import make_epoch_loader
 
 
 @pytest.fixture
@@ -77,16 +78,21 @@ def test_hires_gets_the_same_flips(records, cache, tmp_path):
     assert seen == {(), (1,)}
 
 
-def test_loader_order_fixed_by_seed(records, cache):
-    dataset = CTDataset(records, cache)
-    order = [[int(i) for i in batch["index"]] for batch in make_loader(dataset, 2, shuffle=True, seed=3)]
-    again = [[int(i) for i in batch["index"]] for batch in make_loader(dataset, 2, shuffle=True, seed=3)]
-    assert order == again and sorted(sum(order, [])) == [0, 1, 2, 3]
-    batch = next(iter(make_loader(dataset, 2, shuffle=False)))
-    assert batch["image"].shape == (2, 1, 16, 16, 8) and batch["label"].tolist() == [0, 1]
-    orders = {tuple(sum([[int(i) for i in b["index"]] for b in make_loader(dataset, 2, True, seed)], []))
-              for seed in range(6)}
-    assert len(orders) > 1
+def test_epoch_loader_order_fixed_by_seed_and_epoch(records, cache):
+    """The training loader (utils.training.loop.make_epoch_loader) over a CTDataset: the
+    order is a function of (seed, epoch), every item comes once, and the epoch reaches
+    the dataset's augmentation."""
+    dataset = CTDataset(records, cache, augment=True)
+
+    def order(seed, epoch):
+        return [int(i) for batch in make_epoch_loader(dataset, 2, seed, epoch) for i in batch["index"]]
+
+    assert order(3, 0) == order(3, 0) and sorted(order(3, 0)) == [0, 1, 2, 3]
+    assert len({tuple(order(seed, 0)) for seed in range(6)}) > 1
+    assert len({tuple(order(3, epoch)) for epoch in range(6)}) > 1
+    batch = next(iter(make_epoch_loader(dataset, 2, 0, epoch=5)))
+    assert dataset.epoch == 5
+    assert batch["image"].shape == (2, 1, 16, 16, 8) and batch["label"].dtype == torch.int64
 
 
 def test_anterior_posterior_axis_is_never_flipped(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 
 from utils.errors import DataError
 from utils.data.nifti_io import load_nifti
-from utils.data.phantoms import (DIFFICULTIES, SEVERITY_BANDS, Difficulty, PhantomConfig, generate_phantom, main,
-                            write_dataset)
+from utils.data.phantom_anatomy import DIFFICULTIES, SEVERITY_BANDS, Difficulty
+from utils.data.phantoms import PhantomConfig, generate_phantom, main, write_dataset
 
 SMALL = PhantomConfig(size=48)
 

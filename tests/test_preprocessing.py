@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data.preprocessing import PreprocessConfig, anti_alias_sigma, apply_flips, preprocess, random_flip
+from utils.data.preprocessing import PreprocessConfig, anti_alias_sigma, apply_flips, preprocess, sample_flips
 
 
 def test_clip_and_scale_values():
@@ -124,8 +124,8 @@ def test_preprocess_rejects_non_3d():
 
 def test_flips_deterministic_and_content_preserving():
     volume = np.arange(1 * 4 * 5 * 3, dtype=np.float32).reshape(1, 4, 5, 3)
-    draws = [random_flip(volume, np.random.default_rng(seed)) for seed in range(40)]
-    again = [random_flip(volume, np.random.default_rng(seed)) for seed in range(40)]
+    draws = [apply_flips(volume, sample_flips(np.random.default_rng(seed))) for seed in range(40)]  # as CTDataset
+    again = [apply_flips(volume, sample_flips(np.random.default_rng(seed))) for seed in range(40)]
     assert all(np.array_equal(a, b) for a, b in zip(draws, again))
     seen = set()
     for out in draws:

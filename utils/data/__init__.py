@@ -6,6 +6,7 @@
     preprocessing  HU window, resampling, crop / pad to the network input
     cache          preprocessed volumes on disk, keyed by file and settings
     dataset        the torch Dataset over the cache (train-time flips)
-    phantoms       the embedded synthetic chest-CT phantom set
+    phantoms       the embedded synthetic chest-CT phantom set: config, one phantom, the dataset writer
+    phantom_anatomy  anatomy, lesions and difficulty presets the phantoms are drawn from
     medmnist       MedMNIST 3D .npz files with their official split
 """

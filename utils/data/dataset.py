@@ -1,4 +1,4 @@
-"""PyTorch dataset and loader over cached, preprocessed CT volumes.
+"""PyTorch dataset over cached, preprocessed CT volumes (the loaders are in ``utils.training``).
 
 Augmentation is a pure function of (seed, epoch, index): item ``index`` in epoch ``epoch``
 draws its flip (and optional intensity jitter) from ``np.random.default_rng([seed, epoch,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from utils.data.cache import VolumeCache
 from utils.data.discovery import ScanRecord
@@ -97,11 +97,3 @@ class CTDataset(Dataset):
         if self.hires_cache is not None:
             item["image_hires"] = self._apply(self.hires_cache.get(record.path), augmentation)
         return item
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling order is fixed by ``seed`` (own ``torch.Generator``)."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=generator, pin_memory=pin_memory)

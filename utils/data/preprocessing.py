@@ -179,13 +179,3 @@ def apply_flips(volume: np.ndarray | torch.Tensor, flips: tuple[bool, bool]):
     if isinstance(volume, torch.Tensor):
         return torch.flip(volume, dims) if dims else volume.clone()
     return np.ascontiguousarray(np.flip(volume, dims)) if dims else volume.copy()
-
-
-def random_flip(volume: np.ndarray | torch.Tensor, rng: np.random.Generator, p: float = 0.5):
-    """Train-time augmentation: mirror (..., H, W, D) left-right (along H) with prob. ``p``.
-
-    A left-right mirror image of a chest CT is still a plausible chest CT with the same
-    label (lesions occur on both sides); an anterior-posterior mirror (spine on top) is
-    not, so W is never flipped, and neither is the slice axis D.
-    """
-    return apply_flips(volume, sample_flips(rng, p))
