@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.benchmark_quality import dataset_setup, read_predictions  # noqa: E402
-from utils.evaluation.metrics import classification_metrics, paired_auc_difference  # noqa: E402
+from utils.benchmarking.quality import dataset_setup, read_predictions  # noqa: E402
+from utils.evaluation.metrics import classification_metrics  # noqa: E402
+from utils.evaluation.paired import paired_auc_difference  # noqa: E402
 from utils.paths import REPO_ROOT  # noqa: E402
 from utils.run import run_experiment  # noqa: E402
 

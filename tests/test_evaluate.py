@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import utils.evaluation.evaluate as evaluate
+import utils.evaluation.visualization.curves as curves
+import utils.evaluation.visualization.model_figures as model_figures
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.errors import DataError
 from utils.evaluation.evaluate import (
@@ -221,13 +222,13 @@ HISTORY = {
 
 def test_learning_curves_from_history(tmp_path, monkeypatch):
     captured = {}
-    real = evaluate.plot_learning_curves
+    real = curves.plot_learning_curves
 
     def spy(history, selected_epochs=None):
         captured.update(history=history, selected=selected_epochs)
         return real(history, selected_epochs)
 
-    monkeypatch.setattr(evaluate, "plot_learning_curves", spy)
+    monkeypatch.setattr(curves, "plot_learning_curves", spy)
     (tmp_path / "history.json").write_text(json.dumps(HISTORY))
     path = write_learning_curves(tmp_path / "history.json", tmp_path)
     assert path == tmp_path / "figures" / "learning_curves.png"
@@ -265,7 +266,7 @@ def tiny_model():
 
 def test_write_model_figures(tmp_path, tiny_model, monkeypatch):
     captured = {"saliency": [], "trajectory": []}
-    real_saliency, real_trajectory = evaluate.plot_saliency_overlay, evaluate.plot_denoising_trajectory
+    real_saliency, real_trajectory = model_figures.plot_saliency_overlay, model_figures.plot_denoising_trajectory
 
     def saliency_spy(volume, saliency, roi_boxes=None, **kwargs):
         captured["saliency"].append((volume, saliency, roi_boxes, kwargs["slices"]))
@@ -275,8 +276,8 @@ def test_write_model_figures(tmp_path, tiny_model, monkeypatch):
         captured["trajectory"].append((probs, list(timesteps)))
         return real_trajectory(probs, timesteps, class_names, **kwargs)
 
-    monkeypatch.setattr(evaluate, "plot_saliency_overlay", saliency_spy)
-    monkeypatch.setattr(evaluate, "plot_denoising_trajectory", trajectory_spy)
+    monkeypatch.setattr(model_figures, "plot_saliency_overlay", saliency_spy)
+    monkeypatch.setattr(model_figures, "plot_denoising_trajectory", trajectory_spy)
     rng = np.random.default_rng(0)
     volumes = [rng.random((1, 32, 32, 16), dtype=np.float32) for _ in range(2)]
     paths = ["/data/a.nii.gz", "/data/b.nii.gz"]
@@ -314,13 +315,13 @@ def test_write_model_figures_roi_scale_two_maps_boxes_to_the_input(tmp_path, mon
     torch.manual_seed(0)
     model = DiffMIC3D(ModelConfig.from_dict(data)).eval()
     captured = []
-    real = evaluate.plot_saliency_overlay
+    real = model_figures.plot_saliency_overlay
 
     def spy(volume, saliency, boxes, **kwargs):
         captured.append(boxes)
         return real(volume, saliency, boxes, **kwargs)
 
-    monkeypatch.setattr(evaluate, "plot_saliency_overlay", spy)
+    monkeypatch.setattr(model_figures, "plot_saliency_overlay", spy)
     rng = np.random.default_rng(1)
     volume = rng.random((1, 32, 32, 16), dtype=np.float32)
     hires = rng.random((1, 64, 64, 16), dtype=np.float32)
@@ -331,16 +332,3 @@ def test_write_model_figures_roi_scale_two_maps_boxes_to_the_input(tmp_path, mon
     (boxes,) = captured
     np.testing.assert_array_equal(boxes[:, [0, 1, 3, 4]], hires_boxes[:, [0, 1, 3, 4]] // 2)  # crops are 16 wide, even
     np.testing.assert_array_equal(boxes[:, [2, 5]], hires_boxes[:, [2, 5]])
-
-
-@pytest.mark.parametrize("box_depths, depth, n_slices, expected", [
-    # box centres 22 and 6; evenly spaced candidates 6, 12, 19, 25 (spacing 6.2): 12 is far from
-    # both centres, 19 and 25 are within half a spacing of 22, so 19 only fills the last place
-    ([(19, 27), (3, 11)], 32, 4, [6, 12, 19, 22]),
-    ([(19, 27), (3, 11)], 32, 2, [6, 22]),
-    ([(19, 27), (3, 11), (18, 26)], 32, 2, [6, 22]),  # at most n_slices centres
-    ([(0, 4)], 4, 6, [0, 1, 2, 3]),  # fewer slices than asked: all of them
-])
-def test_saliency_slices_show_every_box_centre_then_spread_out(box_depths, depth, n_slices, expected):
-    boxes = np.array([(0, 0, d0, 8, 8, d1) for d0, d1 in box_depths])
-    assert evaluate._slices_to_show(boxes, depth, n_slices) == expected

@@ -1,4 +1,5 @@
-"""Tests of utils.evaluation.metrics against hand-computed values, sklearn, and bootstrap properties."""
+"""Tests of utils.evaluation.metrics, .paired and .calibration against hand-computed values, sklearn,
+and bootstrap properties."""
 import csv
 import math
 import time
@@ -7,22 +8,20 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from utils.evaluation.calibration import expected_calibration_error, reliability_curve
 from utils.evaluation.metrics import (
     CSV_COLUMNS,
     SCALAR_METRICS,
-    _auc_from_counts,
-    _counts,
-    _metrics_from_indices,
-    _resample_indices,
+    auc_from_counts,
     bootstrap_ci,
     classification_metrics,
-    expected_calibration_error,
+    metrics_from_indices,
     metrics_table,
-    paired_auc_difference,
-    reliability_curve,
-    seed_summary,
+    resample_counts,
+    resample_indices,
     write_metrics_csv,
 )
+from utils.evaluation.paired import paired_auc_difference, seed_summary
 
 
 def binary_probs(p_pos):
@@ -129,8 +128,8 @@ def test_vectorised_bootstrap_metrics_equal_sklearn_on_each_resample(n_classes, 
     y, probs = synthetic(8, n_classes, separation=0.8, seed=n_classes)
     probs = np.round(probs, 1)  # ties in the scores exercise the half-credit term of the AUC
     probs /= probs.sum(axis=1, keepdims=True)
-    idx = _resample_indices(y, 30, np.random.default_rng(3), stratified)
-    boot = _metrics_from_indices(y, probs, idx, positive_class=1)
+    idx = resample_indices(y, 30, np.random.default_rng(3), stratified)
+    boot = metrics_from_indices(y, probs, idx, positive_class=1)
     for r in range(idx.shape[0]):
         ref = classification_metrics(y[idx[r]], probs[idx[r]])
         for name in SCALAR_METRICS:
@@ -139,10 +138,10 @@ def test_vectorised_bootstrap_metrics_equal_sklearn_on_each_resample(n_classes, 
 
 def test_stratified_resampling_keeps_class_counts():
     y = np.array([0] * 7 + [1] * 3 + [2] * 5)
-    idx = _resample_indices(y, 200, np.random.default_rng(0), stratified=True)
+    idx = resample_indices(y, 200, np.random.default_rng(0), stratified=True)
     counts = np.stack([np.bincount(y[row], minlength=3) for row in idx])
     assert (counts == [7, 3, 5]).all()
-    plain = _resample_indices(y, 200, np.random.default_rng(0), stratified=False)
+    plain = resample_indices(y, 200, np.random.default_rng(0), stratified=False)
     assert len({tuple(np.bincount(y[row], minlength=3)) for row in plain}) > 1
 
 
@@ -295,7 +294,7 @@ def test_paired_interval_equals_sklearn_on_the_same_resamples(stratified):
     probs_a = np.round(probs_a, 1)  # ties: the half-credit term of the AUC
     probs_a /= probs_a.sum(axis=1, keepdims=True)
     out = paired_auc_difference(y, probs_a, probs_b, n_resamples=1000, seed=2, stratified=stratified)
-    idx = _resample_indices(y, 1000, np.random.default_rng(2), stratified)
+    idx = resample_indices(y, 1000, np.random.default_rng(2), stratified)
     diffs = np.array([roc_auc_score(y[r], probs_a[r, 1]) - roc_auc_score(y[r], probs_b[r, 1])
                       for r in idx if 0 < y[r].sum() < len(r)])
     diffs = np.round(diffs, 12)  # sklearn's trapezoids leave ~1e-16 where the difference is exactly 0
@@ -312,9 +311,9 @@ def test_paired_interval_is_narrower_than_an_unpaired_one_for_correlated_scorers
     y, a, b = correlated_scorers()
     paired = paired_auc_difference(y, a, b, n_resamples=2000, seed=0)
     rng = np.random.default_rng(0)
-    idx_a, idx_b = (_resample_indices(y, 2000, rng, True) for _ in range(2))  # independent draws
-    auc_a = _auc_from_counts(_counts(idx_a, y.size), y == 1, a)
-    auc_b = _auc_from_counts(_counts(idx_b, y.size), y == 1, b)
+    idx_a, idx_b = (resample_indices(y, 2000, rng, True) for _ in range(2))  # independent draws
+    auc_a = auc_from_counts(resample_counts(idx_a, y.size), y == 1, a)
+    auc_b = auc_from_counts(resample_counts(idx_b, y.size), y == 1, b)
     np.testing.assert_allclose(auc_a[:3], [roc_auc_score(y[r], a[r]) for r in idx_a[:3]])
     unpaired_width = np.subtract(*np.percentile(auc_a - auc_b, [97.5, 2.5]))
     assert paired["ci_high"] - paired["ci_low"] < 0.6 * unpaired_width

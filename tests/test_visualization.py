@@ -7,8 +7,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle, StepPatch
 from sklearn.metrics import roc_auc_score
 
-from utils.evaluation.metrics import quantile_reliability
+from utils.evaluation.calibration import quantile_reliability
 from utils.evaluation.visualization import (
+    boxes_in_input,
     plot_confusion_matrices,
     plot_confusion_matrix,
     plot_ct_slices,
@@ -19,6 +20,7 @@ from utils.evaluation.visualization import (
     plot_roc_curves,
     plot_saliency_overlay,
     save_figure,
+    slices_to_show,
 )
 
 RNG = np.random.default_rng(0)
@@ -247,3 +249,63 @@ def test_trajectory_draws_the_dcg_prior_and_confusion_matrices_cover_every_model
     assert any("DCG prior" in t.get_text() for t in ax.get_legend().get_texts())
     fig = plot_confusion_matrices({"ours": np.eye(2) * 3, "ResNet-18": np.ones((2, 2))}, ["Normal", "COVID-19"])
     assert [ax.get_title() for ax in fig.axes] == ["ours", "ResNet-18"] and len(fig.axes[1].texts) == 4
+
+
+# ----------------------------------------------------------------------------------------
+# ROI boxes on the input grid, and the slices of the report's saliency figure
+# ----------------------------------------------------------------------------------------
+
+# boxes (h0, w0, d0, h1, w1, d1), half-open; scale 2 and 3: starts floor-divided, ends ceil-divided,
+# depth (d0, d1) unchanged
+BOXES_IN_INPUT = [
+    (2, [[1, 3, 0, 5, 7, 4]], [[0, 1, 0, 3, 4, 4]]),
+    (2, [[0, 0, 2, 16, 16, 6], [4, 6, 1, 20, 22, 9]], [[0, 0, 2, 8, 8, 6], [2, 3, 1, 10, 11, 9]]),  # even: exact
+    (3, [[4, 2, 5, 5, 9, 7]], [[1, 0, 5, 2, 3, 7]]),  # h [4, 5) lies in input row 1, w [2, 9) in columns 0..2
+    (1, [[1, 3, 0, 5, 7, 4]], [[1, 3, 0, 5, 7, 4]]),  # scale 1: unchanged
+]
+
+
+@pytest.mark.parametrize("scale, boxes, expected", BOXES_IN_INPUT)
+def test_boxes_in_input_floors_starts_and_ceils_ends_in_plane(scale, boxes, expected):
+    hires = np.array(boxes)
+    out = boxes_in_input(hires, scale)
+    assert isinstance(out, np.ndarray) and out.dtype == hires.dtype
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(hires, boxes)  # the input is not changed
+    # the drawn box covers the whole crop: start * s <= crop start, end * s >= crop end
+    assert (out[:, [0, 1]] * scale <= hires[:, [0, 1]]).all() and (out[:, [3, 4]] * scale >= hires[:, [3, 4]]).all()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_boxes_in_input_keeps_tensors_on_their_device(device):
+    boxes = torch.tensor([[[1, 3, 0, 5, 7, 4]], [[0, 0, 2, 16, 16, 6]]], device=device)  # (B, K, 6)
+    out = boxes_in_input(boxes, 2)
+    assert isinstance(out, torch.Tensor) and out.device == boxes.device and out.dtype == torch.int64
+    assert out.tolist() == [[[0, 1, 0, 3, 4, 4]], [[0, 0, 2, 8, 8, 6]]]
+    assert boxes[0, 0].tolist() == [1, 3, 0, 5, 7, 4]  # the input is not changed
+
+
+@pytest.mark.parametrize("boxes, scale, match", [
+    (np.zeros((2, 4), dtype=int), 2, r"\(\.\.\., 6\)"),
+    (np.zeros((2, 6), dtype=int), 0, "roi_scale must be an integer >= 1"),
+    (np.zeros((2, 6), dtype=int), 1.5, "roi_scale must be an integer >= 1"),
+])
+def test_boxes_in_input_rejects_bad_input(boxes, scale, match):
+    with pytest.raises(ValueError, match=match):
+        boxes_in_input(boxes, scale)
+
+
+@pytest.mark.parametrize("box_depths, depth, n_slices, expected", [
+    # box centres 22 and 6; evenly spaced candidates 6, 12, 19, 25 (spacing 6.2): 12 is far from
+    # both centres, 19 and 25 are within half a spacing of 22, so 19 only fills the last place
+    ([(19, 27), (3, 11)], 32, 4, [6, 12, 19, 22]),
+    ([(19, 27), (3, 11)], 32, 2, [6, 22]),
+    ([(19, 27), (3, 11), (18, 26)], 32, 2, [6, 22]),  # at most n_slices centres
+    ([(0, 4)], 4, 6, [0, 1, 2, 3]),  # fewer slices than asked: all of them
+])
+def test_saliency_slices_show_every_box_centre_then_spread_out(box_depths, depth, n_slices, expected):
+    boxes = np.array([(0, 0, d0, 8, 8, d1) for d0, d1 in box_depths])
+    assert slices_to_show(boxes, depth, n_slices) == expected

@@ -1,6 +1,8 @@
 """Evaluation: metrics with confidence intervals, test-split reports, figures.
 
-    metrics        classification metrics, bootstrap CIs, paired comparisons, calibration
+    metrics        classification metrics, bootstrap CIs, the results table and CSV
+    paired         paired bootstrap of two models' AUC difference, mean and spread over seeds
+    calibration    reliability curves and expected calibration error
     evaluate       predictions of a loader, the results / predictions CSVs, the report
     visualization  every figure (volumes, saliency, guidance, curves, confusion, ROC, ...)
     gradcam        Grad-CAM maps of the baselines

@@ -11,8 +11,9 @@ callable run over a DataLoader by :func:`predict_loader`, which collects a :clas
 
 and :func:`write_learning_curves` / :func:`write_model_figures` draw the training curves
 (from ``history.json``), the DCG's saliency maps with ROI boxes, and the denoising trajectory
-of the class probabilities. The maths lives in ``utils.evaluation.metrics`` and the drawing in
-``utils.evaluation.visualization``; this module only wires them to files.
+of the class probabilities. The maths lives in ``utils.evaluation.metrics`` and the drawing
+(figure layout included) in ``utils.evaluation.visualization``; this module only runs the
+models and wires results and figures to files.
 
 Conventions: the first model of the ``predictions`` mapping is the main model (ours); its
 confusion matrix and reliability diagram are drawn. Labels are integers in ``[0, C)``;
@@ -40,20 +41,16 @@ from utils.evaluation.metrics import (
     CSV_COLUMNS,
     MIN_RESAMPLES,
     SCALAR_METRICS,
-    classification_metrics,
+    csv_cell,
     metrics_table,
     write_metrics_csv,
 )
 from utils.evaluation.visualization import (
-    plot_confusion_matrices,
-    plot_confusion_matrix,
-    plot_denoising_trajectory,
-    plot_learning_curves,
-    plot_reliability_diagram,
-    plot_roc_curves,
-    plot_saliency_overlay,
+    plot_denoising_trajectories,
+    plot_result_figures,
+    plot_saliency_rois,
+    plot_training_history,
     save_figure,
-    stack_figures,
 )
 
 RESULTS_CSV = "evaluation_results.csv"
@@ -63,14 +60,6 @@ FIGURES_DIR = "figures"
 METRIC_LABELS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall (sensitivity)",
                  "f1": "F1", "specificity": "Specificity", "roc_auc": "ROC-AUC"}
 """Column titles of :func:`format_results_table`."""
-
-PHASE_TITLES = {"dcg": "phase 1: DCG", "diffusion": "phase 2: diffusion",
-                "resnet18": "3D ResNet-18 (baseline)", "densenet121": "3D DenseNet-121 (baseline)"}
-"""Panel titles of the learning-curve figure for the phase keys of ``history.json``."""
-
-BEST_EPOCH_KEY = "best_epoch"
-"""Optional integer (1-based) in a phase of ``history.json``: the epoch kept by model
-selection, drawn as a dotted line (``best: {"epoch": ...}`` is read the same way)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -189,11 +178,6 @@ def _check_same_scans(predictions: Mapping[str, Predictions], class_names: Seque
                              "every model must predict the same test split in the same order")
 
 
-def _float_cell(value: float) -> str:
-    """CSV text of a float at full precision (``repr``), 'nan' for NaN."""
-    return repr(float(value))
-
-
 def write_predictions_csv(predictions: Mapping[str, Predictions], class_names: Sequence[str],
                           path: str | Path, data_root: str | Path | None = None) -> Path:
     """Per-scan predictions of every model, atomically, as CSV.
@@ -210,19 +194,12 @@ def write_predictions_csv(predictions: Mapping[str, Predictions], class_names: S
     n_classes = len(class_names)
     for name, pred in predictions.items():
         for i, scan in enumerate(pred.paths):
-            std = [_float_cell(v) for v in pred.std[i]] if pred.std is not None else [""] * n_classes
-            entropy = _float_cell(pred.entropy[i]) if pred.entropy is not None else ""
-            writer.writerow([name, path_in_data_dir(scan, data_root), int(pred.labels[i]), *(_float_cell(v) for v in pred.probs[i]), *std, entropy])
+            std = [csv_cell(v) for v in pred.std[i]] if pred.std is not None else [""] * n_classes
+            entropy = csv_cell(pred.entropy[i]) if pred.entropy is not None else ""
+            writer.writerow([name, path_in_data_dir(scan, data_root), int(pred.labels[i]),
+                             *(csv_cell(v) for v in pred.probs[i]), *std, entropy])
     atomic_write_text(path, buffer.getvalue())
     return Path(path)
-
-
-def _roc_inputs(pred: Predictions, positive_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """(y (N,) 0/1, score (N,)) for a ROC curve: the positive class for C = 2, else any
-    class other than 0 (e.g. CT-1..CT-4: any COVID-19 finding) against class 0."""
-    if pred.num_classes == 2:
-        return (pred.labels == positive_class).astype(int), pred.probs[:, positive_class]
-    return (pred.labels != 0).astype(int), 1.0 - pred.probs[:, 0]
 
 
 def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str | Path, class_names: Sequence[str],
@@ -253,28 +230,16 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
     """
     _check_same_scans(predictions, class_names)
     output_dir = Path(output_dir)
-    figures = output_dir / FIGURES_DIR
     rows = metrics_table({name: (p.labels, p.probs) for name, p in predictions.items()},
                          n_resamples=n_resamples, seed=seed, positive_class=positive_class)
     write_metrics_csv(rows, output_dir / RESULTS_CSV)
     write_predictions_csv(predictions, class_names, output_dir / PREDICTIONS_CSV, data_root)
 
-    main_name, main = next(iter(predictions.items()))
-    matrices = {name: classification_metrics(p.labels, p.probs, positive_class)["confusion_matrix"]
-                for name, p in predictions.items()}
-    save_figure(plot_confusion_matrix(matrices[main_name], class_names, title=f"{main_name}: confusion matrix (test)"),
-                figures / "confusion_matrix.png")
-    save_figure(plot_confusion_matrices(matrices, class_names, title="Confusion matrices (test)"),
-                figures / "confusion_matrices.png")
-    binary = len(class_names) == 2
-    roc_title = ("ROC curves (test)" if binary
-                 else f"ROC curves (test): any of {', '.join(class_names[1:])} vs {class_names[0]}")
-    save_figure(plot_roc_curves({name: _roc_inputs(p, positive_class) for name, p in predictions.items()},
-                                title=roc_title, seed=seed,
-                                positive_label=class_names[positive_class] if binary else "abnormal"),
-                figures / "roc_curves.png")
-    save_figure(plot_reliability_diagram(main.labels, main.probs, title=f"{main_name}: reliability (test)"),
-                figures / "reliability_diagram.png")
+    labels = next(iter(predictions.values())).labels  # the same for every model
+    figures = plot_result_figures(labels, {name: p.probs for name, p in predictions.items()}, class_names,
+                                  positive_class, seed)
+    for name, fig in figures.items():
+        save_figure(fig, output_dir / FIGURES_DIR / f"{name}.png")
     return rows
 
 
@@ -317,7 +282,8 @@ def format_results_table(rows: Sequence[Mapping], metrics: Sequence[str] = SCALA
 # ----------------------------------------------------------------------------------------
 
 def read_history(history_path: str | Path) -> dict:
-    """Load ``history.json``: phase -> series name -> per-epoch values (see :func:`write_learning_curves`)."""
+    """Load ``history.json``: phase -> series name -> per-epoch values (losses, ``val_*`` metrics,
+    ``lr``, ``best_epoch``, ...), as :func:`write_learning_curves` draws them."""
     history_path = Path(history_path)
     if not history_path.is_file():
         raise DataError(history_path, "training history not found (written by `python -m utils.run`)")
@@ -330,88 +296,26 @@ def read_history(history_path: str | Path) -> dict:
     return history
 
 
-def _is_curve(name: str) -> bool:
-    """Series drawn as learning curves: losses and validation metrics (not e.g. ``lr``)."""
-    return "loss" in name or name.startswith("val_")
-
-
-def _selected_epoch(entries: Mapping) -> int | None:
-    """The epoch kept by model selection, from ``best_epoch`` or ``best.epoch`` (1-based)."""
-    best = entries.get(BEST_EPOCH_KEY)
-    if best is None and isinstance(entries.get("best"), Mapping):
-        best = entries["best"].get("epoch")
-    return None if best is None else int(best)
-
-
 def write_learning_curves(history_path: str | Path, output_dir: str | Path) -> Path:
-    """Draw ``OUTPUT_DIR/figures/learning_curves.png`` from the run's ``history.json``.
-
-    ``history.json`` holds, per phase (``dcg``, ``diffusion``, then one per baseline, e.g.
-    ``resnet18``, ``densenet121``), per-epoch lists: losses (``train_loss``, ``val_loss``) go
-    in the top row and validation metrics (``val_auc``, ``val_acc``, any ``val_*``) in the
-    bottom row, one column per phase. The epoch kept by model selection (``best_epoch``, or
-    ``best: {"epoch": ...}``, 1-based) is drawn as a dotted line. Other entries (e.g. the
-    learning rate ``lr``) are not drawn; phases without epochs yet are left out.
+    """Draw ``OUTPUT_DIR/figures/learning_curves.png`` from the run's ``history.json``: losses in
+    the top row, validation metrics in the bottom row, one column per phase, the selected epoch
+    dotted (``utils.evaluation.visualization.plot_training_history``).
 
     Raises:
         DataError: the file is missing or unreadable, a drawn series is not a list of
             numbers, or no phase has any epoch.
     """
-    history_path = Path(history_path)
     history = read_history(history_path)
-    curves, selected = {}, {}
-    for phase, entries in history.items():
-        title = PHASE_TITLES.get(phase, phase)
-        series = {}
-        for name, values in entries.items():
-            if not _is_curve(name):
-                continue
-            if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
-                raise DataError(history_path, f"{phase}.{name} is not a list of numbers")
-            if values:
-                series[name] = values
-        if series:
-            curves[title] = series
-            epoch = _selected_epoch(entries)
-            if epoch is not None:
-                selected[title] = epoch
-    if not curves:
-        raise DataError(history_path, "holds no per-epoch values yet")
-    return save_figure(plot_learning_curves(curves, selected), Path(output_dir) / FIGURES_DIR / "learning_curves.png")
+    try:
+        fig = plot_training_history(history)
+    except ValueError as err:
+        raise DataError(history_path, str(err)) from err
+    return save_figure(fig, Path(output_dir) / FIGURES_DIR / "learning_curves.png")
 
 
 # ----------------------------------------------------------------------------------------
 # model figures: saliency + ROI boxes, denoising trajectory
 # ----------------------------------------------------------------------------------------
-
-def _boxes_in_input(boxes: np.ndarray, roi_scale: int) -> np.ndarray:
-    """(K, 6) ROI boxes of the high-resolution copy mapped to input voxels (in-plane / s)."""
-    if roi_scale == 1:
-        return boxes
-    out = boxes.copy()
-    out[:, [0, 1]] = boxes[:, [0, 1]] // roi_scale
-    out[:, [3, 4]] = -(-boxes[:, [3, 4]] // roi_scale)  # ceil division keeps the box non-empty
-    return out
-
-
-def _slices_to_show(boxes: np.ndarray, depth: int, n_slices: int) -> list[int]:
-    """Axial slices for a saliency figure, sorted: the centre slice of each ROI box (in box
-    order), topped up to ``n_slices`` (at most ``depth``) with evenly spaced slices, first
-    those at least half a spacing away from every slice already chosen."""
-    n_slices = min(n_slices, depth)
-    chosen = list(dict.fromkeys(((boxes[:, 2] + boxes[:, 5] - 1) // 2).tolist()))[:n_slices]
-    even = np.linspace(0, depth - 1, n_slices + 2)[1:-1].round().astype(int).tolist()
-    spacing = (depth - 1) / (n_slices + 1)
-    for strict in (True, False):
-        for k in even:
-            fits = all(abs(k - c) > spacing / 2 for c in chosen) if strict else k not in chosen
-            if len(chosen) < n_slices and fits:
-                chosen.append(k)
-    for k in range(depth):  # only when few distinct slices exist
-        if len(chosen) < n_slices and k not in chosen:
-            chosen.append(k)
-    return sorted(int(k) for k in chosen)
-
 
 def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[str | Path], output_dir: str | Path,
                         seed: int = 0, class_names: Sequence[str] | None = None,
@@ -419,13 +323,9 @@ def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[st
                         num_samples: int | None = None, n_slices: int = 4, dpi: int = 120) -> dict[str, Path]:
     """Saliency maps with ROI boxes, and the denoising trajectory, for a few scans.
 
-    Writes ``OUTPUT_DIR/figures/saliency_rois.png`` (per scan, one row of axial slices: the
-    DCG's class activation map of its predicted class over the CT, and the K ROI boxes it
-    cropped, on the centre slice of each box, topped up with evenly spaced slices to
-    ``n_slices``) and ``OUTPUT_DIR/figures/denoising_trajectory.png`` (per scan, the class
-    probabilities of the state y_t from y_T = M + noise to y_0; with several samples the
-    mean +- one standard deviation; the DCG's own prediction dashed). Each figure is written
-    as PNG and PDF (``save_figure``).
+    Runs the model once on ``volumes`` and writes, as PNG and PDF (``save_figure``),
+    ``OUTPUT_DIR/figures/saliency_rois.png`` (``visualization.plot_saliency_rois``) and
+    ``OUTPUT_DIR/figures/denoising_trajectory.png`` (``visualization.plot_denoising_trajectories``).
 
     Args:
         model: a trained ``DiffMIC3D`` (its DCG runs once per scan; predictions reuse it).
@@ -470,28 +370,16 @@ def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[st
     # state after the step from code index t_i sits at t_{i+1} + 1, the last at 0 (clean y_0)
     timesteps = [int(t) + 1 for t in out["timesteps"]] + [0]
     probs = out["probs"].float().cpu().numpy()  # (B, C)
+    priors = guidance.fused_probs.float().cpu().numpy()  # (B, C)
     dcg_pred = guidance.fused_probs.argmax(dim=1).cpu().numpy()  # (B,)
     saliency = guidance.saliency.float().cpu().numpy()  # (B, C, h, w, d)
     boxes = guidance.roi_boxes.cpu().numpy()  # (B, K, 6)
 
-    saliency_figs, trajectory_figs = [], []
-    for i, path in enumerate(paths):
-        name = Path(path).name
-        truth = f"label {class_names[int(labels[i])]}, " if labels is not None else ""
-        c = int(dcg_pred[i])
-        scan_boxes = _boxes_in_input(boxes[i], roi_scale)  # (K, 6)
-        saliency_figs.append(plot_saliency_overlay(
-            volumes[i][0], saliency[i, c], scan_boxes, slices=_slices_to_show(scan_boxes, x.shape[-1], n_slices),
-            title=f"{name}: {truth}DCG predicts {class_names[c]}\n"
-                  f"saliency of {class_names[c]}, ROI boxes 0-{len(scan_boxes) - 1}"))
-        top = int(probs[i].argmax())
-        trajectory_figs.append(plot_denoising_trajectory(
-            trajectory[:, :, i, :].transpose(1, 0, 2), timesteps, class_names,  # (steps + 1, S, C)
-            title=f"{name}: {truth}predicted {class_names[top]} (p = {probs[i, top]:.2f})",
-            prior=guidance.fused_probs[i].float().cpu().numpy()))
     figures = Path(output_dir) / FIGURES_DIR
+    saliency_rois = plot_saliency_rois(volumes, saliency, boxes, dcg_pred, paths, class_names, labels, roi_scale,
+                                       n_slices, dpi)
+    trajectories = plot_denoising_trajectories(trajectory, timesteps, probs, priors, paths, class_names, labels, dpi)
     return {
-        "saliency_rois": save_figure(stack_figures(saliency_figs, dpi), figures / "saliency_rois.png", dpi=dpi),
-        "denoising_trajectory": save_figure(stack_figures(trajectory_figs, dpi), figures / "denoising_trajectory.png",
-                                            dpi=dpi),
+        "saliency_rois": save_figure(saliency_rois, figures / "saliency_rois.png", dpi=dpi),
+        "denoising_trajectory": save_figure(trajectories, figures / "denoising_trajectory.png", dpi=dpi),
     }

@@ -1,0 +1,269 @@
+"""Curves and scatter plots of the evaluation report: ROC curves with bootstrap bands, learning
+curves, the reliability diagram, the denoising trajectory and per-scan uncertainty.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from utils.evaluation.calibration import quantile_reliability
+from utils.evaluation.visualization.arrays import as_numpy
+
+
+def _roc_band(y: np.ndarray, p: np.ndarray, grid: np.ndarray, n_resamples: int, seed: int
+              ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Stratified bootstrap of a ROC curve: 2.5/97.5 percentiles of the TPR at each FPR of
+    ``grid`` and the 95% interval of the AUC."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    tprs, aucs = [], []
+    for _ in range(n_resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        fpr, tpr, _ = roc_curve(y[idx], p[idx])
+        tprs.append(np.interp(grid, fpr, tpr))
+        aucs.append(roc_auc_score(y[idx], p[idx]))
+    low, high = np.percentile(tprs, [2.5, 97.5], axis=0)
+    return low, high, tuple(float(v) for v in np.percentile(aucs, [2.5, 97.5]))
+
+
+def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves", positive_label: str | None = None,
+                    n_resamples: int = 300, seed: int = 0) -> Figure:
+    """All models' ROC curves on one axes with 95% stratified-bootstrap bands, each labelled
+    with its ROC-AUC and that AUC's interval, plus the chance line. Curves get distinct line
+    styles so overlapping ones stay visible.
+
+    Args:
+        curves: model name -> ``(y_true (N,), probs_pos (N,))`` with ``y_true`` 1 for the
+            positive class and 0 otherwise, and ``probs_pos`` the predicted probability of
+            the positive class (for C > 2 pass one class against the rest).
+        positive_label: name of the positive class, shown on the axes.
+        n_resamples, seed: the bootstrap of the bands (the same resamples for every model).
+    """
+    if not curves:
+        raise ValueError("curves is empty: pass at least one model")
+    fig = Figure(figsize=(6, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    grid = np.linspace(0, 1, 101)
+    styles = ["-", "--", "-.", ":"]
+    for i, (name, (y_true, probs_pos)) in enumerate(curves.items()):
+        y = as_numpy(y_true, f"{name}: y_true", 1)
+        p = as_numpy(probs_pos, f"{name}: probs_pos", 1)
+        if y.shape != p.shape:
+            raise ValueError(f"{name}: y_true {y.shape} and probs_pos {p.shape} must have the same shape (N,)")
+        if not np.isin(y, (0, 1)).all() or y.min() == y.max():
+            raise ValueError(f"{name}: y_true must be 0/1 with both classes present for a ROC curve")
+        fpr, tpr, _ = roc_curve(y, p)
+        low, high, (auc_lo, auc_hi) = _roc_band(y, p, grid, n_resamples, seed)
+        (line,) = ax.plot(fpr, tpr, lw=2, ls=styles[i % len(styles)], drawstyle="steps-post",
+                          label=f"{name}: AUC {roc_auc_score(y, p):.3f} [{auc_lo:.3f}, {auc_hi:.3f}]")
+        ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.12, step="post")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    positive = f" ({positive_label} positive)" if positive_label else ""
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
+           ylabel=f"True positive rate (sensitivity){positive}", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize="x-small", title="AUC [95% bootstrap CI]", title_fontsize="x-small")
+    return fig
+
+
+def plot_learning_curves(history: Mapping[str, Mapping[str, Sequence[float]]],
+                         selected_epochs: Mapping[str, int] | None = None) -> Figure:
+    """Per-epoch training curves of one or more phases, one column per phase.
+
+    Args:
+        history: phase name (e.g. ``"phase 1: DCG"``) -> series name -> one value per epoch.
+            Series whose name contains ``"loss"`` go in the top row, the others (validation
+            metrics such as ``val_auc``) in the bottom row; a phase without metrics leaves
+            its bottom axes empty and hidden.
+        selected_epochs: optional phase name -> the epoch (1-based) chosen by early stopping,
+            drawn as a dotted vertical line.
+
+    Returns:
+        a Figure with 2 x (number of phases) axes.
+    """
+    if not history:
+        raise ValueError("history is empty: pass at least one phase")
+    selected_epochs = selected_epochs or {}
+    fig = Figure(figsize=(5 * len(history), 6.5), layout="constrained")
+    axes = fig.subplots(2, len(history), squeeze=False, sharex="col")
+    for col, (phase, series) in enumerate(history.items()):
+        if not series:
+            raise ValueError(f"history[{phase!r}] holds no series")
+        loss_ax, metric_ax = axes[0, col], axes[1, col]
+        for name, values in series.items():
+            values = as_numpy(values, f"history[{phase!r}][{name!r}]", 1)
+            if values.size == 0:
+                raise ValueError(f"history[{phase!r}][{name!r}] is empty")
+            target = loss_ax if "loss" in name else metric_ax
+            target.plot(np.arange(1, values.size + 1), values, marker="o", ms=3, label=name)
+        for ax, ylabel in ((loss_ax, "loss"), (metric_ax, "validation metric")):
+            if phase in selected_epochs:
+                ax.axvline(selected_epochs[phase], ls=":", color="black", lw=1, label="selected epoch")
+            ax.set_ylabel(ylabel)
+            if ax.lines:
+                ax.legend(fontsize="small")
+        loss_ax.set_title(phase)
+        metric_ax.set_xlabel("epoch")
+        if not any("loss" not in name for name in series):
+            metric_ax.set_visible(False)
+    return fig
+
+
+PHASE_TITLES = {"dcg": "phase 1: DCG", "diffusion": "phase 2: diffusion",
+                "resnet18": "3D ResNet-18 (baseline)", "densenet121": "3D DenseNet-121 (baseline)"}
+"""Panel titles of :func:`plot_training_history` for the phase keys of ``history.json``."""
+
+BEST_EPOCH_KEY = "best_epoch"
+"""Optional integer (1-based) in a phase of ``history.json``: the epoch kept by model
+selection, drawn as a dotted line (``best: {"epoch": ...}`` is read the same way)."""
+
+
+def _is_curve(name: str) -> bool:
+    """Series drawn as learning curves: losses and validation metrics (not e.g. ``lr``)."""
+    return "loss" in name or name.startswith("val_")
+
+
+def _selected_epoch(entries: Mapping) -> int | None:
+    """The epoch kept by model selection, from ``best_epoch`` or ``best.epoch`` (1-based)."""
+    best = entries.get(BEST_EPOCH_KEY)
+    if best is None and isinstance(entries.get("best"), Mapping):
+        best = entries["best"].get("epoch")
+    return None if best is None else int(best)
+
+
+def plot_training_history(history: Mapping[str, Mapping]) -> Figure:
+    """The learning curves of a run's ``history.json`` (:func:`plot_learning_curves`).
+
+    ``history`` holds, per phase (``dcg``, ``diffusion``, then one per baseline, e.g.
+    ``resnet18``, ``densenet121``), per-epoch lists: losses (``train_loss``, ``val_loss``) go
+    in the top row and validation metrics (``val_auc``, ``val_acc``, any ``val_*``) in the
+    bottom row, one column per phase titled by ``PHASE_TITLES``. The epoch kept by model
+    selection (``best_epoch``, or ``best: {"epoch": ...}``, 1-based) is drawn as a dotted
+    line. Other entries (e.g. the learning rate ``lr``) are not drawn; phases without epochs
+    yet are left out.
+
+    Raises:
+        ValueError: a drawn series is not a list of numbers, or no phase has any epoch.
+    """
+    curves, selected = {}, {}
+    for phase, entries in history.items():
+        title = PHASE_TITLES.get(phase, phase)
+        series = {}
+        for name, values in entries.items():
+            if not _is_curve(name):
+                continue
+            if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+                raise ValueError(f"{phase}.{name} is not a list of numbers")
+            if values:
+                series[name] = values
+        if series:
+            curves[title] = series
+            epoch = _selected_epoch(entries)
+            if epoch is not None:
+                selected[title] = epoch
+    if not curves:
+        raise ValueError("history holds no per-epoch values yet")
+    return plot_learning_curves(curves, selected)
+
+
+def plot_reliability_diagram(y_true, probs, n_bins: int = 10, title: str = "Reliability diagram") -> Figure:
+    """Top-label reliability diagram (Guo et al. 2017) on quantile bins, with the count of
+    predictions in every bin and the ECE of those bins in the title.
+
+    Args:
+        y_true: (N,) integer labels; probs: (N, C) class probabilities.
+
+    One bar per bin spanning its confidence range, its height the accuracy in the bin and its
+    label ``n = count``; the bin's mean confidence as a point; the diagonal of perfect
+    calibration. With 20 test scans that is 4 bins of 5, not 2 nearly empty fixed-width bins.
+    """
+    curve = quantile_reliability(y_true, probs, n_bins)
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    width = np.maximum(curve["high"] - curve["low"], 0.01)
+    bars = ax.bar(curve["low"], curve["accuracy"], width=width, align="edge", edgecolor="black", alpha=0.6,
+                  label="accuracy in bin")
+    ax.bar_label(bars, labels=[f"n = {c}" for c in curve["count"]], fontsize="x-small", padding=2)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
+    ax.plot(curve["confidence"], curve["accuracy"], "o", color="crimson", ms=4, label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (top-class probability)", ylabel="accuracy",
+           title=f"{title}\nECE = {curve['ece']:.3f} over {len(curve['count'])} quantile bins, "
+                 f"N = {int(curve['count'].sum())}")
+    ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
+def plot_denoising_trajectory(probs_per_step, timesteps: Sequence[int], class_names: Sequence[str],
+                              title: str = "Denoising trajectory", prior=None) -> Figure:
+    """Class probabilities along the reverse diffusion chain, one line per class.
+
+    Args:
+        probs_per_step: (S + 1, C) probabilities after each of S sampling steps, the first
+            row at the start ``y_T``; or (S + 1, B, C) for B samples (several stochastic
+            samples of one scan, or several scans), drawn as the mean over B with a band of
+            +- one standard deviation.
+        timesteps: (S + 1,) the timestep of each row (e.g. 500, 450, ..., 0); the x axis
+            runs from the first to the last, so denoising reads left to right.
+        class_names: (C,) names.
+        prior: optional (C,) class probabilities of the DCG prior (the DCG alone), drawn as a
+            dashed line per class: where the chain starts from and what diffusion changes.
+    """
+    probs = as_numpy(probs_per_step, "probs_per_step", (2, 3))
+    prior = None if prior is None else as_numpy(prior, "prior", 1)
+    if prior is not None and prior.shape != (len(class_names),):
+        raise ValueError(f"prior must have shape ({len(class_names)},), got {prior.shape}")
+    steps = as_numpy(timesteps, "timesteps", 1)
+    if probs.ndim == 2:
+        probs = probs[:, None, :]  # (S + 1, 1, C)
+    if probs.shape[0] != steps.shape[0]:
+        raise ValueError(f"probs_per_step has {probs.shape[0]} steps but timesteps has {steps.shape[0]}")
+    if probs.shape[2] != len(class_names):
+        raise ValueError(f"probs_per_step has C = {probs.shape[2]} classes but {len(class_names)} class names")
+    mean, std = probs.mean(axis=1), probs.std(axis=1)  # (S + 1, C)
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for c, name in enumerate(class_names):
+        (line,) = ax.plot(steps, mean[:, c], marker="o", ms=3, label=name)
+        if probs.shape[1] > 1:
+            ax.fill_between(steps, mean[:, c] - std[:, c], mean[:, c] + std[:, c], color=line.get_color(), alpha=0.2)
+        if prior is not None:
+            ax.axhline(prior[c], ls="--", lw=1.2, color=line.get_color(), label=f"{name}: DCG prior")
+    if steps[0] > steps[-1]:
+        ax.invert_xaxis()
+    ax.set(xlabel="timestep t", ylabel="class probability", ylim=(0, 1), title=title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_uncertainty(probs, std, y_true, class_names: Sequence[str], positive_class: int = 1,
+                     title: str = "Per-scan prediction and uncertainty") -> Figure:
+    """Each test scan's probability of ``positive_class`` against its sampling spread.
+
+    Args:
+        probs: (N,) predicted probability of ``positive_class`` per scan.
+        std: (N,) its standard deviation over the diffusion samples (the uncertainty).
+        y_true: (N,) true labels; marker colour = true class, hollow markers = misclassified.
+    """
+    p = as_numpy(probs, "probs", 1)
+    s = as_numpy(std, "std", 1)
+    y = as_numpy(y_true, "y_true", 1).astype(int)
+    if not len(p) == len(s) == len(y):
+        raise ValueError(f"probs, std and y_true must have the same length, got {len(p)}, {len(s)}, {len(y)}")
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    colours = sns.color_palette("tab10", len(class_names))
+    predicted = (p >= 0.5).astype(int) * positive_class
+    for c, name in enumerate(class_names):
+        for wrong in (False, True):
+            sel = (y == c) & ((predicted != y) == wrong)
+            if sel.any():
+                ax.scatter(p[sel], s[sel], s=40, label=f"{name}{' (misclassified)' if wrong else ''}",
+                           facecolors="none" if wrong else colours[c], edgecolors=colours[c], linewidths=1.5)
+    ax.axvline(0.5, color="grey", ls=":")
+    ax.set(xlabel=f"p({class_names[positive_class]})", ylabel="std over samples", xlim=(-0.02, 1.02), title=title)
+    ax.legend(fontsize="small")
+    return fig

@@ -1,0 +1,56 @@
+"""The test-split figures of ``utils.evaluation.evaluate.evaluate_experiment``: which model goes
+in which figure, with which title.
+
+The first model is the main model (ours): its confusion matrix and reliability diagram are
+drawn; every model gets a confusion-matrix panel and a ROC curve. For C > 2 classes the ROC
+curve is any class but 0 (e.g. CT-1..CT-4: any COVID-19 finding) against class 0.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from utils.evaluation.metrics import classification_metrics
+from utils.evaluation.visualization.curves import plot_reliability_diagram, plot_roc_curves
+from utils.evaluation.visualization.matrices import plot_confusion_matrices, plot_confusion_matrix
+
+
+def _roc_inputs(labels: np.ndarray, probs: np.ndarray, positive_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y (N,) 0/1, score (N,)) for a ROC curve: the positive class for C = 2, else any
+    class other than 0 against class 0."""
+    if probs.shape[1] == 2:
+        return (labels == positive_class).astype(int), probs[:, positive_class]
+    return (labels != 0).astype(int), 1.0 - probs[:, 0]
+
+
+def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], class_names: Sequence[str],
+                        positive_class: int = 1, seed: int = 0) -> dict[str, Figure]:
+    """The confusion matrix and reliability diagram of the main model, and the confusion
+    matrices and ROC curves (95% bootstrap bands drawn with ``seed``) of every model.
+
+    Args:
+        labels: (N,) true labels of the test scans, the same for every model.
+        probs: model name -> (N, C) class probabilities; the FIRST is the main model.
+        class_names: (C,) names.
+        positive_class: the positive class when C = 2.
+        seed: seed of the ROC bands' bootstrap.
+
+    Returns:
+        ``{"confusion_matrix", "confusion_matrices", "roc_curves", "reliability_diagram": Figure}``.
+    """
+    main_name, main = next(iter(probs.items()))
+    matrices = {name: classification_metrics(labels, p, positive_class)["confusion_matrix"] for name, p in probs.items()}
+    binary = len(class_names) == 2
+    roc_title = ("ROC curves (test)" if binary
+                 else f"ROC curves (test): any of {', '.join(class_names[1:])} vs {class_names[0]}")
+    return {
+        "confusion_matrix": plot_confusion_matrix(matrices[main_name], class_names,
+                                                  title=f"{main_name}: confusion matrix (test)"),
+        "confusion_matrices": plot_confusion_matrices(matrices, class_names, title="Confusion matrices (test)"),
+        "roc_curves": plot_roc_curves({name: _roc_inputs(labels, p, positive_class) for name, p in probs.items()},
+                                      title=roc_title, seed=seed,
+                                      positive_label=class_names[positive_class] if binary else "abnormal"),
+        "reliability_diagram": plot_reliability_diagram(labels, main, title=f"{main_name}: reliability (test)"),
+    }
