@@ -14,8 +14,11 @@ import time
 import pytest
 import torch
 
-import utils.benchmark as bench
-from utils.benchmark import Report, paired_target, auc_target, probe, quality, read_quality_csv, speed, timed
+import utils.benchmarking.speed as speed_section
+from utils.benchmarking.quality_reports import auc_target, paired_target, quality, read_quality_csv
+from utils.benchmarking.report import Report
+from utils.benchmarking.speed import speed
+from utils.benchmarking.timing import probe, timed
 from utils.paths import REPO_ROOT
 
 CPU = torch.device("cpu")
@@ -104,7 +107,7 @@ def test_quality_section_includes_present_reports_and_marks_absent_ones(tmp_path
     """Section 1 without --quick: text inclusion, CSV rows, targets (the histogram baseline on the smoke phantoms)."""
     import utils.histogram_baseline as hb
     monkeypatch.setattr(hb, "histogram_baseline_accuracy", lambda paths, labels: (0.55, 0.05))
-    monkeypatch.setattr(bench, "REPO_ROOT", tmp_path)  # the fallback phantom folder
+    monkeypatch.setattr("utils.benchmarking.quality_reports.REPO_ROOT", tmp_path)  # the fallback phantom folder
     from utils.data.phantoms import PhantomConfig, write_dataset
     write_dataset(tmp_path / "data" / "phantoms_300", 6, seed=0, config=PhantomConfig(size=32), progress=False)
     qdir = tmp_path / "q"
@@ -141,18 +144,18 @@ def test_speed_section_measures_the_new_phase_2_and_samplers(tmp_path, monkeypat
     from utils.run import run_experiment
 
     config = get_profile("smoke", seed=0, progress=False, dcg_epochs=1, diffusion_epochs=1, baseline_epochs=1,
-                         oof_folds=0, baselines=("resnet18",), num_samples=2,
-                         model_overrides={"diffusion": {"num_timesteps": 50}})  # DDPM: 50 steps, not 1000
+                         oof_folds=0, baselines=("resnet18",),
+                         model_overrides={"diffusion": {"num_samples": 2, "num_timesteps": 50}})  # DDPM: 50 steps
     run_dir = tmp_path / "run"
     run_experiment(config, run_dir)
     calls = []
-    real_timed = bench.timed
+    real_timed = speed_section.timed
 
     def counting_timed(fn, device, repeats=3, warmup=1):
         calls.append((repeats, warmup))
         return real_timed(fn, device, repeats, warmup)
 
-    monkeypatch.setattr(bench, "timed", counting_timed)
+    monkeypatch.setattr(speed_section, "timed", counting_timed)
     report = Report()
     figures = speed(report, run_dir, config, CPU, quick=True)
     assert len(calls) >= 7 and all(r >= 1 for r, _ in calls)
