@@ -3,6 +3,7 @@
     profiles     TrainConfig and the named profiles (smoke, demo, full)
     loop         the generic resumable fit loop (early stopping, EMA, AMP, checkpoints)
     checkpoint   atomic, weights_only-loadable checkpoints
+    stage        what every stage shares: its FitConfig, batch inputs, the eval loader, val metrics
     dcg          phase 1: the DCG, and its cached guidance per volume
     diffusion    phase 2: prior generator + denoiser on the frozen DCG's guidance
     baselines    the MONAI 3D ResNet-18 / DenseNet-121 baselines
