@@ -41,6 +41,10 @@ from models.prior_generator import PriorConfig, PriorGenerator, Priors
 # config
 
 PRESETS = ("tiny", "small", "full")  # ModelConfig.<name>(): the named model sizes
+MODEL_SECTIONS = ("dcg", "denoiser", "diffusion")  # what ModelConfig.with_changes may change, by section
+# fields of a section that ModelConfig.create sets from its shared sizes (never overridden per section)
+SHARED_FIELDS = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"},
+                 "diffusion": set()}
 
 
 @dataclass
@@ -94,9 +98,8 @@ class ModelConfig:
             feature_dim: width of the feature prior F.
             dcg, denoiser, diffusion: overrides of the remaining fields of each config.
         """
-        reserved = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"}}
         for name, overrides in (("dcg", dcg), ("denoiser", denoiser)):
-            clash = reserved[name] & set(overrides or {})
+            clash = SHARED_FIELDS[name] & set(overrides or {})
             if clash:
                 raise ValueError(f"ModelConfig.create: set {sorted(clash)} as create() arguments, not in {name}=")
         dcg_cfg = DCGConfig(num_classes=num_classes, input_shape=tuple(input_shape), **(dcg or {}))
@@ -119,12 +122,10 @@ class ModelConfig:
         unknown = sorted(set(shared) - set(sizes))
         if unknown:
             raise ValueError(f"ModelConfig.with_changes: unknown arguments {unknown}; shared sizes are {sorted(sizes)}")
-        derived = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"},
-                   "diffusion": set()}
         sections = {}
-        for name, changes in (("dcg", dcg), ("denoiser", denoiser), ("diffusion", diffusion)):
+        for name, changes in zip(MODEL_SECTIONS, (dcg, denoiser, diffusion)):
             current = getattr(self, name)
-            known = {f.name for f in fields(current)} - derived[name]
+            known = {f.name for f in fields(current)} - SHARED_FIELDS[name]
             bad = sorted(set(changes or {}) - known)
             if bad:
                 raise ValueError(f"ModelConfig.with_changes: {name} has no settable fields {bad}; known: {sorted(known)}")

@@ -161,17 +161,16 @@ def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> DCGOutput:
     return DCGOutput.cat(parts).index(torch.argsort(torch.cat(held_rows)))  # back to dataset order
 
 
-def train_phase2(exp: Experiment, model: DiffMIC3D) -> FitResult:
+def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, DCGOutput]) -> FitResult:
     """Phase 2 on the finished phase-1 DCG held by ``model``, and the validation-fitted temperature.
 
-    The training priors are out of fold (:func:`out_of_fold_guidance`) when
-    ``config.oof_folds >= 2``, else the final DCG's own. The fitted temperature is in
-    ``result.history['temperature']`` and on the model.
+    ``guidance``: that DCG's cached outputs of the ``'train'`` and ``'val'`` splits
+    (:func:`cache_split_guidance`). The training priors are out of fold
+    (:func:`out_of_fold_guidance`) when ``config.oof_folds >= 2``, else ``guidance['train']``.
+    The fitted temperature is in ``result.history['temperature']`` and on the model.
     """
     config = exp.config
-    oof = config.oof_folds >= 2
-    guidance = cache_split_guidance(exp, model, ("val",) if oof else ("train", "val"))
-    train_guidance = out_of_fold_guidance(exp, model) if oof else guidance["train"]
+    train_guidance = out_of_fold_guidance(exp, model) if config.oof_folds >= 2 else guidance["train"]
     reseed_stage(exp, "diffusion")
     result = train_diffusion(model, exp.datasets["train"], train_guidance, exp.datasets["val"], guidance["val"],
                              config, exp.device, exp.checkpoint("diffusion"), exp.meta)
@@ -181,11 +180,12 @@ def train_phase2(exp: Experiment, model: DiffMIC3D) -> FitResult:
     return result
 
 
-def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict) -> Path:
+def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict, train_guidance: DCGOutput) -> Path:
     """Write ``OUTPUT_DIR/diffmic3d_enhanced_model.pth`` (what ``utils.predict`` loads): the
     finished model with its preprocessing, history, and the training scans' DCG feature
-    statistics for the out-of-distribution flag (``utils.evaluation.ood``)."""
-    features = cache_split_guidance(exp, model, ("train",))["train"].global_features  # (N, F)
+    statistics for the out-of-distribution flag (``utils.evaluation.ood``), from the final
+    DCG's ``train_guidance``."""
+    features = train_guidance.global_features  # (N, F)
     return save_checkpoint(exp.main_checkpoint, model_config=model.config.to_dict(),
                            model_state_dict=model.state_dict(), **exp.meta, history=history,
                            feature_stats=fit_feature_stats(features))
@@ -242,8 +242,9 @@ def finish_training(exp: Experiment, model: DiffMIC3D, dcg: FitResult, timer: Op
     """
     results = {"dcg": dcg}
     with _timed(timer, "phase 2 (diffusion)"):
-        results["diffusion"] = train_phase2(exp, model)
-        save_main_checkpoint(exp, model, {k: history_entry(r) for k, r in results.items()})
+        guidance = cache_split_guidance(exp, model, ("train", "val"))  # the frozen DCG, once per volume
+        results["diffusion"] = train_phase2(exp, model, guidance)
+        save_main_checkpoint(exp, model, {k: history_entry(r) for k, r in results.items()}, guidance["train"])
     baselines = {}
     for name, (net, result) in train_baselines(exp, timer).items():
         baselines[name], results[name] = net, result

@@ -20,12 +20,11 @@ import ast
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
-from models.diffmic3d import PRESETS, ModelConfig
+from models.diffmic3d import MODEL_SECTIONS, PRESETS, ModelConfig
 from utils.data.phantoms import PhantomConfig
 from utils.seeding import amp_dtype, amp_enabled
 from models.plain_config import PlainConfig
 
-MODEL_SECTIONS = ("dcg", "denoiser", "diffusion")  # what model_overrides may change
 BASELINE_NAMES = ("resnet18", "densenet121")
 
 
