@@ -48,6 +48,12 @@ from utils.atomic import atomic_write_text
 SCALAR_METRICS = ("accuracy", "precision", "recall", "f1", "specificity", "roc_auc")
 """Names of the scalar metrics, in the order they are reported."""
 
+DECISION_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "specificity")
+"""The metrics that depend on the decision rule, reported again at each model's
+validation-chosen threshold as ``<metric>@val_threshold`` (binary only)."""
+
+THRESHOLD_SUFFIX = "@val_threshold"
+
 CSV_COLUMNS = ("model", "metric", "value", "ci_low", "ci_high")
 """Columns of ``evaluation_results.csv``."""
 
@@ -109,24 +115,36 @@ def binary_auc(is_pos: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(is_pos, scores))
 
 
-def classification_metrics(y_true, probs, positive_class: int = 1) -> dict:
-    """Accuracy, precision, recall, F1, specificity, ROC-AUC and the confusion matrix.
+def decide(p: np.ndarray, threshold: float | None, positive_class: int) -> np.ndarray:
+    """Hard predictions (N,) of probabilities (N, C): ``argmax``, or, with a ``threshold``
+    (binary only), ``positive_class`` iff its probability is >= the threshold."""
+    if threshold is None:
+        return p.argmax(axis=1)
+    if p.shape[1] != 2 or not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"a decision threshold needs C = 2 and a value in [0, 1], got C = {p.shape[1]}, {threshold}")
+    return np.where(p[:, positive_class] >= threshold, positive_class, 1 - positive_class)
+
+
+def classification_metrics(y_true, probs, positive_class: int = 1, threshold: float | None = None) -> dict:
+    """Accuracy, balanced accuracy, precision, recall, F1, specificity, ROC-AUC and the confusion matrix.
 
     Args:
         y_true: (N,) integer labels in ``[0, C)``.
-        probs: (N, C) class probabilities (rows sum to 1); predictions are ``argmax``.
+        probs: (N, C) class probabilities (rows sum to 1); predictions are ``argmax``, or at
+            ``threshold`` (binary: positive iff p(positive) >= threshold).
         positive_class: the class that precision, recall, F1 and specificity refer to when
             C = 2 (ignored for C > 2, where they are macro averages; see module docstring).
 
     Returns:
-        ``{"accuracy", "precision", "recall", "f1", "specificity", "roc_auc": float,
-        "confusion_matrix": (C, C) int64 array, rows = true class, columns = predicted}``.
-        Undefined values are NaN (see module docstring).
+        ``{"accuracy", "balanced_accuracy", "precision", "recall", "f1", "specificity", "roc_auc":
+        float, "confusion_matrix": (C, C) int64 array, rows = true class, columns = predicted}``.
+        Balanced accuracy is the mean recall over classes. Undefined values are NaN (see module
+        docstring).
     """
     y, p = check_labels_and_probs(y_true, probs, positive_class)
     n_classes = p.shape[1]
     labels = list(range(n_classes))
-    pred = p.argmax(axis=1)
+    pred = decide(p, threshold, positive_class)
     cm = confusion_matrix(y, pred, labels=labels).astype(np.int64)  # (C, C)
 
     if n_classes == 2:
@@ -146,8 +164,10 @@ def classification_metrics(y_true, probs, positive_class: int = 1) -> dict:
         specificity = mean_without_nan(safe_ratio(tn, tn + fp))
         per_class = [binary_auc(y == c, p[:, c]) for c in labels]
         auc = mean_without_nan(np.array(per_class))
+    recalls = safe_ratio(np.diag(cm), cm.sum(axis=1))  # (C,)
     return {
         "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(mean_without_nan(recalls)),
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1_score),
@@ -209,13 +229,15 @@ def auc_from_counts(counts: np.ndarray, is_pos: np.ndarray, scores: np.ndarray) 
     return safe_ratio(pairs, c_pos.sum(axis=1) * c_neg.sum(axis=1))
 
 
-def metrics_from_indices(y: np.ndarray, p: np.ndarray, idx: np.ndarray, positive_class: int) -> dict[str, np.ndarray]:
-    """Every scalar metric for every resample ``idx`` (R, N'): dict name -> (R,).
+def metrics_from_indices(y: np.ndarray, p: np.ndarray, idx: np.ndarray, positive_class: int,
+                         threshold: float | None = None) -> dict[str, np.ndarray]:
+    """Every scalar metric (and the balanced accuracy) for every resample ``idx`` (R, N'):
+    dict name -> (R,).
 
     Same definitions as :func:`classification_metrics`, computed from count vectors.
     """
     n, n_classes = p.shape
-    pred = p.argmax(axis=1)
+    pred = decide(p, threshold, positive_class)
     counts = resample_counts(idx, n)  # (R, N)
     cell = np.zeros((n, n_classes * n_classes))  # (N, C*C): one-hot of (true, pred)
     cell[np.arange(n), y * n_classes + pred] = 1.0
@@ -236,11 +258,13 @@ def metrics_from_indices(y: np.ndarray, p: np.ndarray, idx: np.ndarray, positive
     else:
         auc = mean_without_nan(np.stack([auc_from_counts(counts, y == c, p[:, c]) for c in range(n_classes)], axis=1), axis=1)
         out = {name: mean_without_nan(m, axis=1) for name, m in per_class.items()}  # macro averages
-    return {"accuracy": tp.sum(axis=1) / total, **out, "roc_auc": auc}
+    return {"accuracy": tp.sum(axis=1) / total, "balanced_accuracy": mean_without_nan(recall, axis=1), **out,
+            "roc_auc": auc}
 
 
 def bootstrap_ci(y_true, probs, n_resamples: int = 2000, alpha: float = 0.05, seed: int = 0,
-                 stratified: bool = True, positive_class: int = 1) -> dict[str, tuple[float, float, float]]:
+                 stratified: bool = True, positive_class: int = 1, threshold: float | None = None,
+                 metrics=SCALAR_METRICS) -> dict[str, tuple[float, float, float]]:
     """Point estimates with percentile bootstrap confidence intervals.
 
     Args:
@@ -254,21 +278,22 @@ def bootstrap_ci(y_true, probs, n_resamples: int = 2000, alpha: float = 0.05, se
             the same test set with the same seed see the same resampled scans (paired).
         stratified: resample within each class, keeping the class counts of ``y_true`` in
             every resample (so recall, specificity and AUC are always defined).
-        positive_class: as in :func:`classification_metrics`.
+        positive_class, threshold: as in :func:`classification_metrics`.
+        metrics: which metrics to return (``SCALAR_METRICS`` or ``DECISION_METRICS`` names).
 
     Returns:
-        dict metric name (``SCALAR_METRICS``) -> ``(value, ci_low, ci_high)``; ``value`` is the
+        dict metric name -> ``(value, ci_low, ci_high)``; ``value`` is the
         point estimate on the full data. Resamples where a metric is undefined (NaN, e.g.
         precision when a resample has no positive prediction) are left out of its percentiles;
         if all are, the interval is ``(nan, nan)``.
     """
     y, p = check_labels_and_probs(y_true, probs, positive_class)
     check_bootstrap_settings(n_resamples, alpha)
-    point = classification_metrics(y, p, positive_class)
+    point = classification_metrics(y, p, positive_class, threshold)
     idx = resample_indices(y, int(n_resamples), np.random.default_rng(seed), stratified)  # (R, N)
-    boot = metrics_from_indices(y, p, idx, positive_class)
+    boot = metrics_from_indices(y, p, idx, positive_class, threshold)
     out = {}
-    for name in SCALAR_METRICS:
+    for name in metrics:
         values = boot[name][~np.isnan(boot[name])]
         if values.size == 0:
             low = high = math.nan
@@ -283,7 +308,8 @@ def bootstrap_ci(y_true, probs, n_resamples: int = 2000, alpha: float = 0.05, se
 # ----------------------------------------------------------------------------------------
 
 def metrics_table(rows: Mapping[str, tuple], n_resamples: int = 2000, alpha: float = 0.05, seed: int = 0,
-                  stratified: bool = True, positive_class: int = 1, include_confusion: bool = True) -> list[dict]:
+                  stratified: bool = True, positive_class: int = 1, include_confusion: bool = True,
+                  thresholds: Mapping[str, float] | None = None) -> list[dict]:
     """Long-format table of every model's metrics with bootstrap confidence intervals.
 
     Args:
@@ -294,6 +320,9 @@ def metrics_table(rows: Mapping[str, tuple], n_resamples: int = 2000, alpha: flo
         include_confusion: also add one row per confusion-matrix cell, named
             ``confusion_true{i}_pred{j}``, holding the count, with ``ci_low = ci_high = None``
             (no interval).
+        thresholds: model -> its decision threshold chosen on the validation split (binary):
+            adds ``threshold@val_threshold`` (the value) and every ``DECISION_METRICS`` entry at
+            that threshold as ``<metric>@val_threshold``, with intervals from the same resamples.
 
     Returns:
         list of ``{"model", "metric", "value", "ci_low", "ci_high"}`` dicts, models in the
@@ -306,6 +335,15 @@ def metrics_table(rows: Mapping[str, tuple], n_resamples: int = 2000, alpha: flo
         for metric in SCALAR_METRICS:
             value, low, high = cis[metric]
             table.append({"model": model, "metric": metric, "value": value, "ci_low": low, "ci_high": high})
+        if thresholds is not None and model in thresholds:
+            at = bootstrap_ci(y_true, probs, n_resamples=n_resamples, alpha=alpha, seed=seed, stratified=stratified,
+                              positive_class=positive_class, threshold=thresholds[model], metrics=DECISION_METRICS)
+            table.append({"model": model, "metric": "threshold" + THRESHOLD_SUFFIX, "value": float(thresholds[model]),
+                          "ci_low": None, "ci_high": None})
+            for metric in DECISION_METRICS:
+                value, low, high = at[metric]
+                table.append({"model": model, "metric": metric + THRESHOLD_SUFFIX, "value": value, "ci_low": low,
+                              "ci_high": high})
         if include_confusion:
             cm = classification_metrics(y_true, probs, positive_class)["confusion_matrix"]
             for i, j in np.ndindex(*cm.shape):

@@ -86,6 +86,23 @@ def paired_auc_difference(labels, scores_a, scores_b, n_resamples: int = 2000, s
         ValueError: bad shapes or values, ``scores_a`` and ``scores_b`` of different shapes,
             a single class in ``labels``, or bad ``n_resamples`` / ``alpha``.
     """
+    y, a, b = check_paired_scores(labels, scores_a, scores_b, positive_class)
+    check_bootstrap_settings(n_resamples, alpha)
+
+    diff = float(_auc_rule(y, a, positive_class, binary_auc) - _auc_rule(y, b, positive_class, binary_auc))
+    idx = resample_indices(y, int(n_resamples), np.random.default_rng(seed), stratified)  # (R, N)
+    counts = resample_counts(idx, y.shape[0])  # (R, N): the SAME resampled scans for both models
+
+    def boot_auc(scores):
+        return _auc_rule(y, scores, positive_class, lambda is_pos, s: auc_from_counts(counts, is_pos, s))
+
+    low, high, p_value = bootstrap_interval(diff, boot_auc(a) - boot_auc(b), alpha)
+    return {"diff": diff, "ci_low": low, "ci_high": high, "p_value": p_value}
+
+
+def check_paired_scores(labels, scores_a, scores_b, positive_class: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated ``(y (N,) int64, a, b)`` of two models' scores on the same scans (the inputs of
+    :func:`paired_auc_difference`); ``a``, ``b`` are (N,) or (N, C) float64."""
     y = np.asarray(labels)
     if y.ndim != 1 or y.shape[0] == 0:
         raise ValueError(f"labels must have shape (N,) with N > 0, got {y.shape}")
@@ -102,27 +119,26 @@ def paired_auc_difference(labels, scores_a, scores_b, n_resamples: int = 2000, s
         raise ValueError(f"positive_class must be 0 or 1, got {positive_class}")
     if np.unique(y).size < 2:
         raise ValueError("labels hold a single class: ROC-AUC is undefined")
-    check_bootstrap_settings(n_resamples, alpha)
+    return y, a, b
 
-    diff = float(_auc_rule(y, a, positive_class, binary_auc) - _auc_rule(y, b, positive_class, binary_auc))
-    idx = resample_indices(y, int(n_resamples), np.random.default_rng(seed), stratified)  # (R, N)
-    counts = resample_counts(idx, y.shape[0])  # (R, N): the SAME resampled scans for both models
 
-    def boot_auc(scores):
-        return _auc_rule(y, scores, positive_class, lambda is_pos, s: auc_from_counts(counts, is_pos, s))
-
-    boot = boot_auc(a) - boot_auc(b)  # (R,)
+def bootstrap_interval(diff: float, boot: np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(ci_low, ci_high, p_value) of a paired difference ``diff`` from its bootstrap values
+    ``boot`` (NaN values left out): the percentile interval, and twice the share of resamples on
+    the other side of 0 from ``diff`` (0 itself counts as the other side), capped at 1; p = 1 when
+    ``diff`` is 0, NaN when it is NaN or no resample is defined."""
+    boot = np.asarray(boot, dtype=np.float64)
     boot = boot[~np.isnan(boot)]
     if boot.size == 0:
-        return {"diff": diff, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
+        return math.nan, math.nan, math.nan
     low, high = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     if diff > 0:
         p_value = min(1.0, 2 * float(np.mean(boot <= 0)))
     elif diff < 0:
         p_value = min(1.0, 2 * float(np.mean(boot >= 0)))
     else:
-        p_value = 1.0
-    return {"diff": diff, "ci_low": float(low), "ci_high": float(high), "p_value": p_value}
+        p_value = 1.0 if diff == 0 else math.nan
+    return float(low), float(high), p_value
 
 
 def seed_summary(values) -> tuple[float, float]:

@@ -10,7 +10,7 @@ arrays or torch tensors (on any device; they are copied to the CPU).
                    boxes_in_input (ROI boxes of a high-resolution copy on the input grid)
     priors         the DCG's dense guidance map and image feature prior
     curves         ROC curves, learning curves, reliability diagram, denoising trajectory,
-                   per-scan uncertainty
+                   per-scan uncertainty, risk-coverage curves
     matrices       confusion matrices
     result_figures the test-split figures of evaluate_experiment (confusion, ROC, reliability)
     model_figures  the report's saliency / ROI and denoising-trajectory figures of a few scans
@@ -24,6 +24,7 @@ from utils.evaluation.visualization.curves import (
     plot_denoising_trajectory,
     plot_learning_curves,
     plot_reliability_diagram,
+    plot_risk_coverage,
     plot_roc_curves,
     plot_training_history,
     plot_uncertainty,
@@ -51,6 +52,6 @@ __all__ = [
     "boxes_in_input", "slices_to_show", "save_figure", "stack_figures",
     "plot_confusion_matrices", "plot_confusion_matrix", "plot_ct_slices", "plot_denoising_trajectories",
     "plot_denoising_trajectory", "plot_feature_prior", "plot_guidance_map", "plot_hu_histograms",
-    "plot_learning_curves", "plot_reliability_diagram", "plot_result_figures", "plot_roc_curves", "plot_saliency_overlay",
-    "plot_saliency_rois", "plot_training_history", "plot_uncertainty",
+    "plot_learning_curves", "plot_reliability_diagram", "plot_result_figures", "plot_risk_coverage",
+    "plot_roc_curves", "plot_saliency_overlay", "plot_saliency_rois", "plot_training_history", "plot_uncertainty",
 ]

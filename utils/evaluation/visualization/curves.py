@@ -1,5 +1,6 @@
 """Curves and scatter plots of the evaluation report: ROC curves with bootstrap bands, learning
-curves, the reliability diagram, the denoising trajectory and per-scan uncertainty.
+curves, the reliability diagram, the denoising trajectory, per-scan uncertainty and
+risk-coverage curves.
 """
 from __future__ import annotations
 
@@ -266,4 +267,61 @@ def plot_uncertainty(probs, std, y_true, class_names: Sequence[str], positive_cl
     ax.axvline(0.5, color="grey", ls=":")
     ax.set(xlabel=f"p({class_names[positive_class]})", ylabel="std over samples", xlim=(-0.02, 1.02), title=title)
     ax.legend(fontsize="small")
+    return fig
+
+
+def plot_risk_coverage(curves: Mapping[str, tuple], accuracy_table: Mapping[str, Mapping[float, float]] | None = None,
+                       title: str | None = None) -> Figure:
+    """Risk-coverage curves of selective prediction (refer the most uncertain scans), each
+    labelled with its AURC, and optionally the accuracy at a few coverages as grouped bars.
+
+    Args:
+        curves: label (e.g. ``"DiffMIC-3D: chain spread"``) -> ``(coverage (N,), risk (N,))``,
+            as ``coverage`` and ``risk`` of ``utils.evaluation.uncertainty.risk_coverage_curve``
+            (coverage k / N, risk = error rate among the k most certain scans). The AURC in the
+            legend is the mean risk over the coverage points (``uncertainty.aurc``).
+        accuracy_table: optional label -> {coverage in (0, 1]: accuracy} (as from
+            ``uncertainty.accuracy_at_coverage``, e.g. at 1.0, 0.9, 0.8, 0.7); every label must
+            give the same coverages. Drawn in a second panel as grouped bars, values printed.
+        title: optional figure title.
+
+    Returns:
+        a Figure: one axes with one line per curve, plus the bar axes when ``accuracy_table``
+        is given.
+    """
+    if not curves:
+        raise ValueError("curves is empty: pass at least one (coverage, risk) pair")
+    fig = Figure(figsize=(11 if accuracy_table else 6, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2 if accuracy_table else 1, squeeze=False)[0]
+    ax = axes[0]
+    styles = ["-", "--", "-.", ":"]
+    for i, (name, (coverage, risk)) in enumerate(curves.items()):
+        cov = as_numpy(coverage, f"{name}: coverage", 1)
+        r = as_numpy(risk, f"{name}: risk", 1)
+        if cov.shape != r.shape or cov.size == 0:
+            raise ValueError(f"{name}: coverage {cov.shape} and risk {r.shape} must have the same shape (N,), N > 0")
+        if cov.min() < 0 or cov.max() > 1 or r.min() < 0 or r.max() > 1:
+            raise ValueError(f"{name}: coverage and risk must lie in [0, 1]")
+        ax.plot(100 * cov, 100 * r, lw=2, ls=styles[i % len(styles)], label=f"{name}: AURC {r.mean():.3f}")
+    ax.set(xlim=(0, 100), ylim=(0, None), xlabel="coverage (% of scans kept, most certain first)",
+           ylabel="risk (% of kept scans misclassified)", title="Risk-coverage curve")
+    ax.legend(fontsize="x-small", title="lower AURC = better ranking", title_fontsize="x-small")
+    if accuracy_table:
+        coverages = sorted({float(c) for c in next(iter(accuracy_table.values()))}, reverse=True)
+        bar_ax, width = axes[1], 0.8 / len(accuracy_table)
+        for i, (name, row) in enumerate(accuracy_table.items()):
+            if sorted((float(c) for c in row), reverse=True) != coverages:
+                raise ValueError(f"accuracy_table[{name!r}] has coverages {sorted(row)}, expected {coverages}")
+            values = as_numpy([row[c] for c in sorted(row, key=float, reverse=True)], f"accuracy_table[{name!r}]", 1)
+            if values.min() < 0 or values.max() > 1:
+                raise ValueError(f"accuracy_table[{name!r}] accuracies must lie in [0, 1]")
+            bars = bar_ax.bar(np.arange(len(coverages)) + (i - (len(accuracy_table) - 1) / 2) * width, 100 * values,
+                              width=width, label=name, edgecolor="black", hatch=["", "//", "..", "xx"][i % 4])
+            bar_ax.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=2)
+        bar_ax.set_xticks(np.arange(len(coverages)), [f"{100 * c:g}%" for c in coverages])
+        bar_ax.set(ylim=(0, 109), xlabel="coverage (% of scans kept)", ylabel="accuracy on kept scans (%)",
+                   title="Accuracy after referring the most uncertain scans")
+        bar_ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2)
+    if title:
+        fig.suptitle(title)
     return fig

@@ -26,9 +26,11 @@ def _roc_inputs(labels: np.ndarray, probs: np.ndarray, positive_class: int) -> t
 
 
 def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], class_names: Sequence[str],
-                        positive_class: int = 1, seed: int = 0) -> dict[str, Figure]:
+                        positive_class: int = 1, seed: int = 0,
+                        thresholds: Mapping[str, float] | None = None) -> dict[str, Figure]:
     """The confusion matrix and reliability diagram of the main model, and the confusion
-    matrices and ROC curves (95% bootstrap bands drawn with ``seed``) of every model.
+    matrices and ROC curves (95% bootstrap bands drawn with ``seed``) of every model; the
+    confusion matrices at each model's validation threshold when ``thresholds`` are given.
 
     Args:
         labels: (N,) true labels of the test scans, the same for every model.
@@ -41,14 +43,17 @@ def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], cla
         ``{"confusion_matrix", "confusion_matrices", "roc_curves", "reliability_diagram": Figure}``.
     """
     main_name, main = next(iter(probs.items()))
-    matrices = {name: classification_metrics(labels, p, positive_class)["confusion_matrix"] for name, p in probs.items()}
+    thresholds = thresholds or {}
+    matrices = {name: classification_metrics(labels, p, positive_class, thresholds.get(name))["confusion_matrix"]
+                for name, p in probs.items()}
+    at = " at the validation threshold" if thresholds else ""
     binary = len(class_names) == 2
     roc_title = ("ROC curves (test)" if binary
                  else f"ROC curves (test): any of {', '.join(class_names[1:])} vs {class_names[0]}")
     return {
         "confusion_matrix": plot_confusion_matrix(matrices[main_name], class_names,
-                                                  title=f"{main_name}: confusion matrix (test)"),
-        "confusion_matrices": plot_confusion_matrices(matrices, class_names, title="Confusion matrices (test)"),
+                                                  title=f"{main_name}: confusion matrix (test{at})"),
+        "confusion_matrices": plot_confusion_matrices(matrices, class_names, title=f"Confusion matrices (test{at})"),
         "roc_curves": plot_roc_curves({name: _roc_inputs(labels, p, positive_class) for name, p in probs.items()},
                                       title=roc_title, seed=seed,
                                       positive_label=class_names[positive_class] if binary else "abnormal"),
