@@ -2,19 +2,29 @@
 
 Pipeline (DiffMIC, Yang et al. MICCAI 2023, fig. 2, made 3D; CARD, Han et al. 2022):
 
-    scan (B, 1, H, W, D) --DCG (frozen in phase 2, run ONCE per volume)--> DCGOutput
+    scan (B, 1, H, W, D) --each DCG member (frozen in phase 2, run ONCE per volume)--> DCGOutput
         --PriorGenerator--> M (B, C, Np, Np, Np), F (B, feature_dim)
         --ConditionalDenoiser.condition(scan, M, F)--> cond (B, E, Np, Np, Np)   (once per volume)
         --PriorShiftedDiffusion.sample(per-point head)--> y_0 (B, C, Np, Np, Np)  (S chains)
-        --softmax(grid mean of y_0 / temperature), mean over S--> probabilities (B, C)
+        --readout: softmax(a log(grid mean of y_0) + b), mean over S--> probabilities (B, C)
+
+Members: the final DCG and, when phase 2 trained on out-of-fold priors, the ``fold_dcgs``
+DCGs that made them. Phase 2 learns from priors a DCG gave scans it did not train on; at
+inference every member gives such a prior for a new scan and the S chains are spread over
+the members (chain s reads member s mod m), so the chains' spread includes the members'
+disagreement (a small deep ensemble of priors) and the denoiser never sees a kind of prior
+it was not trained on.
 
 Training is two-phase: phase 1 trains the DCG alone (``dcg_loss``); phase 2 freezes it
 (``freeze_dcg``), caches its outputs per volume and trains the prior generator and the
-denoiser (its own image encoder, the condition U-Net, the per-point head) on
-``diffusion_loss``: heterologous y_0-prediction MSE + CE, with prior dropout (a share of the
-volumes see a uniform guidance map and no feature prior, so the denoiser must read the scan).
-The softmax temperature is learned state of this model, fitted on the validation split by
-the training code (``set_temperature``); the noise schedule holds none.
+denoiser (its own image encoder, the condition U-Net, the per-point head that starts from M and
+learns a correction) on ``diffusion_loss``: heterologous y_0-prediction MSE + CE, optionally
+weighted per volume, with prior dropout (a share of the volumes see a uniform guidance map and
+no feature prior, so the denoiser must read the scan).
+The readout's calibration (a scale and a per-class bias on the log of the grid-mean y_0: Platt
+scaling for C = 2), the decision threshold and the referral threshold are learned state of
+this model, fitted on the validation split by the training code (``set_readout``,
+``set_thresholds``); the noise schedule holds none.
 
 Checkpoints hold ``{'model_config': config.to_dict(), 'model_state_dict': state_dict()}``:
 
@@ -25,187 +35,70 @@ Checkpoints hold ``{'model_config': config.to_dict(), 'model_state_dict': state_
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+import math
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from models.dcg_config import DCGConfig
 from models.dcg_model import DCG, DCGOutput, dcg_objective
-from models.denoiser import ConditionalDenoiser, DenoiserConfig
-from models.diffusion_process import DiffusionConfig, PriorShiftedDiffusion
-from models.prior_generator import PriorConfig, PriorGenerator, Priors
-
-# config
-
-PRESETS = ("tiny", "small", "full")  # ModelConfig.<name>(): the named model sizes
-MODEL_SECTIONS = ("dcg", "denoiser", "diffusion")  # what ModelConfig.with_changes may change, by section
-# fields of a section that ModelConfig.create sets from its shared sizes (never overridden per section)
-SHARED_FIELDS = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"},
-                 "diffusion": set()}
-
-
-@dataclass
-class ModelConfig:
-    """One config per concern, checked for consistency.
-
-    Build it with :meth:`create` or a preset (:meth:`tiny`, :meth:`small`, :meth:`full`), where
-    the shared sizes -- num_classes, grid_size, feature_dim -- are given once and propagated;
-    a hand-built inconsistent combination raises ValueError listing every mismatch.
-    """
-
-    dcg: DCGConfig
-    prior: PriorConfig
-    denoiser: DenoiserConfig
-    diffusion: DiffusionConfig
-
-    def __post_init__(self):
-        d, p, n = self.dcg, self.prior, self.denoiser
-        pairs = [
-            ("dcg.num_classes", d.num_classes, "prior.num_classes", p.num_classes),
-            ("dcg.num_classes", d.num_classes, "denoiser.num_classes", n.num_classes),
-            ("dcg.num_rois", d.num_rois, "prior.num_rois", p.num_rois),
-            ("dcg.feature_dim", d.feature_dim, "prior.global_dim", p.global_dim),
-            ("dcg.local_dim", d.local_dim, "prior.roi_dim", p.roi_dim),
-            ("prior.grid_size", p.grid_size, "denoiser.grid_size", n.grid_size),
-            ("prior.feature_dim", p.feature_dim, "denoiser.feature_dim", n.feature_dim),
-        ]
-        bad = [f"{a}={va} != {b}={vb}" for a, va, b, vb in pairs if va != vb]
-        if bad:
-            raise ValueError("inconsistent ModelConfig (build it with ModelConfig.create): " + "; ".join(bad))
-
-    @property
-    def num_classes(self) -> int:
-        return self.dcg.num_classes
-
-    @property
-    def grid_size(self) -> int:
-        return self.prior.grid_size
-
-    @classmethod
-    def create(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (128, 128, 64),
-               grid_size: int = 8, feature_dim: int = 256, dcg: Optional[dict[str, Any]] = None,
-               denoiser: Optional[dict[str, Any]] = None,
-               diffusion: Optional[dict[str, Any]] = None) -> "ModelConfig":
-        """The one place where shared sizes are set.
-
-        Args:
-            num_classes: C, for the DCG, the priors and the denoiser.
-            input_shape: (H, W, D) of the preprocessed volume.
-            grid_size: Np of the guidance grid (priors and denoiser).
-            feature_dim: width of the feature prior F.
-            dcg, denoiser, diffusion: overrides of the remaining fields of each config.
-        """
-        for name, overrides in (("dcg", dcg), ("denoiser", denoiser)):
-            clash = SHARED_FIELDS[name] & set(overrides or {})
-            if clash:
-                raise ValueError(f"ModelConfig.create: set {sorted(clash)} as create() arguments, not in {name}=")
-        dcg_cfg = DCGConfig(num_classes=num_classes, input_shape=tuple(input_shape), **(dcg or {}))
-        prior_cfg = PriorConfig(num_classes=num_classes, num_rois=dcg_cfg.num_rois, global_dim=dcg_cfg.feature_dim,
-                                roi_dim=dcg_cfg.local_dim, feature_dim=feature_dim, grid_size=grid_size)
-        den_cfg = DenoiserConfig(num_classes=num_classes, grid_size=grid_size, feature_dim=feature_dim,
-                                 **(denoiser or {}))
-        return cls(dcg=dcg_cfg, prior=prior_cfg, denoiser=den_cfg, diffusion=DiffusionConfig(**(diffusion or {})))
-
-    def with_changes(self, dcg: Optional[dict[str, Any]] = None, denoiser: Optional[dict[str, Any]] = None,
-                     diffusion: Optional[dict[str, Any]] = None, **shared) -> "ModelConfig":
-        """A consistent copy with some fields changed, rebuilt through :meth:`create`.
-
-        ``dcg``, ``denoiser``, ``diffusion``: field -> new value of that section; ``shared``: any of
-        ``num_classes``, ``input_shape``, ``grid_size``, ``feature_dim``. What follows from a change
-        follows (e.g. ``dcg={'num_rois': 5}`` also gives the prior generator K = 5).
-        """
-        sizes = {"num_classes": self.num_classes, "input_shape": self.dcg.input_shape,
-                 "grid_size": self.grid_size, "feature_dim": self.prior.feature_dim}
-        unknown = sorted(set(shared) - set(sizes))
-        if unknown:
-            raise ValueError(f"ModelConfig.with_changes: unknown arguments {unknown}; shared sizes are {sorted(sizes)}")
-        sections = {}
-        for name, changes in zip(MODEL_SECTIONS, (dcg, denoiser, diffusion)):
-            current = getattr(self, name)
-            known = {f.name for f in fields(current)} - SHARED_FIELDS[name]
-            bad = sorted(set(changes or {}) - known)
-            if bad:
-                raise ValueError(f"ModelConfig.with_changes: {name} has no settable fields {bad}; known: {sorted(known)}")
-            own = {k: v for k, v in current.to_dict().items() if k in known}
-            sections[name] = {**own, **(changes or {})}
-        return self.create(**{**sizes, **shared}, **sections)
-
-    @classmethod
-    def preset(cls, name: str, num_classes: int = 2,
-               input_shape: Optional[tuple[int, int, int]] = None) -> "ModelConfig":
-        """The named preset (one of ``PRESETS``) at ``input_shape`` (default: the preset's own)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {PRESETS}")
-        kwargs = {"num_classes": num_classes} if input_shape is None else \
-            {"num_classes": num_classes, "input_shape": tuple(input_shape)}
-        return getattr(cls, name)(**kwargs)
-
-    @classmethod
-    def full(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (128, 128, 64)) -> "ModelConfig":
-        """The full size: 128x128x64 input, Np = 8, K = 5, T = 1000, every default."""
-        return cls.create(num_classes=num_classes, input_shape=input_shape)
-
-    @classmethod
-    def small(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (64, 64, 32)) -> "ModelConfig":
-        """A ~2M-parameter model for CPU runs (the ``demo`` profile and the benchmark)."""
-        return cls.create(
-            num_classes=num_classes, input_shape=input_shape, grid_size=8, feature_dim=128,
-            dcg=dict(global_channels=(16, 32, 64, 128), global_blocks=(1, 1, 1, 1), feature_dim=128,
-                     num_rois=3, local_channels=(16, 32, 64), local_blocks=(1, 1, 1), local_dim=64,
-                     attention_dim=64),
-            denoiser=dict(encoder_channels=(16, 32, 64, 128), encoder_blocks=(1, 1, 1, 1), image_dim=32,
-                          prior_dim=32, cond_dim=64, unet_base=32, unet_mults=(1, 2), time_dim=64))
-
-    @classmethod
-    def tiny(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (32, 32, 16)) -> "ModelConfig":
-        """A few-hundred-thousand-parameter model for tests and CI (Np = 4, K = 2, 5 DDIM steps, 4 samples)."""
-        return cls.create(
-            num_classes=num_classes, input_shape=input_shape, grid_size=4, feature_dim=32,
-            dcg=dict(global_channels=(8, 16, 16, 32), global_blocks=(1, 1, 1, 1), feature_dim=32, top_t=0.25,
-                     num_rois=2, roi_size=(8, 8, 8), nms_radius=0, local_channels=(8, 16), local_blocks=(1, 1),
-                     local_dim=16, attention_dim=16, norm_groups=4),
-            denoiser=dict(encoder_channels=(8, 16, 16, 32), encoder_blocks=(1, 1, 1, 1), image_dim=16,
-                          prior_dim=16, cond_dim=32, unet_base=16, unet_mults=(1, 2), time_dim=32),
-            diffusion=dict(ddim_steps=5, num_samples=4),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested data (JSON-serialisable; loads with ``torch.load(weights_only=True)``)."""
-        return {f.name: getattr(self, f.name).to_dict() for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "ModelConfig":
-        """Inverse of ``to_dict``; missing or unknown sections are an error."""
-        expected = {"dcg": DCGConfig, "prior": PriorConfig, "denoiser": DenoiserConfig, "diffusion": DiffusionConfig}
-        if set(data) != set(expected):
-            raise ValueError(f"ModelConfig.from_dict needs exactly the sections {sorted(expected)}, got {sorted(data)}")
-        return cls(**{name: kind.from_dict(dict(data[name])) for name, kind in expected.items()})
-
+from models.denoiser import ConditionalDenoiser
+from models.diffusion_process import PriorShiftedDiffusion
+from models.model_config import MODEL_SECTIONS, PRESETS, SHARED_FIELDS, ModelConfig  # noqa: F401 (re-exported)
+from models.prior_generator import PriorGenerator, Priors
 
 # model
 
 
+READOUT_EPS = 1e-3  # the grid-mean y_0 is clipped here before its log (a chain may overshoot 0 or 1)
+
+
+def log_simplex(q: torch.Tensor) -> torch.Tensor:
+    """Grid-mean class values q (..., C), clipped to ``READOUT_EPS`` and renormalised to sum 1
+    over C, then their log: the readout's logits."""
+    q = q.float().clamp(min=READOUT_EPS)
+    return torch.log(q / q.sum(dim=-1, keepdim=True))
+
+
+def readout_logits(y: torch.Tensor) -> torch.Tensor:
+    """Logits (..., C) of class maps y (..., C, Np, Np, Np): ``log_simplex`` of the grid mean.
+    The y_0-prediction MSE makes y_0 an estimate of the class probabilities (it starts at the
+    prior M, a probability map), so the log is their natural logit."""
+    return log_simplex(y.float().mean(dim=(-3, -2, -1)))
+
+
 class DiffMIC3D(nn.Module):
-    """DCG + prior generator + conditional denoiser + prior-shifted diffusion + temperature."""
+    """DCG members + prior generator + conditional denoiser + prior-shifted diffusion + readout."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.dcg = DCG(config.dcg)
+        # the out-of-fold DCGs that made phase 2's training priors (PriorConfig.fold_dcgs)
+        self.fold_dcgs = nn.ModuleList(DCG(config.dcg) for _ in range(config.prior.fold_dcgs))
         self.prior_generator = PriorGenerator(config.prior)
         self.denoiser = ConditionalDenoiser(config.denoiser)
         self.diffusion = PriorShiftedDiffusion(config.diffusion)
-        # Softmax temperature of the readout (Guo et al. 2017), fitted on the validation split
-        # after phase 2 (utils.training.diffusion.calibrate_temperature); learned state.
-        self.register_buffer("temperature", torch.ones(()))
+        C = config.num_classes
+        # Learned state fitted on the validation split after phase 2 (utils.training.diffusion):
+        # the readout's calibration softmax(scale * readout_logits + bias) (Platt scaling for C = 2),
+        self.register_buffer("readout_scale", torch.ones(()))
+        self.register_buffer("readout_bias", torch.zeros(C))
+        # the decision threshold on p(class 1) (C = 2; argmax otherwise) and the uncertainty
+        # above which a scan is referred (inf: never).
+        self.register_buffer("decision_threshold", torch.full((), 0.5))
+        self.register_buffer("refer_threshold", torch.full((), math.inf))
 
     @classmethod
     def from_config_dict(cls, data: Mapping) -> "DiffMIC3D":
         """``DiffMIC3D(ModelConfig.from_dict(data))``."""
         return cls(ModelConfig.from_dict(data))
+
+    @property
+    def num_members(self) -> int:
+        """DCGs that give priors at inference: the final one and the fold DCGs."""
+        return 1 + len(self.fold_dcgs)
 
     # -- phase 1 -------------------------------------------------------------------------
 
@@ -219,48 +112,59 @@ class DiffMIC3D(nn.Module):
         return dcg_objective(self.dcg, scan, labels, x_hires, **kwargs)
 
     def freeze_dcg(self) -> "DiffMIC3D":
-        """Freeze the DCG for phase 2 (no gradients, eval mode); returns self."""
-        self.dcg.requires_grad_(False)
-        self.dcg.eval()
+        """Freeze every DCG member for phase 2 (no gradients, eval mode); returns self."""
+        for dcg in (self.dcg, *self.fold_dcgs):
+            dcg.requires_grad_(False)
+            dcg.eval()
         return self
 
     # -- phase 2 and inference -----------------------------------------------------------
 
     @torch.no_grad()
     def guidance(self, scan: torch.Tensor, x_hires: Optional[torch.Tensor] = None) -> DCGOutput:
-        """Run the (frozen) DCG once on ``scan`` (B, 1, H, W, D); cache the result per volume."""
+        """Run the final (frozen) DCG once on ``scan`` (B, 1, H, W, D); cache the result per volume."""
         return self.dcg(scan, x_hires)
+
+    @torch.no_grad()
+    def member_guidance(self, scan: torch.Tensor, x_hires: Optional[torch.Tensor] = None) -> list[DCGOutput]:
+        """Every member's DCG outputs for ``scan``: [final DCG, fold DCG 0, 1, ...]."""
+        return [dcg(scan, x_hires) for dcg in (self.dcg, *self.fold_dcgs)]
 
     def priors(self, guidance: DCGOutput) -> Priors:
         """The dense guidance map M and the feature prior F of the (cached) DCG outputs."""
         g = guidance
         return self.prior_generator(g.global_probs, g.local_probs, g.global_features, g.roi_features)
 
-    def condition(self, scan: torch.Tensor, guidance: DCGOutput,
-                  drop_prior: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M (B, C, Np, Np, Np), cond (B, E, Np, Np, Np)) for a batch; run once per volume.
-
-        ``drop_prior`` (B,) bool: those volumes get a uniform M (1/C) and a zero feature prior
-        (prior dropout, training only).
-        """
+    def _prior_tensors(self, guidance: DCGOutput,
+                       drop_prior: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M (B, C, Np^3), F (B, feature_dim)); ``drop_prior`` (B,) bool volumes get a uniform M
+        (1/C) and a zero F (prior dropout, training only)."""
         priors = self.priors(guidance)
-        M, F_prior = priors.guidance_map, priors.feature_prior  # (B, C, Np^3), (B, feature_dim)
+        M, F_prior = priors.guidance_map, priors.feature_prior
         if drop_prior is not None:
             keep = (~drop_prior).to(M.dtype)
             M = M * keep[:, None, None, None, None] + (1 - keep[:, None, None, None, None]) / M.shape[1]
             F_prior = F_prior * keep[:, None]
+        return M, F_prior
+
+    def condition(self, scan: torch.Tensor, guidance: DCGOutput,
+                  drop_prior: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M (B, C, Np, Np, Np), cond (B, E, Np, Np, Np)) for a batch and one member's guidance;
+        run once per volume. ``drop_prior``: see ``_prior_tensors``."""
+        M, F_prior = self._prior_tensors(guidance, drop_prior)
         return M, self.denoiser.condition(scan, M, F_prior)
 
     def diffusion_loss(self, scan: torch.Tensor, guidance: DCGOutput, labels: torch.Tensor,
-                       prior_dropout: float = 0.0,
-                       generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+                       prior_dropout: float = 0.0, generator: Optional[torch.Generator] = None,
+                       weights: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Phase-2 objective: dict(loss, mse, ce) of ``PriorShiftedDiffusion.training_loss``.
 
         Args:
             scan: (B, 1, H, W, D) the volumes (the denoiser's own encoder reads them).
-            guidance: the frozen DCG's outputs for them (cached).
+            guidance: the frozen DCG's outputs for them (cached; out of fold in training).
             labels: (B,) class indices.
             prior_dropout: probability that a volume's priors are replaced (see ``condition``).
+            weights: optional (B,) per-volume loss weights.
         """
         drop = None
         if prior_dropout > 0:
@@ -269,47 +173,86 @@ class DiffMIC3D(nn.Module):
             drop = drop.to(scan.device)
         M, cond = self.condition(scan, guidance, drop)
         return self.diffusion.training_loss(lambda y_t, t: self.denoiser(y_t, M, t, cond), M, labels,
-                                            generator=generator)
+                                            generator=generator, weights=weights)
 
     def probabilities(self, y: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (..., C) of class maps (..., C, Np, Np, Np): softmax over C of
-        the grid-averaged map divided by the fitted temperature."""
-        return torch.softmax(y.float().mean(dim=(-3, -2, -1)) / self.temperature, dim=-1)
+        """Calibrated class probabilities (..., C) of class maps (..., C, Np, Np, Np):
+        ``softmax(readout_scale * readout_logits(y) + readout_bias)``."""
+        return torch.softmax(self.readout_scale * readout_logits(y) + self.readout_bias, dim=-1)
 
-    def set_temperature(self, value: float) -> None:
-        """Store the validation-fitted softmax temperature (> 0)."""
-        if not value > 0:
-            raise ValueError(f"temperature must be > 0, got {value}")
-        self.temperature.fill_(float(value))
+    def set_readout(self, scale: float, bias: Sequence[float]) -> None:
+        """Store the validation-fitted readout calibration (scale > 0, one bias per class)."""
+        bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
+        if not scale > 0 or bias.shape != self.readout_bias.shape or not bool(torch.isfinite(bias).all()):
+            raise ValueError(f"readout needs scale > 0 and {self.readout_bias.numel()} finite biases, "
+                             f"got {scale}, {bias.tolist()}")
+        self.readout_scale.fill_(float(scale))
+        self.readout_bias.copy_(bias.to(self.readout_bias.device))
+
+    def set_thresholds(self, decision: Optional[float] = None, refer: Optional[float] = None) -> None:
+        """Store the validation-chosen decision threshold (on p(class 1), in (0, 1)) and/or the
+        referral threshold on the uncertainty (any real; inf: never refer)."""
+        if decision is not None:
+            if not 0 < decision < 1:
+                raise ValueError(f"decision threshold must lie in (0, 1), got {decision}")
+            self.decision_threshold.fill_(float(decision))
+        if refer is not None:
+            if math.isnan(refer):
+                raise ValueError("refer threshold must not be NaN")
+            self.refer_threshold.fill_(float(refer))
+
+    def decide(self, probs: torch.Tensor) -> torch.Tensor:
+        """Class decisions (B,) of probabilities (B, C): class 1 iff p_1 >= the decision
+        threshold when C = 2, else the argmax."""
+        if probs.shape[-1] == 2:
+            return (probs[..., 1] >= self.decision_threshold).long()
+        return probs.argmax(dim=-1)
+
+    def chains(self, num_samples: Optional[int] = None) -> int:
+        """The number of chains ``predict`` runs: ``num_samples`` (default: the config's) rounded
+        up to a multiple of the number of members, so every member gets as many chains."""
+        S, m = num_samples or self.config.diffusion.num_samples, self.num_members
+        return -(-S // m) * m
 
     @torch.no_grad()
-    def predict(self, scan: torch.Tensor, guidance: Optional[DCGOutput] = None,
+    def predict(self, scan: torch.Tensor, guidance: Union[DCGOutput, Sequence[DCGOutput], None] = None,
                 x_hires: Optional[torch.Tensor] = None, num_samples: Optional[int] = None,
                 sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
                 generator: Optional[torch.Generator] = None,
                 return_trajectory: bool = False) -> dict[str, torch.Tensor]:
-        """Class probabilities with uncertainty from ``num_samples`` reverse chains.
+        """Class probabilities with uncertainty from reverse chains spread over the members.
 
         Args:
             scan: (B, 1, H, W, D) volumes (always needed: the denoiser encodes them).
-            guidance: cached DCG outputs for them; None runs the DCG here (once).
-            x_hires: the high-resolution copy for ``roi_scale > 1`` (when the DCG runs here).
-            num_samples, sampler, steps, eta: override the DiffusionConfig defaults.
+            guidance: cached DCG outputs for them: one DCGOutput (that prior only) or one per
+                member in ``member_guidance`` order; None runs every member here (once each).
+            x_hires: the high-resolution copy for ``roi_scale > 1`` (when the DCGs run here).
+            num_samples: chains (rounded up to a multiple of the members, ``chains``); sampler,
+                steps, eta: override the DiffusionConfig defaults.
             generator: the source of all sampling noise (same seed -> same output).
             return_trajectory: add the per-step class probabilities.
 
         Returns:
-            dict(probs (B, C) mean over samples, std (B, C) their spread, entropy (B,) of the
-            mean, samples (S, B, C), y0_mean (S, B, C) grid means of the final y_0 (for
-            temperature fitting), timesteps (n,) and, if asked, trajectory (S, n + 1, B, C)).
-            The condition is computed once; the S chains run as one batch of S*B.
+            dict(probs (B, C) mean over chains, std (B, C) their spread, entropy (B,) of the
+            mean, samples (S, B, C) each chain's probabilities, y0_mean (S, B, C) grid means of
+            the final y_0 (for fitting the readout), member (S,) the member chain s read,
+            timesteps (n,) and, if asked, trajectory (S, n + 1, B, C)). The image encoder runs
+            once; the condition once per member; the S chains run as one batch of S*B.
         """
         if guidance is None:
-            guidance = self.guidance(scan, x_hires)
-        S = num_samples or self.config.diffusion.num_samples
-        B = scan.shape[0]
-        M, cond = self.condition(scan, guidance)
-        M_rep, cond_rep = M.repeat(S, 1, 1, 1, 1), cond.repeat(S, 1, 1, 1, 1)  # sample-major (S*B, ...)
+            guidance = self.member_guidance(scan, x_hires)
+        members = [guidance] if isinstance(guidance, DCGOutput) else list(guidance)
+        m, B = len(members), scan.shape[0]
+        S = -(-(num_samples or self.config.diffusion.num_samples) // m) * m
+        image = self.denoiser.encode_image(scan)  # (B, E_img, Np^3): once per scan
+        Ms, conds = [], []
+        for g in members:
+            M, F_prior = self._prior_tensors(g)
+            Ms.append(M)
+            conds.append(self.denoiser.condition_from(image, M, F_prior))
+        member = torch.arange(S, device=scan.device) % m  # (S,) chain s reads member s mod m
+        M_rep = torch.stack(Ms)[member].flatten(0, 1)  # sample-major (S*B, C, Np^3)
+        cond_rep = torch.stack(conds)[member].flatten(0, 1)  # (S*B, E, Np^3)
         out = self.diffusion.sample(lambda y_t, t: self.denoiser(y_t, M_rep, t, cond_rep), M_rep, steps=steps,
                                     sampler=sampler, eta=eta, generator=generator,
                                     return_trajectory=return_trajectory)
@@ -318,7 +261,7 @@ class DiffMIC3D(nn.Module):
         probs = samples.mean(dim=0)
         result = {"probs": probs, "std": samples.std(dim=0, unbiased=False),
                   "entropy": -(probs * probs.clamp(min=1e-12).log()).sum(dim=1), "samples": samples,
-                  "y0_mean": y0.float().mean(dim=(-3, -2, -1)), "timesteps": out.timesteps}
+                  "y0_mean": y0.float().mean(dim=(-3, -2, -1)), "member": member.cpu(), "timesteps": out.timesteps}
         if return_trajectory:
             states = out.trajectory.reshape(out.trajectory.shape[0], S, B, *out.trajectory.shape[2:])
             result["trajectory"] = self.probabilities(states).transpose(0, 1)  # (S, n + 1, B, C)
@@ -326,7 +269,7 @@ class DiffMIC3D(nn.Module):
 
     def forward(self, scan: torch.Tensor, x_hires: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Probabilities (B, C) of ``scan`` (the DCG runs once, then the sampler)."""
+        """Probabilities (B, C) of ``scan`` (every DCG member runs once, then the sampler)."""
         return self.predict(scan, x_hires=x_hires, generator=generator)["probs"]
 
     # -- reporting -----------------------------------------------------------------------
@@ -344,6 +287,8 @@ class DiffMIC3D(nn.Module):
             "condition_unet": _count(d.unet) + _count(d.prior_norm) + _count(d.prior_proj),
             "point_head": _count(d.head),
         }
+        if len(self.fold_dcgs):
+            counts["fold_dcgs"] = _count(self.fold_dcgs)
         counts["total"] = sum(counts.values())
         return counts
 
@@ -352,7 +297,7 @@ class DiffMIC3D(nn.Module):
         names = {"dcg_global": "DCG global stream", "dcg_local": "DCG local stream + MIL",
                  "prior_generator": "Prior generator", "image_encoder": "Denoiser image encoder",
                  "condition_unet": "Condition 3D U-Net", "point_head": "Per-point denoiser head",
-                 "total": "**Total**"}
+                 "fold_dcgs": f"Out-of-fold DCGs ({len(self.fold_dcgs)}, prior members)", "total": "**Total**"}
         rows = ["| Component | Parameters |", "|---|---:|"]
         rows += [f"| {names[k]} | {_human(v)} ({v:,}) |" for k, v in self.param_counts().items()]
         return "\n".join(rows)

@@ -287,7 +287,8 @@ class PriorShiftedDiffusion(nn.Module):
         return torch.cat([half, self.num_timesteps - 1 - half])[:B]
 
     def training_loss(self, y0_model: Y0Model, M: torch.Tensor, labels: torch.Tensor,
-                      generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+                      generator: Optional[torch.Generator] = None,
+                      weights: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Heterologous y_0-prediction loss (CARD's objective with DiffMIC-v2's per-point t).
 
         Args:
@@ -295,10 +296,14 @@ class PriorShiftedDiffusion(nn.Module):
             M: dense guidance map (B, C, *grid), the prior the chain ends at.
             labels: (B,) class indices; y_0 = one-hot broadcast over the grid.
 
+            weights: optional (B,) non-negative per-volume weights (e.g. DiffMIC-v2's focus on the
+                scans the DCG gets wrong); the loss is then the weighted mean over volumes.
+
         Every grid point draws its own t (the denoiser treats points independently, so no point
         can read another's label); eps ~ N(0, I). Returns dict(loss, mse, ce):
         ``loss = MSE(y0_hat, y0) + ce_weight * CE(y0_hat as per-point logits, label)`` (with
-        ``parameterization='eps'`` the MSE is on eps, the CE on the reconstructed y0_hat).
+        ``parameterization='eps'`` the MSE is on eps, the CE on the reconstructed y0_hat);
+        ``mse`` and ``ce`` are the unweighted means.
         """
         B, C, *grid = M.shape
         if labels.shape != (B,):
@@ -310,10 +315,19 @@ class PriorShiftedDiffusion(nn.Module):
         y_t = self.add_noise(y0, M, eps, t)
         out = y0_model(y_t, t).float()  # (B, C, *grid)
         target = y0 if self.config.parameterization == "y0" else eps
-        mse = F.mse_loss(out, target.float())
+        mse = (out - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
         y0_hat = self.to_y0(out, y_t.float(), M.float(), t)
-        ce = F.cross_entropy(y0_hat, labels[(...,) + (None,) * len(grid)].expand(B, *grid))
-        return {"loss": mse + self.config.ce_weight * ce, "mse": mse, "ce": ce}
+        ce = F.cross_entropy(y0_hat, labels[(...,) + (None,) * len(grid)].expand(B, *grid),
+                             reduction="none").flatten(1).mean(dim=1)  # (B,)
+        per_volume = mse + self.config.ce_weight * ce  # (B,)
+        if weights is None:
+            loss = per_volume.mean()
+        else:
+            weights = weights.to(per_volume)
+            if weights.shape != (B,) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+                raise ValueError(f"weights must be (B,) = ({B},), non-negative and not all 0, got {tuple(weights.shape)}")
+            loss = (weights * per_volume).sum() / weights.sum()
+        return {"loss": loss, "mse": mse.mean(), "ce": ce.mean()}
 
     # -- sampling --------------------------------------------------------------------
 

@@ -43,6 +43,11 @@ class PriorConfig(PlainConfig):
         roi_dim: channels of each ROI vector (DCGConfig.local_dim).
         feature_dim: D, channels of the feature prior F.
         grid_size: Np, side of the dense guidance grid.
+        fold_dcgs: how many out-of-fold DCGs the model keeps besides its final DCG (0: none).
+            Phase 2 trains on the priors these DCGs gave the training scans they did not see;
+            at inference the priors of a scan come from every member (the final DCG and the
+            fold DCGs), one member per sampling chain, so the denoiser sees at test time the
+            kind of prior it was trained on (``DiffMIC3D.predict``).
     """
 
     num_classes: int = 2
@@ -51,10 +56,13 @@ class PriorConfig(PlainConfig):
     roi_dim: int = 128
     feature_dim: int = 256
     grid_size: int = 8
+    fold_dcgs: int = 0
 
     def __post_init__(self) -> None:
+        if int(self.fold_dcgs) < 0 or self.fold_dcgs == 1:
+            raise ValueError(f"PriorConfig.fold_dcgs must be 0 or >= 2 (out-of-fold DCGs), got {self.fold_dcgs}")
         for f in fields(self):
-            if int(getattr(self, f.name)) < 1:
+            if f.name != "fold_dcgs" and int(getattr(self, f.name)) < 1:
                 raise ValueError(f"PriorConfig.{f.name} must be >= 1, got {getattr(self, f.name)}")
         if self.num_classes < 2:
             raise ValueError(f"PriorConfig.num_classes must be >= 2, got {self.num_classes}")

@@ -6,7 +6,7 @@ For each mutation: copy the repository's tracked files to a temporary folder, br
 run the tests that guard it, and report whether at least one failed (it must). The mutations:
 
 1. the phase-2 loss multiplied by 0 in ``utils.training.diffusion.train_diffusion``;
-2. ``calibrate_temperature`` returning 1.0 without fitting;
+2. ``calibrate_readout`` leaving the identity readout without fitting;
 3. ``utils.benchmarking.timing.timed`` returning 0.0 without measuring.
 
 Exit status 0 when every mutation was caught. Takes about a minute on 2 CPU cores.
@@ -25,9 +25,9 @@ MUTATIONS = [
     ("phase-2 loss x 0", "utils/training/diffusion.py", 'generator=generator)["loss"]',
      'generator=generator)["loss"] * 0.0',
      ["tests/test_diffusion_method.py::test_c_phase2_learns_and_b_the_condition_carries_the_prediction"]),
-    ("calibrate_temperature returns 1.0", "utils/training/diffusion.py",
-     "    model.set_temperature(1.0)\n", "    return 1.0\n    model.set_temperature(1.0)\n",
-     ["tests/test_diffusion_training.py"]),
+    ("calibrate_readout does not fit", "utils/training/readout.py",
+     "    model.set_readout(scale, bias)\n", "    scale, bias = 1.0, [0.0] * len(bias)\n    model.set_readout(scale, bias)\n",
+     ["tests/test_readout.py"]),
     ("timed returns 0.0", "utils/benchmarking/timing.py",
      '    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` (untimed) calls."""',
      '    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` (untimed) calls."""\n    return 0.0',

@@ -16,13 +16,16 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def make(trained_film=True, **kw):
+def make(trained_film=True, trained_out=True, **kw):
     """A denoiser in eval mode; ``trained_film``: its FiLM layer (zero at initialisation, so
-    the timestep has no effect yet) gets random weights, as after training."""
+    the timestep has no effect yet) gets random weights, as after training; ``trained_out``:
+    so does the last layer of the head (zero at initialisation: y0_hat = M until trained)."""
     torch.manual_seed(0)
     net = ConditionalDenoiser(DenoiserConfig(**{**SMALL, **kw})).eval()
     if trained_film:
         torch.nn.init.normal_(net.head.time_mlp[-1].weight, std=0.5)
+    if trained_out:
+        torch.nn.init.normal_(net.head.out.weight, std=0.5)
     return net
 
 
@@ -94,6 +97,7 @@ def test_a_point_output_depends_on_its_own_inputs_only(which):
 def test_point_head_directly_is_pointwise():
     torch.manual_seed(0)
     head = PointHead(num_classes=2, width=8, time_dim=8, kernel=1)
+    torch.nn.init.normal_(head.out.weight, std=0.5)  # as after training (zero at initialisation)
     g = gen(3)
     y_t, M = torch.randn(1, 2, 3, 3, 3, generator=g), torch.randn(1, 2, 3, 3, 3, generator=g)
     t, cond = torch.randint(0, 1000, (1, 3, 3, 3), generator=g), torch.randn(1, 8, 3, 3, 3, generator=g)
@@ -272,3 +276,27 @@ def test_the_unbounded_film_variant_is_the_earlier_head():
     assert bounded.config.to_dict()["film"] == "bounded"
     with pytest.raises(ValueError, match="film"):
         DenoiserConfig(**{**SMALL, "film": "wide"})
+
+
+# starting from the prior ---------------------------------------------------------------------
+
+
+def test_an_untrained_residual_head_returns_its_prior_and_learns_a_correction_from_there():
+    net = make(trained_film=False, trained_out=False).train()
+    scan, M, F, y_t, t = inputs()
+    cond = net.condition(scan, M, F)
+    torch.testing.assert_close(net(y_t, M, t, cond), M)  # y0_hat = M + 0, whatever y_t, t, scan
+    target = torch.zeros_like(M)
+    target[:, 0] = 1.0
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = (net(y_t, M, t, net.condition(scan, M, F)) - target).pow(2).mean()
+        first = loss.item() if first is None else first
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first  # the zero-initialised correction does receive gradient
+    direct = make(trained_film=False, trained_out=False, prior_residual=False)
+    with torch.no_grad():
+        assert not torch.allclose(direct(y_t, M, t, direct.condition(scan, M, F)), M, atol=1e-3)

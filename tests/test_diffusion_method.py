@@ -10,6 +10,8 @@
 """
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -110,6 +112,7 @@ def test_a_a_point_output_depends_on_its_own_y_t_only():
     torch.manual_seed(0)
     model = DiffMIC3D(ModelConfig.tiny()).eval()
     torch.nn.init.normal_(model.denoiser.head.time_mlp[-1].weight)  # as trained: FiLM starts at zero
+    torch.nn.init.normal_(model.denoiser.head.out.weight)  # and so does the correction
     x = torch.rand(2, 1, 32, 32, 16)
     M, cond = model.condition(x, model.guidance(x))
     y_t = torch.randn_like(M)
@@ -179,3 +182,60 @@ def test_c_phase2_learns_and_b_the_condition_carries_the_prediction(tmp_path):
 def test_c_a_zeroed_phase2_loss_is_caught(tmp_path):
     _, _, _, auc, _ = run_phase2(tmp_path, loss_scale=0.0)  # (AdamW's weight decay still moves weights)
     assert auc < 0.8
+
+
+# -- (d) the prior: used when it carries the signal; (e) one pass is the first DDIM step ---------
+
+
+class NoiseVolumes(BlobVolumes):
+    """Volumes of pure noise: the scan holds nothing about the label."""
+
+    def __init__(self, n, seed):
+        super().__init__(n, seed)
+        self.images = np.random.default_rng(seed + 100).normal(0.3, 0.05, size=self.images.shape).astype(np.float32)
+
+
+def informative_guidance(model, data, seed):
+    """The untrained DCG's cache with its class probabilities replaced by a noisy version of the
+    label (p(true class) ~ 0.75): the prior carries the signal the scans do not."""
+    guidance = cache_guidance(model, data, torch.device("cpu"), progress=False)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(data.labels)
+    logit = 2.0 * (2.0 * labels.float() - 1.0) + 1.5 * torch.randn(len(labels), generator=g)
+    p1 = torch.sigmoid(logit)
+    probs = torch.stack([1 - p1, p1], dim=1)
+    fields = guidance.as_dict()
+    fields.update(global_probs=probs, local_probs=probs, fused_probs=probs)
+    return type(guidance)(**fields)
+
+
+def test_d_the_prior_carries_the_prediction_where_the_scan_holds_nothing(tmp_path):
+    from utils.benchmarking.ablations import uninformative
+
+    train, val = NoiseVolumes(48, 0), NoiseVolumes(48, 1)
+    model = blob_model()
+    guidance = {"train": informative_guidance(model, train, 0), "val": informative_guidance(model, val, 1)}
+    train_diffusion(model, train, guidance["train"], val, guidance["val"], blob_config(), torch.device("cpu"),
+                    tmp_path / "diffusion.pth")
+    auc = lambda g: roc_auc_score(val.labels, predict_dataset(model, val, g, torch.device("cpu"), 8, 0)["probs"][:, 1])  # noqa: E731
+    prior_auc = roc_auc_score(val.labels, guidance["val"].fused_probs[:, 1])
+    with_prior, without = auc(guidance["val"]), auc(uninformative(guidance["val"]))
+    assert with_prior >= prior_auc - 0.05, (with_prior, prior_auc)  # it keeps what its prior knows
+    assert without <= 0.7, without  # and that was all it knew: replaced by an uninformative prior, chance
+
+
+def test_e_one_pass_is_the_denoisers_first_prediction():
+    """The 'one pass' ablation (1 DDIM step) returns the denoiser's y0 at t = T - 1 from
+    y_T = M + noise, read out: the sampler adds nothing to it but further steps."""
+    torch.manual_seed(0)
+    model = DiffMIC3D(ModelConfig.tiny()).eval()
+    torch.nn.init.normal_(model.denoiser.head.out.weight, std=0.3)  # as trained
+    x = torch.rand(2, 1, 32, 32, 16)
+    guidance = model.guidance(x)
+    out = model.predict(x, guidance, num_samples=1, steps=1, generator=torch.Generator().manual_seed(5))
+    M, cond = model.condition(x, guidance)
+    y_T = M + torch.randn(M.shape, generator=torch.Generator().manual_seed(5))
+    t = torch.full((2, *GRID), model.diffusion.num_timesteps - 1)
+    torch.testing.assert_close(out["samples"][0], model.probabilities(model.denoiser(y_T, M, t, cond)))
+    several = model.predict(x, guidance, num_samples=1, steps=5, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(several["samples"], out["samples"])  # more steps do change the answer here

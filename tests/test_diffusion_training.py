@@ -1,10 +1,10 @@
 """Phase 2 (``utils.training.diffusion``): the run itself -- cached guidance, frozen DCG,
-resumable checkpoints, EMA, learning-rate schedule -- and the validation-fitted temperature.
+resumable checkpoints, EMA, learning-rate schedule. The validation-fitted readout is tested in
+test_readout.py.
 
 Whether phase 2 actually learns (and reads the scan) is tested in test_diffusion_method.py.
 """
 import copy
-import warnings
 
 import numpy as np
 import pytest
@@ -13,8 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from helpers import SHAPE, BlobVolumes
 from models.diffmic3d import DiffMIC3D, ModelConfig
-from utils.training.diffusion import (calibrate_temperature, fit_temperature, predict_dataset, recompute_encoder_bn,
-                                      train_diffusion, warmup_cosine)
+from utils.training.diffusion import recompute_encoder_bn, train_diffusion, warmup_cosine
 from utils.training.profiles import get_profile
 from utils.training.dcg import cache_guidance
 
@@ -201,66 +200,3 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tm
     reference_ckpt = torch.load(uninterrupted["path"], weights_only=True)
     for key, value in final["model_state_dict"].items():
         assert torch.equal(value, reference_ckpt["model_state_dict"][key]), key
-
-
-# -- the temperature --------------------------------------------------------------------------
-
-
-def val_logits(scale, n=200, samples=4, seed=0):
-    """(S, N, 2) sample logits: a per-volume margin N(1, 1) towards the label (so ~16 % of the
-    volumes are wrong), a little per-sample noise, times ``scale``; and the labels."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 2
-    sign = 2.0 * labels - 1  # +1 for class 1
-    margin = (1.0 + torch.randn(n, generator=g)) * sign
-    per_sample = margin + 0.05 * torch.randn(samples, n, generator=g)
-    return scale * torch.stack([-per_sample / 2, per_sample / 2], dim=-1), labels
-
-
-def mean_probs(y0_mean, temperature):
-    return torch.softmax(y0_mean / temperature, dim=-1).mean(0)
-
-
-def test_fit_temperature_sharpens_under_confident_logits_without_changing_the_argmax():
-    logits, labels = val_logits(scale=1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # an interior minimum: no warning
-        base = fit_temperature(logits, labels)
-        under = fit_temperature(0.1 * logits, labels)
-    assert under < 1.0 and under < base
-    assert under == pytest.approx(0.1 * base, rel=0.1)  # the fit sees through a rescaling of the logits
-    nll = lambda t: -mean_probs(0.1 * logits, t)[torch.arange(len(labels)), labels].log().mean()  # noqa: E731
-    assert nll(under) < nll(1.0)
-    assert torch.equal(mean_probs(0.1 * logits, under).argmax(1), mean_probs(0.1 * logits, 1.0).argmax(1))
-
-
-@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["perfectly separated", "perfectly wrong"])
-def test_fit_temperature_on_the_grid_edge_warns_and_returns_one(sign):
-    labels = torch.arange(20) % 2
-    logits = sign * 3.0 * (2.0 * torch.nn.functional.one_hot(labels, 2).float() - 1)  # (N, 2)
-    logits = logits.expand(3, -1, -1)
-    with pytest.warns(RuntimeWarning, match="edge of its grid"):
-        assert fit_temperature(logits, labels) == 1.0
-
-
-def test_calibrate_temperature_stores_the_fit_on_the_model_and_is_deterministic(data, config):
-    model = new_model().eval().freeze_dcg()
-    val = copy.copy(data["val"])
-    val_guidance = data["val_guidance"]
-    before = predict_dataset(model, val, val_guidance, CPU, BATCH, config.seed)
-    assert before["y0_mean"].shape == (model.config.diffusion.num_samples, N_VAL, 2)
-    # labels that agree with the untrained model's ranking 3 times in 4: an interior optimum
-    val.labels = np.array([int(before["probs"][i].argmax()) ^ int(i == 0) for i in range(N_VAL)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        value = calibrate_temperature(model, val, val_guidance, config, CPU)
-    assert value != 1.0 and float(model.temperature) == value
-    # it is the fit on the validation samples drawn exactly as the test predictions are drawn
-    assert value == fit_temperature(before["y0_mean"], torch.as_tensor(val.labels))
-    after = predict_dataset(model, val, val_guidance, CPU, BATCH, config.seed)
-    assert torch.equal(after["probs"].argmax(1), before["probs"].argmax(1))
-    torch.testing.assert_close(after["y0_mean"], before["y0_mean"])  # the temperature only acts on the readout
-    # deterministic (a resumed run refits the same), whatever temperature the model held
-    model.set_temperature(3.0)
-    assert calibrate_temperature(model, val, val_guidance, config, CPU) == value
-    assert float(model.temperature) == value

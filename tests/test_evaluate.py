@@ -161,7 +161,8 @@ def test_predictions_csv_rows_and_columns(tmp_path):
     with open(tmp_path / "predictions.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == ["model", "path", "label", "prob_Normal", "prob_COVID-19",
-                                     "std_Normal", "std_COVID-19", "entropy"]
+                                     "std_Normal", "std_COVID-19", "entropy", "threshold", "decision",
+                                     "u_margin", "u_entropy", "u_spread", "u_ttest"]
         rows = list(reader)
     assert len(rows) == 3 * 30
     assert [r["model"] for r in rows[::30]] == list(predictions)
@@ -173,6 +174,36 @@ def test_predictions_csv_rows_and_columns(tmp_path):
     np.testing.assert_array_equal([float(r["std_COVID-19"]) for r in ours], expected.std[:, 1])
     np.testing.assert_array_equal([float(r["entropy"]) for r in ours], expected.entropy)
     assert {r["std_Normal"] for r in baseline} == {""} and {r["entropy"] for r in baseline} == {""}
+    # no validation predictions: no threshold, decisions at the argmax, no chain-based scores
+    assert {r["threshold"] for r in rows} == {""} and {r["u_spread"] for r in rows} == {""}
+    assert [int(r["decision"]) for r in ours] == expected.probs.argmax(1).tolist()
+
+
+def test_validation_thresholds_decide_the_test_scans_and_uncertainty_is_reported(tmp_path):
+    """Each model's threshold is chosen on ITS validation predictions (Youden), kept when the model
+    brings its own, and applied unchanged to the test scans; uncertainty.csv and the
+    risk-coverage figure are written."""
+    from utils.evaluation.thresholds import youden_threshold
+    test, val = toy_predictions(), toy_predictions()
+    for pred in val.values():  # a validation split whose scores are shifted: a threshold away from 0.5
+        pred.probs = np.clip(pred.probs + np.array([-0.2, 0.2]), 0.0, 1.0)
+        pred.probs /= pred.probs.sum(1, keepdims=True)
+    test["chance"].threshold = 0.3  # a model with its own stored threshold keeps it
+    rows = evaluate_experiment(test, tmp_path, ["Normal", "COVID-19"], n_resamples=1000, val_predictions=val,
+                               reference="chance")
+    values = {(r["model"], r["metric"]): r["value"] for r in rows}
+    expected = youden_threshold(val["DiffMIC-3D"].labels, val["DiffMIC-3D"].probs)
+    assert values[("DiffMIC-3D", "threshold@val_threshold")] == pytest.approx(expected)
+    assert values[("chance", "threshold@val_threshold")] == pytest.approx(0.3)
+    at = classification_metrics(test["DiffMIC-3D"].labels, test["DiffMIC-3D"].probs, threshold=expected)
+    assert values[("DiffMIC-3D", "recall@val_threshold")] == pytest.approx(at["recall"])
+    assert values[("DiffMIC-3D", "balanced_accuracy@val_threshold")] == pytest.approx(at["balanced_accuracy"])
+    assert 0 <= values[("DiffMIC-3D", "ece")] <= 1
+    with open(tmp_path / "uncertainty.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert {(r["model"], r["score"]) for r in table} >= {("DiffMIC-3D", "margin"), ("chance", "margin")}
+    assert (tmp_path / "val_predictions.csv").is_file()
+    assert_png(tmp_path / "figures" / "risk_coverage.png")
 
 
 def test_evaluate_experiment_refuses_different_test_sets(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from models.diffusion_process import DiffusionConfig, PriorShiftedDiffusion
 from utils.paths import REPO_ROOT
 
-TRAINING = {"fit", "cache_guidance", "calibrate_temperature", "out_of_fold_guidance"}
+TRAINING = {"fit", "cache_guidance", "calibrate_readout", "out_of_fold_guidance"}
 
 
 def imports(source: str) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ from helpers import DATA, toy_ct, write_nifti
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.training.checkpoint import save_checkpoint
 from utils.errors import DataError
-from utils.predict import expand_inputs, load_model, main, predict_scan
+from utils.predict import expand_inputs, format_result, load_model, main, predict_scan
 from utils.evaluation.ood import fit_feature_stats
 from utils.data.preprocessing import PreprocessConfig, preprocess
 
@@ -36,6 +36,7 @@ def write_checkpoint(path, config: ModelConfig, state_dict=None, **overrides):
     """A checkpoint following the run's contract for a randomly initialised tiny model."""
     torch.manual_seed(0)
     model = DiffMIC3D(config)
+    torch.nn.init.normal_(model.denoiser.head.out.weight, std=0.1)  # as trained (zero at initialisation)
     h, w, d = config.dcg.input_shape
     s = config.dcg.roi_scale
     entries = {
@@ -122,7 +123,7 @@ def bad_checkpoints(tmp: Path) -> dict:
                                     "hu_min": -1000.0, "hu_max": 400.0, "target_shape": list(INPUT_SHAPE)}),
                                 "trained by an older version, retrain"),
         "older model version": (_older(tmp / "older.pth", config),
-                                "written by an older version of the model (checkpoint model_config does not match"),
+                                "written by an older version of the model ("),
         "dcg stage checkpoint": (write_checkpoint(tmp / "dcg.pth", config, history=...,
                                                   fit={"name": "dcg", "complete": True}),
                                  "training checkpoint of the 'dcg' stage, not a finished model"),
@@ -340,3 +341,25 @@ def test_the_research_note_names_the_training_data(tmp_path, scans, capsys, sour
     code, out, err = run_cli(capsys, scans / "a.nii.gz", "--checkpoint", path, "--samples", "1", "--json")
     assert code == 0 and err.startswith("Research use only, not for diagnosis") and words in err
     assert words in json.loads(out)[0]["note"]
+
+
+def test_refer_when_the_uncertainty_is_above_the_stored_threshold(tmp_path, scans):
+    """The referral threshold comes with the model (chosen on the validation split in training);
+    a scan above it is marked REFER in the text and ``refer: true`` in the JSON."""
+    config = ModelConfig.tiny(input_shape=INPUT_SHAPE).with_changes(diffusion={"num_samples": 2})
+    torch.manual_seed(0)
+    state = DiffMIC3D(config)
+    torch.nn.init.normal_(state.denoiser.head.out.weight, std=0.1)
+    results = {}
+    for name, refer_at in (("never", float("inf")), ("always", -1e9)):
+        state.set_thresholds(decision=0.4, refer=refer_at)
+        path = write_checkpoint(tmp_path / f"{name}.pth", config, state_dict=state.state_dict())
+        model, meta = load_model(path)
+        results[name] = predict_scan(model, meta, scans / "a.nii.gz", seed=0)
+    never, always = results["never"], results["always"]
+    assert never["refer"] is False and always["refer"] is True
+    assert never["uncertainty"] == pytest.approx(always["uncertainty"]) and never["decision_threshold"] == pytest.approx(0.4)
+    assert "REFER" in format_result(always) and "REFER" not in format_result(never)
+    # the class is decided at the stored threshold, not at 0.5
+    p_pos = always["probs"][CLASS_NAMES[1]]
+    assert always["predicted_class"] == CLASS_NAMES[int(p_pos >= 0.4)]

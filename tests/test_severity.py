@@ -21,7 +21,10 @@ def test_five_class_severity_run_end_to_end(tmp_path):
                           progress=False)
     rows = run_experiment(config, tmp_path / "run", data_dir=data, cache_dir=tmp_path / "cache", device="cpu")
     aucs = {r["model"]: r["value"] for r in rows if r["metric"] == "roc_auc"}
-    assert len(aucs) == 5 and all(np.isnan(a) or 0.0 <= a <= 1.0 for a in aucs.values())
+    # DiffMIC-3D, the DCG's global prior, fused prediction and ensemble, two baselines
+    assert len(aucs) == 6 and all(np.isnan(a) or 0.0 <= a <= 1.0 for a in aucs.values())
+    assert not any(r["metric"].endswith("@val_threshold") for r in rows)  # thresholds are binary only
+    assert {r["model"] for r in rows if r["metric"] == "ece"} == set(aucs)
     confusion = [r for r in rows if r["model"] == "DiffMIC-3D" and r["metric"].startswith("confusion_")]
     assert len(confusion) == 25  # a 5 x 5 confusion matrix
     train_config = json.loads((tmp_path / "run" / "train_config.json").read_text())
@@ -31,6 +34,7 @@ def test_five_class_severity_run_end_to_end(tmp_path):
     assert meta.training_data.startswith("synthetic chest-CT phantoms")  # the research-use note says so
     result = predict_scan(model, meta, paths[-1], num_samples=2)
     assert list(result["probs"]) == list(meta.class_names)
+    assert result["decision_threshold"] is None and isinstance(result["refer"], bool)  # argmax for C = 5
     assert sum(result["probs"].values()) == pytest.approx(1.0, abs=1e-5)
     # the model file carries the training scans' feature statistics; the flag is computed from them
     with open(tmp_path / "run" / "splits.csv", newline="") as f:

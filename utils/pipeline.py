@@ -46,13 +46,15 @@ from utils.stage_timer import StageTimer
 from utils.training.baselines import DISPLAY_NAMES, baseline_from_checkpoint, train_baseline
 from utils.training.checkpoint import load_checkpoint, save_checkpoint
 from utils.training.dcg import cache_guidance, train_dcg
-from utils.training.diffusion import calibrate_temperature, predict_dataset, train_diffusion
+from utils.training.diffusion import predict_dataset, train_diffusion
+from utils.training.readout import calibrate_readout
 from utils.training.loop import FitResult, epoch_seed, stage_complete
 from utils.training.stage import eval_loader
 
 OURS = "DiffMIC-3D"
 ABLATION_GLOBAL = "DCG global prior only"
 ABLATION_FUSED = "DCG without diffusion"
+ENSEMBLE = "DCG ensemble (folds + final)"
 STAGES = ("dcg", "diffusion", "resnet18", "densenet121")
 
 log = get_logger(__name__)
@@ -108,14 +110,24 @@ def load_dcg(exp: Experiment, run_first: str = "notebook 03_dcg_model") -> tuple
 
 
 def cache_split_guidance(exp: Experiment, model: DiffMIC3D,
-                         splits: tuple[str, ...] = ("train", "val")) -> dict[str, DCGOutput]:
+                         splits: tuple[str, ...] = ("train", "val"), member: int = 0) -> dict[str, DCGOutput]:
     """The frozen DCG's outputs once per volume of each split (unflipped), one
-    :class:`DCGOutput` per split with rows in dataset order (``utils.training.dcg.cache_guidance``)."""
+    :class:`DCGOutput` per split with rows in dataset order (``utils.training.dcg.cache_guidance``).
+    ``member``: 0 the final DCG, i >= 1 the (i-1)-th out-of-fold DCG the model keeps."""
     model.freeze_dcg()
     names = {"train": "train_plain"}
     return {split: cache_guidance(model, exp.datasets[names.get(split, split)], exp.device, exp.config.batch_size,
-                                  exp.config.num_workers, exp.config.progress)
+                                  exp.config.num_workers, exp.config.progress, member=member)
             for split in splits}
+
+
+def cache_member_guidance(exp: Experiment, model: DiffMIC3D, split: str,
+                          final: Optional[DCGOutput] = None) -> list[DCGOutput]:
+    """Every prior member's cached outputs on ``split`` (``DiffMIC3D.member_guidance`` order:
+    the final DCG, then the out-of-fold DCGs); ``final``: the final DCG's cache if already made."""
+    first = final if final is not None else cache_split_guidance(exp, model, (split,))[split]
+    return [first] + [cache_split_guidance(exp, model, (split,), member=i)[split]
+                      for i in range(1, model.num_members)]
 
 
 # -- phase 2 ------------------------------------------------------------------------------
@@ -141,8 +153,10 @@ def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> DCGOutput:
     (``checkpoints/dcg_fold{i}.pth``, resumable; early stopping on the validation split) and
     gives the guidance of the held-out fold. Without this, phase 2 sees the final DCG's priors
     on its own training scans, which are near perfect, and learns to copy them (measured: the
-    diffusion then scores below its own DCG on new scans). Returns a cache like
-    ``cache_guidance`` (rows in ``train_plain`` order).
+    diffusion then scores below its own DCG on new scans). When the model keeps its fold DCGs
+    (``PriorConfig.fold_dcgs``), fold i's weights are copied into ``model.fold_dcgs[i]``: they
+    give the test-time priors too. Returns a cache like ``cache_guidance`` (rows in
+    ``train_plain`` order).
     """
     config, device = exp.config, exp.device
     labels = exp.datasets["train_plain"].labels
@@ -154,6 +168,8 @@ def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> DCGOutput:
         train_dcg(fold_model, _Subset(exp.datasets["train"], rest.tolist()), exp.datasets["val"], config, device,
                   exp.output_dir / CHECKPOINTS_DIR / f"dcg_fold{i}.pth", exp.meta)
         fold_model.freeze_dcg()
+        if len(model.fold_dcgs):
+            model.fold_dcgs[i].load_state_dict(fold_model.dcg.state_dict())
         held = torch.as_tensor(held)
         parts.append(cache_guidance(fold_model, exp.datasets["train_plain"], device, config.batch_size,
                                     config.num_workers, config.progress).index(held))
@@ -162,21 +178,26 @@ def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> DCGOutput:
 
 
 def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, DCGOutput]) -> FitResult:
-    """Phase 2 on the finished phase-1 DCG held by ``model``, and the validation-fitted temperature.
+    """Phase 2 on the finished phase-1 DCG held by ``model``, and the validation-fitted readout.
 
     ``guidance``: that DCG's cached outputs of the ``'train'`` and ``'val'`` splits
     (:func:`cache_split_guidance`). The training priors are out of fold
-    (:func:`out_of_fold_guidance`) when ``config.oof_folds >= 2``, else ``guidance['train']``.
-    The fitted temperature is in ``result.history['temperature']`` and on the model.
+    (:func:`out_of_fold_guidance`, which also fills the model's fold DCGs) when
+    ``config.oof_folds >= 2``, else ``guidance['train']``; validation reads every prior member.
+    The readout calibration and the decision and referral thresholds
+    (``utils.training.readout``) are in ``result.history['readout']`` and on the model.
     """
     config = exp.config
     train_guidance = out_of_fold_guidance(exp, model) if config.oof_folds >= 2 else guidance["train"]
+    val_members = cache_member_guidance(exp, model, "val", guidance["val"])
     reseed_stage(exp, "diffusion")
-    result = train_diffusion(model, exp.datasets["train"], train_guidance, exp.datasets["val"], guidance["val"],
+    result = train_diffusion(model, exp.datasets["train"], train_guidance, exp.datasets["val"], val_members,
                              config, exp.device, exp.checkpoint("diffusion"), exp.meta)
-    temperature = calibrate_temperature(model, exp.datasets["val"], guidance["val"], config, exp.device)
-    log.info(f"softmax temperature fitted on the validation split: {temperature:.3f}")
-    result.history["temperature"] = temperature
+    readout = calibrate_readout(model, exp.datasets["val"], val_members, config, exp.device)
+    log.info(f"readout fitted on the validation split: scale {readout['scale']:.3f}, bias "
+             f"{[round(b, 3) for b in readout['bias']]}, decision threshold {readout['decision_threshold']:.3f}, "
+             f"referral threshold {readout['refer_threshold']:.3f}")
+    result.history["readout"] = readout
     return result
 
 
@@ -189,6 +210,18 @@ def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict, train
     return save_checkpoint(exp.main_checkpoint, model_config=model.config.to_dict(),
                            model_state_dict=model.state_dict(), **exp.meta, history=history,
                            feature_stats=fit_feature_stats(features))
+
+
+def load_main_model(exp: Experiment, run_first: str = "notebook 06_training") -> DiffMIC3D:
+    """The finished model of the run (``diffmic3d_enhanced_model.pth``), in eval mode on the
+    run's device; any data source (``utils.predict.load_model`` also checks the preprocessing
+    of scan files, which a MedMNIST model has none of)."""
+    if not exp.main_checkpoint.is_file():
+        raise DataError(exp.main_checkpoint, f"does not exist: run {run_first} first (with the same output folder)")
+    saved = load_checkpoint(exp.main_checkpoint)
+    model = DiffMIC3D.from_config_dict(saved["model_config"]).to(exp.device)
+    model.load_state_dict(saved["model_state_dict"])
+    return model.eval()
 
 
 # -- baselines, history, the whole sequence -------------------------------------------------
@@ -265,40 +298,70 @@ def train_all(exp: Experiment, timer: Optional[StageTimer] = None
 # -- the test split -------------------------------------------------------------------------
 
 
-def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Module]) -> list[dict]:
-    """The test split, once: DiffMIC-3D, its two ablations and the baselines.
-
-    Writes ``evaluation_results.csv``, ``predictions.csv`` and the figures (``utils.evaluation.evaluate``),
-    including the saliency / ROI and denoising-trajectory figures of one test scan per class
-    and the baselines' Grad-CAM maps of the same scans (``utils.evaluation.gradcam``).
-    DiffMIC-3D samples with the model's own settings (``DiffusionConfig.num_samples``, ``ddim_steps``).
-    Returns the evaluation rows (``model, metric, value, ci_low, ci_high``).
-    """
-    config, device, test = exp.config, exp.device, exp.datasets["test"]
-    model.eval()
-    test_guidance = cache_split_guidance(exp, model, ("test",))["test"]
-    ours = predict_dataset(model, test, test_guidance, device, config.batch_size, config.seed,
+def _split_predictors(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Module], split: str) -> dict:
+    """Model name -> ``predict_batch`` on ``split`` (``utils.evaluation.evaluate.predict_loader``):
+    DiffMIC-3D (its chains spread over the prior members), the DCG's global prior and fused
+    prediction, the DCG ensemble (the mean of the members' fused predictions, when the model
+    keeps out-of-fold DCGs) and the baselines. Everything but the baselines is computed here
+    once per scan and looked up by the batch's dataset indices."""
+    config, device = exp.config, exp.device
+    members = cache_member_guidance(exp, model, split)
+    ours = predict_dataset(model, exp.datasets[split], members, device, config.batch_size, config.seed,
                            num_workers=config.num_workers)
-    ours.pop("y0_mean")  # (S, N, C): per-sample, not per-scan
 
     def rows_of(values: dict[str, torch.Tensor]):
-        return lambda batch: {k: v[torch.as_tensor(batch["index"]).cpu()] for k, v in values.items()}
+        def predict(batch):
+            rows = torch.as_tensor(batch["index"]).cpu()
+            return {k: v[:, rows] if k == "samples" else v[rows] for k, v in values.items()}
+        return predict
 
     predictors = {
-        OURS: rows_of(ours),
-        ABLATION_GLOBAL: rows_of({"probs": test_guidance.global_probs}),
-        ABLATION_FUSED: rows_of({"probs": test_guidance.fused_probs}),
+        OURS: rows_of({k: ours[k] for k in ("probs", "std", "entropy", "samples")}),
+        ABLATION_GLOBAL: rows_of({"probs": members[0].global_probs}),
+        ABLATION_FUSED: rows_of({"probs": members[0].fused_probs}),
     }
+    if len(members) > 1:
+        fused = torch.stack([g.fused_probs for g in members])  # (m, N, C)
+        predictors[ENSEMBLE] = rows_of({"probs": fused.mean(0), "samples": fused})
     for name, net in baselines.items():
         net.eval()
         predictors[DISPLAY_NAMES[name]] = (lambda net: lambda batch: {"probs": torch.softmax(net(batch["image"]), 1)})(net)
-    loader = eval_loader(test, config)
-    predictions: dict[str, Predictions] = {name: predict_loader(fn, loader, device, desc=f"test {name}",
-                                                                progress=config.progress)
-                                           for name, fn in predictors.items()}
+    return predictors
+
+
+def predict_split(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Module], split: str
+                  ) -> dict[str, Predictions]:
+    """Every model's :class:`Predictions` on ``split``; DiffMIC-3D's carry its stored decision
+    threshold (binary), the others get theirs from the validation split in ``evaluate_experiment``."""
+    loader = eval_loader(exp.datasets[split], exp.config)
+    predictions = {name: predict_loader(fn, loader, exp.device, desc=f"{split} {name}", progress=exp.config.progress)
+                   for name, fn in _split_predictors(exp, model, baselines, split).items()}
+    if exp.num_classes == 2:
+        predictions[OURS].threshold = float(model.decision_threshold)
+    return predictions
+
+
+def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Module]) -> list[dict]:
+    """The test split, once: DiffMIC-3D, its ablations (DCG global prior only; DCG without
+    diffusion; the DCG ensemble) and the baselines.
+
+    The validation split is predicted first, by every model, to choose each model's decision
+    threshold (``val_predictions.csv``). Writes ``evaluation_results.csv`` (at argmax and at
+    the validation threshold, ECE), ``predictions.csv``, ``uncertainty.csv`` and the figures
+    (``utils.evaluation.evaluate``), including the risk-coverage curves, the saliency / ROI
+    and denoising-trajectory figures of one test scan per class and the baselines' Grad-CAM
+    maps of the same scans (``utils.evaluation.gradcam``). DiffMIC-3D samples with the model's
+    own settings (``DiffusionConfig.num_samples``, ``ddim_steps``), its chains spread over its
+    prior members. Returns the evaluation rows (``model, metric, value, ci_low, ci_high``).
+    """
+    config, test = exp.config, exp.datasets["test"]
+    model.eval()
+    val_predictions = predict_split(exp, model, baselines, "val")
+    predictions = predict_split(exp, model, baselines, "test")
     csv_base = exp.data_root if exp.data_root.is_dir() else exp.data_root.parent  # as splits.csv: a .npz's folder
     rows = evaluate_experiment(predictions, exp.output_dir, exp.class_names, seed=config.seed,
-                               n_resamples=config.n_resamples, data_root=csv_base)
+                               n_resamples=config.n_resamples, data_root=csv_base, val_predictions=val_predictions,
+                               reference=ABLATION_FUSED)
     shown = figure_scans(test)
     volumes, paths = [test[i]["image"].numpy() for i in shown], [test.records[i].path for i in shown]
     write_model_figures(model, volumes, paths, exp.output_dir, seed=config.seed, class_names=exp.class_names,

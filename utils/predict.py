@@ -12,8 +12,11 @@ training pipeline: ``utils.data.nifti_io.load_scan`` (HU, RAS+, voxel spacing) t
 ``target_spacing`` (no such keys) is refused ("trained by an older version, retrain"), and so
 is a model trained on MedMNIST (``data_source.kind == 'medmnist'``): it never saw HU. For each scan the CLI prints the predicted class, its
 probability and two uncertainties: the standard deviation of that probability over the
-diffusion model's stochastic samples (0 with one sample) and the predictive entropy
-``-sum_c p_c ln p_c`` of the mean probabilities (nats; ln C at complete indecision).
+diffusion model's stochastic samples (its chains, spread over the model's prior members) and
+the predictive entropy ``-sum_c p_c ln p_c`` of the mean probabilities (nats; ln C at complete
+indecision). The class is decided at the model's validation-chosen threshold (binary), and a
+scan whose uncertainty is above the referral threshold chosen on the validation split is
+marked ``REFER`` (``refer: true`` in the JSON): it should be read by a human.
 ``--json`` prints a JSON list of the same records instead.
 
 A bad scan gives the loader's one-line ``DataError`` on stderr; the other scans are still
@@ -45,6 +48,7 @@ from utils.data.nifti_io import CTVolume, HUWarning, hu_problem, load_scan
 from utils.evaluation.ood import feature_distance
 from utils.data.preprocessing import PreprocessConfig, preprocess
 from utils.seeding import pick_device
+from utils.training.readout import diffmic_uncertainty
 
 DEFAULT_CHECKPOINT = Path("outputs") / "diffmic3d_enhanced_model.pth"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -146,6 +150,8 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     try:
         model = DiffMIC3D.from_config_dict(model_config)
     except (TypeError, ValueError) as err:
+        if " lacks " in str(err):  # a field added since: a model of an older version
+            raise DataError(path, f"written by an older version of the model ({err}); retrain it") from err
         raise DataError(path, f"model_config is not a DiffMIC-3D configuration ({err})") from err
     if "fit" in ckpt:
         stage = ckpt["fit"].get("name", "?") if isinstance(ckpt["fit"], dict) else "?"
@@ -219,7 +225,11 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
     Returns:
         ``{"path": str, "predicted_class": name, "probability": p of that class,
         "probs": {name: p}, "std": {name: std over samples}, "entropy": nats,
-        "out_of_distribution": bool, "ood_reasons": [str], "feature_distance": float or None,
+        "decision_threshold": the validation-chosen threshold on p(class 1) the class was decided at
+        (binary; None otherwise), "uncertainty": the model's referral score
+        (``utils.training.readout.diffmic_uncertainty``), "refer_threshold", "refer": whether the
+        uncertainty is above the threshold chosen on the validation split (a human should read
+        this scan), "out_of_distribution": bool, "ood_reasons": [str], "feature_distance": float or None,
         "feature_threshold": float or None}``: out-of-distribution when the scan is not in
         HU (with ``allow_non_hu``) or its DCG features are far from the training scans'
         (``utils.evaluation.ood``; None for a model file without training statistics).
@@ -236,8 +246,9 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
     x = _input_tensor(volume, meta.preprocess, device)
     x_hires = _input_tensor(volume, meta.hires_preprocess, device) if meta.hires_preprocess else None
     generator = torch.Generator().manual_seed(seed)
-    guidance = model.guidance(x, x_hires)
-    out = model.predict(x, guidance=guidance, num_samples=num_samples, generator=generator)
+    members = model.member_guidance(x, x_hires)  # the final DCG first, then the out-of-fold ones
+    guidance = members[0]
+    out = model.predict(x, guidance=members, num_samples=num_samples, generator=generator)
     distance = None
     if meta.feature_stats is not None:
         distance = float(feature_distance(meta.feature_stats, guidance.global_features.float())[0])
@@ -246,7 +257,10 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
                            f"{meta.feature_stats['threshold']:.2f})")
     probs = out["probs"][0].double().cpu().numpy()  # (C,)
     std = out["std"][0].double().cpu().numpy()  # (C,)
-    top = int(probs.argmax())
+    top = int(model.decide(out["probs"][:1])[0])  # at the validation-chosen threshold (binary)
+    threshold = float(model.decision_threshold)
+    uncertainty = float(diffmic_uncertainty({k: out[k].cpu() for k in ("probs", "samples")}, threshold)[0])
+    refer_at = float(model.refer_threshold)
     names = meta.class_names
     return {
         "path": str(path),
@@ -255,6 +269,10 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         "probs": {name: float(p) for name, p in zip(names, probs)},
         "std": {name: float(s) for name, s in zip(names, std)},
         "entropy": float(out["entropy"][0]),
+        "decision_threshold": threshold if len(names) == 2 else None,
+        "uncertainty": uncertainty,
+        "refer_threshold": refer_at,
+        "refer": bool(uncertainty > refer_at),
         "out_of_distribution": bool(reasons),
         "ood_reasons": reasons,
         "feature_distance": distance,
@@ -294,8 +312,9 @@ def format_result(result: dict) -> str:
     others = ", ".join(f"{c} {p:.3f}" for c, p in result["probs"].items())
     flag = (f"; OUT OF DISTRIBUTION: {'; '.join(result['ood_reasons'])}, do not trust this prediction"
             if result.get("out_of_distribution") else "")
+    refer = "; REFER: uncertain, above the validation-chosen threshold" if result.get("refer") else ""
     return (f"{result['path']}: {name} (probability {result['probability']:.3f}; uncertainty: "
-            f"std {result['std'][name]:.3f}, entropy {result['entropy']:.3f} nats) [{others}]{flag}")
+            f"std {result['std'][name]:.3f}, entropy {result['entropy']:.3f} nats) [{others}]{refer}{flag}")
 
 
 def build_parser() -> argparse.ArgumentParser:

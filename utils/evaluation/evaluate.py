@@ -9,9 +9,9 @@ callable run over a DataLoader by :func:`predict_loader`, which collects a :clas
     OUTPUT_DIR/predictions.csv           one row per (model, scan): label, probabilities, uncertainty
     OUTPUT_DIR/figures/confusion_matrix.png, roc_curves.png, reliability_diagram.png
 
-and :func:`write_learning_curves` / :func:`write_model_figures` draw the training curves
-(from ``history.json``), the DCG's saliency maps with ROI boxes, and the denoising trajectory
-of the class probabilities. The maths lives in ``utils.evaluation.metrics`` and the drawing
+and ``utils.evaluation.run_figures`` draws the training curves (from ``history.json``), the
+DCG's saliency maps with ROI boxes, and the denoising trajectory of the class probabilities
+(re-exported here). The maths lives in ``utils.evaluation.metrics`` and the drawing
 (figure layout included) in ``utils.evaluation.visualization``; this module only runs the
 models and wires results and figures to files.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from utils.atomic import atomic_write_text
-from utils.errors import DataError
 from utils.data.splits import path_in_data_dir
+from utils.evaluation.calibration import expected_calibration_error
 from utils.evaluation.metrics import (
     CSV_COLUMNS,
     MIN_RESAMPLES,
@@ -45,20 +44,21 @@ from utils.evaluation.metrics import (
     metrics_table,
     write_metrics_csv,
 )
-from utils.evaluation.visualization import (
-    plot_denoising_trajectories,
-    plot_result_figures,
-    plot_saliency_rois,
-    plot_training_history,
-    save_figure,
-)
+from utils.evaluation.metrics import decide as metrics_decide
+from utils.evaluation.selective import (SCORE_NAMES, UNCERTAINTY_CSV, curves_of, selective_rows, uncertainty_scores,
+                                        write_selective_csv)
+from utils.evaluation.thresholds import youden_threshold
+from utils.evaluation.run_figures import FIGURES_DIR, read_history, write_learning_curves, write_model_figures  # noqa: F401
+from utils.evaluation.visualization import plot_result_figures, plot_risk_coverage, save_figure
 
 RESULTS_CSV = "evaluation_results.csv"
 PREDICTIONS_CSV = "predictions.csv"
-FIGURES_DIR = "figures"
+VAL_PREDICTIONS_CSV = "val_predictions.csv"
 
 METRIC_LABELS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall (sensitivity)",
-                 "f1": "F1", "specificity": "Specificity", "roc_auc": "ROC-AUC"}
+                 "f1": "F1", "specificity": "Specificity", "roc_auc": "ROC-AUC",
+                 "balanced_accuracy": "Balanced accuracy", "threshold": "Threshold"}
+METRIC_LABELS.update({f"{k}@val_threshold": f"{v} @ val. threshold" for k, v in list(METRIC_LABELS.items())})
 """Column titles of :func:`format_results_table`."""
 
 
@@ -77,6 +77,10 @@ class Predictions:
         std: (N, C) standard deviation of the probabilities over stochastic samples (the
             diffusion model's uncertainty), or None for deterministic models.
         entropy: (N,) predictive entropy ``-sum_c p_c log p_c`` of ``probs`` in nats, or None.
+        samples: (S, N, C) the stochastic outputs ``probs`` averages (DiffMIC-3D's chains, a DCG
+            ensemble's members), or None.
+        threshold: the decision threshold on p(class 1) chosen on the validation split (binary),
+            or None (argmax).
     """
 
     paths: list[str]
@@ -84,6 +88,8 @@ class Predictions:
     probs: np.ndarray
     std: np.ndarray | None = None
     entropy: np.ndarray | None = None
+    samples: np.ndarray | None = None
+    threshold: float | None = None
 
     def __post_init__(self):
         self.paths = [str(p) for p in self.paths]
@@ -103,6 +109,19 @@ class Predictions:
             self.entropy = np.asarray(self.entropy, dtype=np.float64)
             if self.entropy.shape != (n,):
                 raise ValueError(f"Predictions: entropy must have shape (N,) = ({n},), got {self.entropy.shape}")
+        if self.samples is not None:
+            self.samples = np.asarray(self.samples, dtype=np.float64)
+            if self.samples.ndim != 3 or self.samples.shape[1:] != self.probs.shape:
+                raise ValueError(f"Predictions: samples must have shape (S, N, C) = (S, {n}, {self.probs.shape[1]}), "
+                                 f"got {self.samples.shape}")
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Uncertainty scores (N,) of these predictions (``utils.evaluation.selective``)."""
+        return uncertainty_scores(self.probs, self.threshold, self.samples)
+
+    def selective_inputs(self) -> dict:
+        """``{"probs", "threshold", "samples"}`` as ``selective.selective_rows`` takes them."""
+        return {"probs": self.probs, "threshold": self.threshold, "samples": self.samples}
 
     @property
     def num_classes(self) -> int:
@@ -122,7 +141,8 @@ def predict_loader(predict_batch: PredictBatch, loader: DataLoader, device: torc
     """Run ``predict_batch`` over every batch of ``loader`` without gradients.
 
     Args:
-        predict_batch: ``batch -> {"probs": (B, C)[, "std": (B, C), "entropy": (B,)]}``;
+        predict_batch: ``batch -> {"probs": (B, C)[, "std": (B, C), "entropy": (B,),
+            "samples": (S, B, C)]}``;
             ``batch`` is a CTDataset batch (``image`` (B, 1, H, W, D), ``label`` (B,),
             ``index``, ``path``[, ``image_hires``]) with its tensors already on ``device``.
             Optional keys must be returned for every batch or for none.
@@ -135,7 +155,7 @@ def predict_loader(predict_batch: PredictBatch, loader: DataLoader, device: torc
         the concatenated :class:`Predictions`, in loader order.
     """
     paths, labels, probs = [], [], []
-    optional = {"std": [], "entropy": []}
+    optional = {"std": [], "entropy": [], "samples": []}
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
             n = len(batch["path"])
@@ -156,7 +176,7 @@ def predict_loader(predict_batch: PredictBatch, loader: DataLoader, device: torc
     for key, collected in optional.items():
         if collected and len(collected) != n_batches:
             raise ValueError(f"{desc}: predict_batch returned {key!r} for {len(collected)} of {n_batches} batches")
-        extra[key] = np.concatenate(collected) if collected else None
+        extra[key] = np.concatenate(collected, axis=1 if key == "samples" else 0) if collected else None
     return Predictions(paths=paths, labels=np.concatenate(labels), probs=np.concatenate(probs), **extra)
 
 
@@ -182,30 +202,39 @@ def write_predictions_csv(predictions: Mapping[str, Predictions], class_names: S
                           path: str | Path, data_root: str | Path | None = None) -> Path:
     """Per-scan predictions of every model, atomically, as CSV.
 
-    Columns: ``model, path, label, prob_<class>..., std_<class>..., entropy`` (one row per
-    model and scan; ``std_*`` and ``entropy`` are empty for models without them); ``path``
-    relative to ``data_root`` (POSIX) when the scan lies inside it, as in ``splits.csv``.
+    Columns: ``model, path, label, prob_<class>..., std_<class>..., entropy, threshold,
+    decision, u_<score>...`` (one row per model and scan; ``std_*``, ``entropy`` and a score a
+    model does not have are empty): ``threshold`` is the model's validation-chosen decision
+    threshold, ``decision`` the class decided at it (argmax without one), ``u_<score>`` the
+    uncertainty scores of ``utils.evaluation.selective``. ``path`` is relative to ``data_root``
+    (POSIX) when the scan lies inside it, as in ``splits.csv``.
     """
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "path", "label", *(f"prob_{c}" for c in class_names),
-                     *(f"std_{c}" for c in class_names), "entropy"])
+                     *(f"std_{c}" for c in class_names), "entropy", "threshold", "decision",
+                     *(f"u_{s}" for s in SCORE_NAMES)])
     n_classes = len(class_names)
     for name, pred in predictions.items():
+        scores = pred.scores()
+        decided = metrics_decide(pred.probs, pred.threshold, 1)
         for i, scan in enumerate(pred.paths):
             std = [csv_cell(v) for v in pred.std[i]] if pred.std is not None else [""] * n_classes
             entropy = csv_cell(pred.entropy[i]) if pred.entropy is not None else ""
             writer.writerow([name, path_in_data_dir(scan, data_root), int(pred.labels[i]),
-                             *(csv_cell(v) for v in pred.probs[i]), *std, entropy])
+                             *(csv_cell(v) for v in pred.probs[i]), *std, entropy, csv_cell(pred.threshold),
+                             int(decided[i]), *(csv_cell(scores[s][i]) if s in scores else "" for s in SCORE_NAMES)])
     atomic_write_text(path, buffer.getvalue())
     return Path(path)
 
 
 def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str | Path, class_names: Sequence[str],
                         seed: int = 0, n_resamples: int = MIN_RESAMPLES, positive_class: int = 1,
-                        data_root: str | Path | None = None) -> list[dict]:
-    """Metrics with 95% bootstrap CIs, per-scan predictions and figures of all models.
+                        data_root: str | Path | None = None,
+                        val_predictions: Mapping[str, Predictions] | None = None,
+                        reference: str | None = None) -> list[dict]:
+    """Metrics with 95% bootstrap CIs, per-scan predictions, uncertainty and figures of all models.
 
     Args:
         predictions: model name -> its predictions on the test split; every model on the same
@@ -224,20 +253,55 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
         positive_class: the class precision / recall / specificity / AUC refer to when C = 2.
         data_root: scan paths in ``predictions.csv`` are written relative to it (as in
             ``splits.csv``) when they lie inside it.
+        val_predictions: the same models on the VALIDATION split (binary): each model's decision
+            threshold is Youden's on them (``utils.evaluation.thresholds``) unless its test
+            ``Predictions`` already carry one (DiffMIC-3D stores its own, chosen the same way);
+            written to ``val_predictions.csv``. Every test prediction then gets its threshold,
+            ``evaluation_results.csv`` the ``<metric>@val_threshold`` rows, and
+            ``uncertainty.csv`` / ``figures/risk_coverage.png`` are written
+            (``utils.evaluation.selective``, errors at the validation threshold).
+        reference: the model whose softmax confidence the uncertainty scores are compared
+            with (default: the second model, the main model's own DCG).
 
     Returns:
-        the metric rows written to ``evaluation_results.csv`` (``utils.evaluation.metrics.metrics_table``).
+        the metric rows written to ``evaluation_results.csv`` (``utils.evaluation.metrics.metrics_table``,
+        then an ``ece`` row per model: top-label ECE on 10 equal-width bins, no interval).
     """
     _check_same_scans(predictions, class_names)
     output_dir = Path(output_dir)
+    binary = len(class_names) == 2
+    thresholds = None
+    if val_predictions is not None:
+        _check_same_scans(val_predictions, class_names)
+        if set(val_predictions) != set(predictions):
+            raise ValueError(f"val_predictions has models {sorted(val_predictions)}, predictions {sorted(predictions)}")
+        if binary:
+            for name, pred in predictions.items():
+                val = val_predictions[name]
+                chosen = pred.threshold if pred.threshold is not None else youden_threshold(val.labels, val.probs,
+                                                                                          positive_class)
+                pred.threshold = val.threshold = float(chosen)
+            thresholds = {name: p.threshold for name, p in predictions.items()}
+        write_predictions_csv(val_predictions, class_names, output_dir / VAL_PREDICTIONS_CSV, data_root)
     rows = metrics_table({name: (p.labels, p.probs) for name, p in predictions.items()},
-                         n_resamples=n_resamples, seed=seed, positive_class=positive_class)
+                         n_resamples=n_resamples, seed=seed, positive_class=positive_class, thresholds=thresholds)
+    rows += [{"model": name, "metric": "ece", "value": expected_calibration_error(p.labels, p.probs),
+              "ci_low": None, "ci_high": None} for name, p in predictions.items()]
     write_metrics_csv(rows, output_dir / RESULTS_CSV)
     write_predictions_csv(predictions, class_names, output_dir / PREDICTIONS_CSV, data_root)
 
     labels = next(iter(predictions.values())).labels  # the same for every model
     figures = plot_result_figures(labels, {name: p.probs for name, p in predictions.items()}, class_names,
-                                  positive_class, seed)
+                                  positive_class, seed, thresholds=thresholds)
+    if val_predictions is not None:
+        names = list(predictions)
+        reference = reference or names[min(1, len(names) - 1)]
+        models = {name: p.selective_inputs() for name, p in predictions.items()}
+        write_selective_csv(selective_rows(labels, models, reference, n_resamples, seed), output_dir / UNCERTAINTY_CSV)
+        shown = {name: (SCORE_NAMES if i == 0 else ("margin",)) for i, name in enumerate(names)}
+        curves, table = curves_of(labels, models, shown)
+        figures["risk_coverage"] = plot_risk_coverage(curves, table, title="Risk-coverage (test; errors at the "
+                                                      "validation threshold)")
     for name, fig in figures.items():
         save_figure(fig, output_dir / FIGURES_DIR / f"{name}.png")
     return rows
@@ -275,111 +339,3 @@ def format_results_table(rows: Sequence[Mapping], metrics: Sequence[str] = SCALA
     for model, cells in table.items():
         lines.append(f"| {model} | " + " | ".join(cells.get(m, "") for m in metrics) + " |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------
-# training curves
-# ----------------------------------------------------------------------------------------
-
-def read_history(history_path: str | Path) -> dict:
-    """Load ``history.json``: phase -> series name -> per-epoch values (losses, ``val_*`` metrics,
-    ``lr``, ``best_epoch``, ...), as :func:`write_learning_curves` draws them."""
-    history_path = Path(history_path)
-    if not history_path.is_file():
-        raise DataError(history_path, "training history not found (written by `python -m utils.run`)")
-    try:
-        history = json.loads(history_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(history_path, f"not a readable JSON file ({err})") from err
-    if not isinstance(history, dict) or not all(isinstance(v, dict) for v in history.values()):
-        raise DataError(history_path, "expected a JSON object of phases, each an object of per-epoch series")
-    return history
-
-
-def write_learning_curves(history_path: str | Path, output_dir: str | Path) -> Path:
-    """Draw ``OUTPUT_DIR/figures/learning_curves.png`` from the run's ``history.json``: losses in
-    the top row, validation metrics in the bottom row, one column per phase, the selected epoch
-    dotted (``utils.evaluation.visualization.plot_training_history``).
-
-    Raises:
-        DataError: the file is missing or unreadable, a drawn series is not a list of
-            numbers, or no phase has any epoch.
-    """
-    history = read_history(history_path)
-    try:
-        fig = plot_training_history(history)
-    except ValueError as err:
-        raise DataError(history_path, str(err)) from err
-    return save_figure(fig, Path(output_dir) / FIGURES_DIR / "learning_curves.png")
-
-
-# ----------------------------------------------------------------------------------------
-# model figures: saliency + ROI boxes, denoising trajectory
-# ----------------------------------------------------------------------------------------
-
-def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[str | Path], output_dir: str | Path,
-                        seed: int = 0, class_names: Sequence[str] | None = None,
-                        labels: Sequence[int] | None = None, hires_volumes: Sequence[np.ndarray] | None = None,
-                        num_samples: int | None = None, n_slices: int = 4, dpi: int = 120) -> dict[str, Path]:
-    """Saliency maps with ROI boxes, and the denoising trajectory, for a few scans.
-
-    Runs the model once on ``volumes`` and writes, as PNG and PDF (``save_figure``),
-    ``OUTPUT_DIR/figures/saliency_rois.png`` (``visualization.plot_saliency_rois``) and
-    ``OUTPUT_DIR/figures/denoising_trajectory.png`` (``visualization.plot_denoising_trajectories``).
-
-    Args:
-        model: a trained ``DiffMIC3D`` (its DCG runs once per scan; predictions reuse it).
-        volumes: (1, H, W, D) preprocessed volumes, e.g. a few test scans.
-        paths: their file paths (names shown in the titles).
-        output_dir: run folder.
-        seed: seed of the CPU ``torch.Generator`` drawing the sampling noise (the same
-            figures on CPU and CUDA up to floating point).
-        class_names: (C,) names; default ``class 0``, ``class 1``, ...
-        labels: optional true labels, shown in the titles.
-        hires_volumes: (1, sH, sW, D) copies at ``roi_scale`` s times the in-plane resolution;
-            required iff the model's ``roi_scale > 1``. ROI boxes are then drawn scaled back
-            to the input grid.
-        num_samples: stochastic samples per scan (default: the model's config).
-        n_slices: axial slices shown per scan in the saliency figure.
-        dpi: resolution of the PNGs.
-
-    Returns:
-        ``{"saliency_rois": path, "denoising_trajectory": path}``.
-    """
-    if not volumes or len(volumes) != len(paths):
-        raise ValueError(f"pass one path per volume and at least one volume, got {len(volumes)} volumes "
-                         f"and {len(paths)} paths")
-    if labels is not None and len(labels) != len(volumes):
-        raise ValueError(f"labels has {len(labels)} entries for {len(volumes)} volumes")
-    roi_scale = model.config.dcg.roi_scale
-    if (hires_volumes is not None) != (roi_scale > 1):
-        raise ValueError(f"hires_volumes must be given iff the model's roi_scale > 1 (roi_scale = {roi_scale})")
-    if class_names is None:
-        class_names = [f"class {c}" for c in range(model.config.num_classes)]
-    device = next(model.parameters()).device
-    model.eval()
-    x = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in volumes])).to(device)  # (B, 1, H, W, D)
-    x_hires = None
-    if hires_volumes is not None:
-        x_hires = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in hires_volumes])).to(device)
-    guidance = model.guidance(x, x_hires)
-    generator = torch.Generator().manual_seed(seed)
-    out = model.predict(x, guidance, num_samples=num_samples, generator=generator, return_trajectory=True)
-    trajectory = out["trajectory"].float().cpu().numpy()  # (S, steps + 1, B, C)
-    # states in the DDPM paper's 1-based convention: y_T first (T = num_timesteps), then the
-    # state after the step from code index t_i sits at t_{i+1} + 1, the last at 0 (clean y_0)
-    timesteps = [int(t) + 1 for t in out["timesteps"]] + [0]
-    probs = out["probs"].float().cpu().numpy()  # (B, C)
-    priors = guidance.fused_probs.float().cpu().numpy()  # (B, C)
-    dcg_pred = guidance.fused_probs.argmax(dim=1).cpu().numpy()  # (B,)
-    saliency = guidance.saliency.float().cpu().numpy()  # (B, C, h, w, d)
-    boxes = guidance.roi_boxes.cpu().numpy()  # (B, K, 6)
-
-    figures = Path(output_dir) / FIGURES_DIR
-    saliency_rois = plot_saliency_rois(volumes, saliency, boxes, dcg_pred, paths, class_names, labels, roi_scale,
-                                       n_slices, dpi)
-    trajectories = plot_denoising_trajectories(trajectory, timesteps, probs, priors, paths, class_names, labels, dpi)
-    return {
-        "saliency_rois": save_figure(saliency_rois, figures / "saliency_rois.png", dpi=dpi),
-        "denoising_trajectory": save_figure(trajectories, figures / "denoising_trajectory.png", dpi=dpi),
-    }

@@ -65,7 +65,10 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
     it exactly: the learning rate is ``lr_dcg * dcg_lr_factor(step, total, dcg_lr_warmup)``
     (linear warmup, cosine decay to 0 over ``dcg_epochs``; no ReduceLROnPlateau) and the DCG
     objective gets ``progress = step / total`` (pooling warmup, delayed local CE:
-    ``models.dcg_model.dcg_objective``). AdamW, weight decay, label smoothing, early stopping
+    ``models.dcg_model.dcg_objective``). No epoch before the curriculum has run its course can
+    be selected (``TrainConfig.dcg_first_selectable_epoch``: measured on AdrenalMNIST3D, a
+    98-scan validation split otherwise picked epoch 2, before the local CE was on, while the
+    out-of-fold DCGs that made phase 2's training priors ran 7-9 epochs). AdamW, weight decay, label smoothing, early stopping
     on validation AUC and precise BatchNorm statistics before every evaluation as before;
     validation uses the full objective (progress 1).
 
@@ -115,7 +118,8 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         return validation_metrics(labels, torch.cat(probs).numpy(), sum(losses) / len(labels))
 
     return fit(model, optimizer, None, train_step=train_step, evaluate=evaluate, train_batches=train_batches,
-               config=fit_config(config, "dcg", config.dcg_epochs, device), checkpoint_path=checkpoint_path,
+               config=fit_config(config, "dcg", config.dcg_epochs, device, config.dcg_first_selectable_epoch()),
+               checkpoint_path=checkpoint_path,
                model_config=model.config.to_dict(), meta=meta, device=device)
 
 
@@ -125,8 +129,11 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
 
 @torch.no_grad()
 def cache_guidance(model: DiffMIC3D, dataset: Dataset, device: torch.device, batch_size: int = 4,
-                   num_workers: int = 0, progress: bool = True) -> DCGOutput:
+                   num_workers: int = 0, progress: bool = True, member: int = 0) -> DCGOutput:
     """Run the frozen DCG once per volume of ``dataset``; stack its outputs by dataset index.
+
+    ``member``: which of the model's prior members (``DiffMIC3D.member_guidance`` order: 0 is
+    the final DCG, 1.. the out-of-fold DCGs).
 
     Returns:
         one :class:`DCGOutput` over the whole dataset, on CPU (floats in float32), row ``i`` =
@@ -135,12 +142,13 @@ def cache_guidance(model: DiffMIC3D, dataset: Dataset, device: torch.device, bat
         ``DiffMIC3D.diffusion_loss`` / ``predict``.
     """
     model.eval()
+    dcg = (model.dcg, *model.fold_dcgs)[member]
     parts: list[DCGOutput] = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     seen = []
     for batch in tqdm(loader, desc="cache DCG guidance", leave=False, disable=not progress):
         x, x_hires, _ = batch_inputs(batch, device)
-        out = model.guidance(x, x_hires).as_dict()
+        out = dcg(x, x_hires).as_dict()
         parts.append(DCGOutput(**{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}))
         seen.append(torch.as_tensor(batch["index"]))
     order = torch.cat(seen)

@@ -10,27 +10,30 @@ did not train on it, so they are as good as they will be on new scans). Then:
   ``prior_dropout``, so the denoiser must also read the scan;
 * AdamW with a linear warmup then cosine decay per optimiser step (the step count is read
   from the optimiser's own state, so a resumed run continues the same schedule);
-* an exponential moving average (EMA) of the weights, which is what is validated, selected
-  and kept (its BatchNorm statistics recomputed over the training split before each
-  validation, as in phase 1);
-* validation: the mean class probability over ``val_num_samples`` DDIM chains per volume
-  (one chain is too noisy to select on).
+* DiffMIC-v2's focus on the DCG's mistakes: each volume's loss is weighted by
+  ``1 + error_weight * (1 - p(true class))`` under its (out-of-fold) training prior, so the
+  scans the DCG already gets right do not dominate the correction the denoiser learns;
+* an exponential moving average (EMA) of the weights with a warmed-up decay
+  (:func:`warmup_ema_fn`), which is what is validated, selected and kept (its BatchNorm
+  statistics recomputed over the training split before each validation, as in phase 1); no
+  epoch before ``TrainConfig.diffusion_first_selectable_epoch`` is selected;
+* validation: the mean class probability over ``val_num_samples`` DDIM chains per volume,
+  spread over the model's prior members (one chain is too noisy to select on).
 
-:func:`calibrate_temperature` then fits the readout's softmax temperature on the validation
-split and stores it on the model (``DiffMIC3D.set_temperature``).
+``utils.training.readout.calibrate_readout`` then fits the readout, the decision threshold
+and the referral threshold on the validation split and stores them on the model.
 """
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
 from models.dcg_model import DCGOutput
@@ -60,36 +63,70 @@ def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
     return 0
 
 
+def warmup_ema_fn(decay: float):
+    """``AveragedModel``'s ``multi_avg_fn`` for an EMA whose decay after n updates is
+    ``min(decay, (1 + n) / (10 + n))``: early averages follow the weights instead of being
+    pinned to the first steps' (the demo run once selected phase-2 epoch 1, whose EMA with a
+    fixed 0.995 after 16 steps was still near the initial weights)."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
+
+
+def error_weights(guidance: DCGOutput, labels: torch.Tensor, error_weight: float) -> torch.Tensor:
+    """DiffMIC-v2's per-volume loss weights ``1 + error_weight * (1 - p_DCG(true class))`` (B,),
+    with p_DCG the fused probability of the (out-of-fold) guidance."""
+    p_true = guidance.fused_probs.float().gather(1, labels.long().view(-1, 1)).squeeze(1)  # (B,)
+    return 1.0 + error_weight * (1.0 - p_true)
+
+
 class _Phase2(nn.Module):
     """What phase 2 checkpoints: the model and the EMA of its weights (``ema.module``)."""
 
     def __init__(self, model: DiffMIC3D, decay: float):
         super().__init__()
         self.model = model
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        self.ema = AveragedModel(model, multi_avg_fn=warmup_ema_fn(decay), use_buffers=False)
         self.ema.requires_grad_(False)
 
 
+PER_SAMPLE = ("samples", "y0_mean")  # (S, N, C) outputs of predict_dataset
+
+
 @torch.no_grad()
-def predict_dataset(model: DiffMIC3D, dataset: Dataset, guidance: DCGOutput,
+def predict_dataset(model: DiffMIC3D, dataset: Dataset, guidance: DCGOutput | Sequence[DCGOutput],
                     device: torch.device, batch_size: int, seed: int, num_samples: Optional[int] = None,
                     steps: Optional[int] = None, num_workers: int = 0) -> dict[str, torch.Tensor]:
     """``model.predict`` over ``dataset`` (fixed order) with its cached guidance rows and ONE
-    generator seeded with ``seed``; tensors concatenated on CPU. ``num_samples`` / ``steps``
+    generator seeded with ``seed``; tensors concatenated on CPU. ``guidance``: one cache (that
+    prior only) or one per member (``DiffMIC3D.member_guidance`` order). ``num_samples`` / ``steps``
     None: the model's own sampling settings (``DiffusionConfig``), as for the test predictions.
 
-    Returns probs (N, C), std (N, C), entropy (N,), y0_mean (S, N, C).
+    Returns probs (N, C), std (N, C), entropy (N,), samples (S, N, C) per-chain probabilities,
+    y0_mean (S, N, C), member (S,).
     """
     model.eval()
+    members = [guidance] if isinstance(guidance, DCGOutput) else list(guidance)
     generator = torch.Generator(device).manual_seed(seed)
     outputs: dict[str, list[torch.Tensor]] = {}
+    member = None
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         rows = torch.as_tensor(batch["index"])
-        out = model.predict(batch["image"].to(device), guidance.index(rows).to(device),
+        out = model.predict(batch["image"].to(device), [g.index(rows).to(device) for g in members],
                             num_samples=num_samples, steps=steps, generator=generator)
-        for key in ("probs", "std", "entropy", "y0_mean"):
+        member = out["member"]
+        for key in ("probs", "std", "entropy", *PER_SAMPLE):
             outputs.setdefault(key, []).append(out[key].float().cpu())
-    return {key: torch.cat(values, dim=1 if key == "y0_mean" else 0) for key, values in outputs.items()}
+    result = {key: torch.cat(values, dim=1 if key in PER_SAMPLE else 0) for key, values in outputs.items()}
+    result["member"] = member
+    return result
 
 
 def recompute_encoder_bn(model: DiffMIC3D, train_set: Dataset, config: TrainConfig, device: torch.device) -> None:
@@ -102,7 +139,7 @@ def recompute_encoder_bn(model: DiffMIC3D, train_set: Dataset, config: TrainConf
 
 
 def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOutput,
-                    val_set: Dataset, val_guidance: DCGOutput, config: TrainConfig,
+                    val_set: Dataset, val_guidance: DCGOutput | Sequence[DCGOutput], config: TrainConfig,
                     device: torch.device, checkpoint_path: str | Path,
                     meta: Optional[Mapping] = None) -> FitResult:
     """Phase 2 (module docstring); ``model`` ends with the selected EMA weights.
@@ -110,7 +147,8 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
     Args:
         train_set: the training split with augmentation (items ``image``, ``label``, ``index``);
             ``train_guidance`` row i belongs to its item i (built from the same split).
-        val_set / val_guidance: the validation split, unaugmented, and its guidance.
+        val_set / val_guidance: the validation split, unaugmented, and its guidance (one cache,
+            or one per member as ``predict_dataset`` takes it; the first is the final DCG's).
         checkpoint_path: resumable checkpoint of this phase.
     """
     model.freeze_dcg()
@@ -130,9 +168,10 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
         model.dcg.eval()  # frozen: keep its BatchNorm in eval mode although fit() sets train()
         wrapper.ema.eval()
         rows = torch.as_tensor(batch["index"])
-        return model.diffusion_loss(batch["image"].to(device), train_guidance.index(rows).to(device),
-                                    batch["label"].to(device), prior_dropout=config.prior_dropout,
-                                    generator=generator)["loss"]
+        guidance, labels = train_guidance.index(rows).to(device), batch["label"].to(device)
+        weights = error_weights(guidance, labels, config.error_weight) if config.error_weight > 0 else None
+        return model.diffusion_loss(batch["image"].to(device), guidance, labels, prior_dropout=config.prior_dropout,
+                                    generator=generator, weights=weights)["loss"]
 
     def evaluate():
         wrapper.ema.update_parameters(model)
@@ -141,9 +180,10 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
         ema.eval()
         loss, n = 0.0, 0
         generator = torch.Generator(device).manual_seed(config.seed)
+        final = val_guidance if isinstance(val_guidance, DCGOutput) else val_guidance[0]
         for batch in eval_loader(val_set, config):
             rows = torch.as_tensor(batch["index"])
-            out = ema.diffusion_loss(batch["image"].to(device), val_guidance.index(rows).to(device),
+            out = ema.diffusion_loss(batch["image"].to(device), final.index(rows).to(device),
                                      batch["label"].to(device), generator=generator)
             loss += out["loss"].item() * len(rows)
             n += len(rows)
@@ -154,45 +194,9 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
     result = fit(wrapper, optimizer, None, train_step=train_step, evaluate=evaluate,
                  train_batches=lambda epoch: make_epoch_loader(train_set, config.batch_size, config.seed, epoch,
                                                                config.num_workers),
-                 config=fit_config(config, "diffusion", config.diffusion_epochs, device),
+                 config=fit_config(config, "diffusion", config.diffusion_epochs, device,
+                                    config.diffusion_first_selectable_epoch()),
                  checkpoint_path=checkpoint_path, model_config=model.config.to_dict(), meta=meta, device=device)
     model.load_state_dict(wrapper.ema.module.state_dict())  # the selected EMA weights
     model.freeze_dcg()
     return result
-
-
-def fit_temperature(y0_mean: torch.Tensor, labels: torch.Tensor, grid: Optional[torch.Tensor] = None) -> float:
-    """The softmax temperature minimising the NLL of the sample-mean probabilities.
-
-    Args:
-        y0_mean: (S, N, C) grid means of the final y_0 of S chains per volume (validation).
-        labels: (N,) class indices.
-        grid: candidate temperatures (default 200 log-spaced values in [0.01, 10]).
-
-    A minimum on the edge of the grid means the data cannot place the temperature (e.g. a
-    validation split that every temperature separates perfectly): then a warning and 1.0.
-    """
-    grid = torch.logspace(-2, 1, 200) if grid is None else grid
-    labels = torch.as_tensor(labels).long()
-    logits = y0_mean.float()
-    nll = torch.stack([-(torch.softmax(logits / T, dim=-1).mean(0)[torch.arange(len(labels)), labels]
-                         .clamp(min=1e-12).log().mean()) for T in grid])
-    best = int(torch.argmin(nll))
-    if best in (0, len(grid) - 1):
-        warnings.warn(f"temperature fit ended on the edge of its grid ({float(grid[best]):.3g}): the validation "
-                      f"split ({len(labels)} scans) cannot place it; using 1.0", RuntimeWarning, stacklevel=2)
-        return 1.0
-    return float(grid[best])
-
-
-def calibrate_temperature(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutput,
-                          config: TrainConfig, device: torch.device) -> float:
-    """Fit the readout temperature on the VALIDATION split, sampling exactly as the test
-    predictions will (the model's ``num_samples`` and ``ddim_steps``, the run's seed), and store it on the model.
-    The ranking of each sample is unchanged; deterministic, so a resumed run refits the same value."""
-    model.set_temperature(1.0)
-    out = predict_dataset(model, val_set, val_guidance, device, config.batch_size, config.seed,
-                          num_workers=config.num_workers)
-    value = fit_temperature(out["y0_mean"], torch.as_tensor(np.asarray(val_set.labels)))
-    model.set_temperature(value)
-    return value

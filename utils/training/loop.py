@@ -2,7 +2,7 @@
 
 :func:`fit` runs ``epochs`` epochs of ``train_step`` over ``train_batches(epoch)``, evaluates
 on the validation split after each, keeps the best weights (highest validation AUC; ties go
-to the lower validation loss), stops early after ``patience`` epochs without improvement, and
+to the lower validation loss; only from ``min_epochs`` on), stops early after ``patience`` epochs without improvement, and
 writes a checkpoint atomically at the end of every epoch.
 
 Reproducible resume. Everything random in an epoch is a function of (seed, epoch) or is in
@@ -74,6 +74,9 @@ class FitConfig:
             capability >= 8.0: same range as float32); see ``utils.seeding.amp_dtype``.
         seed: seed from which every epoch's generator is derived (:func:`epoch_seed`).
         progress: show a tqdm bar per epoch.
+        min_epochs: no epoch before this one (1-based) can be selected, and the early-stopping
+            counter starts only there (e.g. a curriculum or an EMA that has not yet run its
+            course); capped at ``epochs`` so a short run still selects its last epoch.
     """
 
     name: str
@@ -84,6 +87,7 @@ class FitConfig:
     amp_dtype: str = "float16"
     seed: int = 0
     progress: bool = True
+    min_epochs: int = 0
 
 
 @dataclass
@@ -296,13 +300,14 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
                "val_auc": metrics["val_auc"], "val_acc": metrics["val_acc"], "lr": lr}
         for key in HISTORY_KEYS:
             history[key].append(row[key])
-        improved = _score(metrics) > _score(best)
+        selectable = epoch + 1 >= min(config.min_epochs, config.epochs)
+        improved = selectable and _score(metrics) > _score(best)
         if improved:
             best = {"epoch": epoch + 1, "val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"],
                     "val_acc": metrics["val_acc"]}
             best_state = _cpu_state(model.state_dict())
             bad_epochs = 0
-        else:
+        elif selectable:
             bad_epochs += 1
         epoch_done = epoch + 1
         stopped_early = bad_epochs >= config.patience and epoch_done < config.epochs

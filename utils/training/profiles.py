@@ -17,6 +17,7 @@ DiffMIC save theirs.
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
@@ -68,17 +69,38 @@ class TrainConfig(PlainConfig):
         dcg_local_start / dcg_local_ramp: the local CE of phase 1 is off before this
             fraction of phase 1 and ramps linearly to full weight over the next
             ``dcg_local_ramp`` (its ROIs are only meaningful once the saliency is).
+        dcg_min_epochs: the first phase-1 epoch that validation may select (and from which
+            early stopping counts); None = the epoch at which the curriculum ends
+            (``ceil((dcg_local_start + dcg_local_ramp) * dcg_epochs)``), so the kept DCG, like
+            the out-of-fold ones, has a trained local stream.
         lr_diffusion: AdamW peak learning rate of phase 2 (prior generator and denoiser),
             with a linear warmup over ``warmup_fraction`` of its steps, then cosine decay to 0.
         warmup_fraction: see ``lr_diffusion``.
         ema_decay: decay of the exponential moving average of the phase-2 weights; the EMA
-            weights are validated, selected and kept.
+            weights are validated, selected and kept. The decay is warmed up
+            (``min(ema_decay, (1 + n) / (10 + n))`` after n updates), so the EMA of an early
+            epoch is not stuck near the first steps' weights.
+        diffusion_min_epochs: the first phase-2 epoch that validation may select; None =
+            ``ceil(diffusion_epochs / 4)`` (the demo run once selected epoch 1, whose EMA
+            weights put nearly every scan on one side of 0.5).
         prior_dropout: phase 2: probability that a volume's DCG priors are replaced by an
             uninformative one (uniform M, zero F), so the denoiser must read the scan.
         oof_folds: phase 2's training priors come from DCGs that did not train on the scan:
             the training split is cut into this many stratified folds and one extra DCG is
             trained per fold on the others (k x the phase-1 cost); 0 = the final DCG's own
-            (memorised) priors, which phase 2 then learns to copy.
+            (memorised) priors, which phase 2 then learns to copy. With out-of-fold priors the
+            DCG feature prior F is off (``denoiser.use_feature_prior``, unless set in
+            ``model_overrides``): F of k fold DCGs would mix k unrelated feature spaces.
+        prior_members: where the test-time priors come from: ``'folds'`` (the design: the fold
+            DCGs are kept in the model and, with the final DCG, each gives a prior to its share
+            of the sampling chains, so test priors are cross-fitted like the training ones) or
+            ``'final'`` (the final DCG only: one DCG forward per scan).
+        refer_coverage: the referral threshold on DiffMIC-3D's uncertainty is chosen on the
+            validation split so that this share of its scans lies below it
+            (``utils.training.readout``); ``utils.predict`` says "refer" above it.
+        error_weight: lambda of DiffMIC-v2's per-volume phase-2 loss weight
+            ``1 + lambda (1 - p_DCG(true class))`` on the (out-of-fold) training priors, which
+            focuses the denoiser on the scans its DCG gets wrong; 0 = unweighted.
         lr_baseline: AdamW learning rate of the 3D CNN baselines.
         weight_decay: AdamW weight decay, every stage.
         label_smoothing: of the cross-entropy losses of phase 1 and the baselines.
@@ -134,12 +156,17 @@ class TrainConfig(PlainConfig):
     dcg_pool_warmup: float = 0.3
     dcg_local_start: float = 0.3
     dcg_local_ramp: float = 0.1  # ... to here
+    dcg_min_epochs: Optional[int] = None  # None: the epoch at which the curriculum ends
     # phase 2 (diffusion)
     lr_diffusion: float = 1e-3
     warmup_fraction: float = 0.05
     ema_decay: float = 0.995  # the EMA weights are the ones validated and kept
+    diffusion_min_epochs: Optional[int] = None  # None: a quarter of the phase-2 budget
     prior_dropout: float = 0.3
     oof_folds: int = 3  # 0: the final DCG's own (memorised) training priors
+    prior_members: str = "folds"  # test-time priors: 'folds' (fold DCGs + final) or 'final'
+    error_weight: float = 10.0  # DiffMIC-v2: loss weight 1 + lambda (1 - p_DCG(true class))
+    refer_coverage: float = 0.8  # share of validation scans below the referral threshold
     # baselines; regularisation of every stage
     lr_baseline: float = 1e-3
     weight_decay: float = 0.01
@@ -186,6 +213,9 @@ class TrainConfig(PlainConfig):
                      "val_ddim_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("dcg_min_epochs", "diffusion_min_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0 or None (auto)")
         for name in ("dcg_epochs", "diffusion_epochs", "baseline_epochs", "num_workers"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
@@ -196,6 +226,14 @@ class TrainConfig(PlainConfig):
             problems.append("need 0 <= label_smoothing < 1, weight_decay >= 0, 0 < plateau_factor < 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip={self.grad_clip} must be > 0 or None")
+        if self.prior_members not in ("folds", "final"):
+            problems.append(f"prior_members={self.prior_members!r} must be 'folds' or 'final'")
+        if self.oof_folds == 1 or self.oof_folds < 0:
+            problems.append(f"oof_folds={self.oof_folds} must be 0 (memorised priors) or >= 2")
+        if not 0 < self.refer_coverage <= 1:
+            problems.append(f"refer_coverage={self.refer_coverage} must lie in (0, 1]")
+        if self.error_weight < 0:
+            problems.append(f"error_weight={self.error_weight} must be >= 0")
         if self.amp_dtype not in (None, "float16", "bfloat16"):
             problems.append(f"amp_dtype={self.amp_dtype!r} must be 'float16', 'bfloat16' or None (auto)")
         if self.n_resamples < 1000:
@@ -211,6 +249,18 @@ class TrainConfig(PlainConfig):
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     # -- derived settings ----------------------------------------------------------------
+
+    def dcg_first_selectable_epoch(self) -> int:
+        """``dcg_min_epochs``, or the epoch by whose end the phase-1 curriculum has ended."""
+        if self.dcg_min_epochs is not None:
+            return self.dcg_min_epochs
+        return math.ceil(round((self.dcg_local_start + self.dcg_local_ramp) * self.dcg_epochs, 9))
+
+    def diffusion_first_selectable_epoch(self) -> int:
+        """``diffusion_min_epochs``, or a quarter of the phase-2 epoch budget (rounded up)."""
+        if self.diffusion_min_epochs is not None:
+            return self.diffusion_min_epochs
+        return math.ceil(self.diffusion_epochs / 4)
 
     @property
     def num_classes(self) -> int:
@@ -236,7 +286,10 @@ class TrainConfig(PlainConfig):
         base = ModelConfig.preset(self.model_preset, num_classes or self.num_classes, self.input_shape)
         changes = {section: dict(self.model_overrides.get(section, {})) for section in MODEL_SECTIONS}
         changes["dcg"] = {"roi_scale": self.roi_scale, "grad_checkpoint": bool(ckpt), **changes["dcg"]}
-        return base.with_changes(**changes)
+        out_of_fold = self.oof_folds >= 2
+        changes["denoiser"] = {"use_feature_prior": not out_of_fold, **changes["denoiser"]}
+        fold_dcgs = self.oof_folds if out_of_fold and self.prior_members == "folds" else 0
+        return base.with_changes(**changes, fold_dcgs=fold_dcgs)
 
 
 PROFILES: dict[str, TrainConfig] = {

@@ -21,11 +21,12 @@ def validation_metrics(labels: np.ndarray, probs: np.ndarray, loss: float) -> di
     return {"val_loss": float(loss), "val_auc": metrics["roc_auc"], "val_acc": metrics["accuracy"]}
 
 
-def fit_config(config: TrainConfig, name: str, epochs: int, device: torch.device) -> FitConfig:
-    """The :class:`FitConfig` of one stage of a run."""
+def fit_config(config: TrainConfig, name: str, epochs: int, device: torch.device,
+               min_epochs: int = 0) -> FitConfig:
+    """The :class:`FitConfig` of one stage of a run (``min_epochs``: the first selectable epoch)."""
     return FitConfig(name=name, epochs=epochs, patience=config.patience, grad_clip=config.grad_clip,
                      amp=config.use_amp(device), amp_dtype=config.autocast_dtype(device), seed=config.seed,
-                     progress=config.progress)
+                     progress=config.progress, min_epochs=min_epochs)
 
 
 def batch_inputs(batch: Mapping, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
