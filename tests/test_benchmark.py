@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import utils.benchmarking.speed as speed_section
-from utils.benchmarking.quality_reports import auc_target, paired_target, quality, read_quality_csv
+from utils.benchmarking.quality_reports import goal_targets, quality, read_quality_csv
 from utils.benchmarking.report import Report
 from utils.benchmarking.speed import speed
 from utils.benchmarking.timing import probe, timed
@@ -66,41 +66,32 @@ def test_target_statuses_need_a_reason_when_not_measured():
 # quality targets from the reports of utils.benchmark_quality
 # ------------------------------------------------------------------------------------------
 
-def _write_quality(folder, stem, aucs, diffs):
+def _write_quality(folder, stem, aucs, diffs, goals=()):
     rows = ["table,item,metric,value,ci_low,ci_high"]
     rows += [f"auc,{m},seed {s},{v},," for m, per in aucs.items() for s, v in enumerate(per)]
     rows += [f"paired AUC difference,DiffMIC-3D - {o},seed {s},{d},{lo},{hi}"
              for o, per in diffs.items() for s, (d, lo, hi) in enumerate(per)]
+    rows += [f"goal,{g},{measured},{value},," for g, measured, value in goals]
     (folder / f"{stem}.csv").write_text("\n".join(rows) + "\n")
     (folder / f"{stem}.md").write_text(f"## Quality on {stem}\n\n### Test ROC-AUC\n\nbody of {stem}\n")
 
 
-def test_quality_targets_follow_the_paired_differences(tmp_path, monkeypatch):
+def test_quality_targets_are_the_goal_rows_of_each_report(tmp_path):
     _write_quality(tmp_path, "quality_adrenalmnist3d",
                    {"DiffMIC-3D": [0.86, 0.88, 0.84], "3D ResNet-18": [0.80, 0.85, 0.86]},
-                   {"3D ResNet-18": [(0.06, 0.01, 0.11), (0.03, -0.02, 0.08), (-0.02, -0.07, 0.03)]})
-    _write_quality(tmp_path, "quality_phantoms300",
-                   {"DiffMIC-3D": [0.7, 0.6], "DCG without diffusion": [0.75, 0.7], "3D ResNet-18": [0.6, 0.5]},
-                   {"DCG without diffusion": [(-0.05, -0.09, -0.01), (-0.10, -0.2, 0.0)],
-                    "3D ResNet-18": [(0.1, 0.02, 0.2), (0.1, -0.01, 0.2)]})
+                   {"3D ResNet-18": [(0.06, 0.01, 0.11), (0.03, -0.02, 0.08), (-0.02, -0.07, 0.03)]},
+                   goals=[("gain over the DCG", "+0.020 [+0.004; +0.031]", 1), ("AURC below", "0.1 vs 0.2", 0),
+                          ("threshold", "binary thresholds not available", "")])
     data = read_quality_csv(tmp_path / "quality_adrenalmnist3d.csv")
     assert data["auc"]["DiffMIC-3D"] == {0: 0.86, 1: 0.88, 2: 0.84}
     assert data["diff"]["3D ResNet-18"][1] == (0.03, -0.02, 0.08)
-
     report = Report()
-    assert auc_target(report, "auc", data, "x.csv", 0.85) == "met"  # mean 0.86
-    assert auc_target(report, "auc high", data, "x.csv", 0.87) == "missed"
-    assert paired_target(report, "vs resnet", data, "x.csv", "3D ResNet-18") == "met"  # mean +0.023
-    row = report.targets[-1]["measured"]
-    assert "+0.023" in row and "seed 0 +0.060 [+0.010, +0.110]" in row and "1 seed(s) above, 0 below" in row
-    phantoms = read_quality_csv(tmp_path / "quality_phantoms300.csv")
-    assert paired_target(report, "vs dcg", phantoms, "p.csv", "DCG without diffusion") == "missed"
-    assert "0 seed(s) above, 1 below" in report.targets[-1]["measured"]
-    assert paired_target(report, "absent", None, "quality_phantoms300.csv", "3D ResNet-18") == "not measured"
-    assert "absent" in report.targets[-1]["measured"] and "--data phantoms" in report.targets[-1]["measured"]
-    assert paired_target(report, "no rows", phantoms, "p.csv", "3D DenseNet-121") == "not measured"
-    values = {r["item"]: r["value"] for r in report.rows if r["section"] == "targets"}
-    assert values["auc"] == pytest.approx(0.86) and values["vs resnet"] == pytest.approx(0.07 / 3)
+    statuses = goal_targets(report, "AdrenalMNIST3D", data, "x.csv")
+    assert statuses == ["met", "missed", "not measured"]
+    assert report.targets[0]["target"] == "AdrenalMNIST3D: gain over the DCG"
+    assert "x.csv" in report.targets[2]["measured"]  # the reason names its source
+    assert goal_targets(report, "phantoms", None, "quality_phantoms300.csv") == ["not measured"]
+    assert "--data phantoms" in report.targets[-1]["measured"]
 
 
 def test_quality_section_includes_present_reports_and_marks_absent_ones(tmp_path, monkeypatch):
@@ -115,15 +106,16 @@ def test_quality_section_includes_present_reports_and_marks_absent_ones(tmp_path
     _write_quality(qdir, "quality_phantoms300",
                    {"DiffMIC-3D": [0.8, 0.9], "DCG without diffusion": [0.7, 0.8], "3D ResNet-18": [0.85, 0.95]},
                    {"DCG without diffusion": [(0.1, 0.01, 0.2), (0.1, 0.02, 0.2)],
-                    "3D ResNet-18": [(-0.05, -0.1, 0.01), (-0.05, -0.1, 0.02)]})
+                    "3D ResNet-18": [(-0.05, -0.1, 0.01), (-0.05, -0.1, 0.02)]},
+                   goals=[("above its DCG", "+0.1", 1), ("AURC", "0.3 vs 0.2", 0)])
     report = Report()
     assert quality(report, qdir, False, tmp_path / "out", "cpu") is None
     text = "\n".join(report.blocks)
     assert "### Quality on quality_phantoms300" in text  # demoted one level
-    assert "python -m utils.benchmark_quality --data phantoms --seeds 0 1 2" in text
+    assert "python -m utils.benchmark_quality --data phantoms --seeds 0 1 2 3 4" in text
     assert "quality_adrenalmnist3d.md`: not present" in text and "accuracy 0.550 ± 0.050" in text
     status = {t["target"]: t["status"] for t in report.targets}
-    assert list(status.values()) == ["not measured", "not measured", "met", "missed"]
+    assert list(status.values()) == ["not measured", "met", "missed"]
     aucs = [r for r in report.rows if r["section"] == "quality" and r["metric"].startswith("test ROC-AUC")]
     assert len(aucs) == 6 and all(math.isfinite(r["value"]) for r in aucs)
 

@@ -1,35 +1,38 @@
-"""The quality benchmark's ablations (seed 0): phase 2 retrained with one design element
-reverted at a time on the seed's DCG, the readout with other sample counts, and phase 1
-without the DCG curriculum or the foreground ROI restriction; each scored once on the test split."""
+"""The quality benchmark's ablations, on every seed's finished run and pooled over the seeds
+like the main comparison (``utils.evaluation.protocol.hierarchical_paired_auc``).
+
+Inference-only (the seed's trained model, nothing retrained): its priors replaced by
+uninformative ones, its own image encoder zeroed, one denoiser pass instead of the sampler,
+the final DCG's prior only. Retrained (phase 2 only, on the seed's DCGs and out-of-fold
+priors): the denoiser predicting y_0 directly instead of a correction of its prior, and no
+DiffMIC-v2 error weighting. Each variant is scored once on the test split; its predictions are
+kept in ``OUT/ablations_<name>/seed<s>.npz`` so a rerun only reads them.
+"""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
-from utils.benchmarking.report import DCG_FUSED, OURS
+from utils.atomic import atomic_write_text
+from utils.benchmarking.pooled import read_split
+from utils.benchmarking.report import DCG_FUSED, OURS, markdown_table
 from utils.evaluation.metrics import classification_metrics
-from utils.evaluation.paired import paired_auc_difference
+from utils.evaluation.protocol import hierarchical_paired_auc
 from utils.log import get_logger
 from utils.training.profiles import TrainConfig
 
 log = get_logger(__name__)
 
-PHASE2_ABLATIONS = {  # name -> (TrainConfig changes, model_overrides)
-    "leaky denoiser (3x3x3 head over y_t, the first version's leak)": ({}, {"denoiser": {"head_kernel": 3}}),
-    "memorised priors (no out-of-fold DCGs)": ({"oof_folds": 0}, {}),
-    "no own image encoder": ({}, {"denoiser": {"use_image_encoder": False}}),
-    "eps-prediction, T=500 linear (the first version's objective)": (
-        {}, {"diffusion": {"parameterization": "eps", "num_timesteps": 500, "zero_terminal_snr": False}}),
-    "y0-prediction, T=500 linear (schedule with signal left at T)": (
-        {}, {"diffusion": {"num_timesteps": 500, "zero_terminal_snr": False}}),
-}
-PHASE1_ABLATIONS = {
-    "no DCG curriculum (top-t% and local CE from the first step)": (
-        {"dcg_pool_warmup": 0.0, "dcg_local_start": 0.0, "dcg_local_ramp": 0.0}, {}),
-    "ROIs anywhere (no foreground restriction)": ({}, {"dcg": {"roi_foreground": False}}),
+INFERENCE = ("priors replaced by uninformative ones (uniform M, no F)", "own image encoder zeroed",
+             "one denoiser pass (1 DDIM step, one chain per member)", "the final DCG's prior only (no fold members)")
+RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
+    "denoiser predicts y_0 directly (no correction of its prior)": ({}, {"denoiser": {"prior_residual": False}}),
+    "no DiffMIC-v2 error weighting": ({"error_weight": 0.0}, {}),
 }
 
 
@@ -37,77 +40,96 @@ def _merge(a: dict, b: dict) -> dict:
     return {k: {**a.get(k, {}), **b.get(k, {})} for k in set(a) | set(b)}
 
 
-def ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out: Path, labels: np.ndarray,
-              probs: dict[str, np.ndarray]) -> list[dict]:
-    """Rows ``{group, variant, val_auc, test_auc, vs_full, vs_dcg}`` (module docstring).
+def uninformative(guidance):
+    """A copy of a DCG cache with uniform class probabilities and zero features."""
+    from models.dcg_model import DCGOutput
 
-    Args:
-        config, run_dir, data_dir: the finished seed run (its phase 1 is loaded, not retrained).
-        out: where the variants' checkpoints go (one folder each).
-        labels, probs: that run's test predictions (``quality.read_predictions(run_dir)``).
-    """
+    fields = {k: v.clone() for k, v in guidance.as_dict().items()}
+    for key in ("global_probs", "local_probs", "fused_probs"):
+        fields[key] = torch.full_like(fields[key], 1.0 / fields[key].shape[1])
+    for key in ("global_features", "roi_features"):
+        fields[key] = torch.zeros_like(fields[key])
+    return DCGOutput(**fields)
+
+
+def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out: Path,
+                   device: Optional[str] = None) -> dict[str, np.ndarray]:
+    """Variant name -> test probabilities (N, C) of one seed's finished run (module docstring)."""
     from models.diffmic3d import DiffMIC3D
     from utils.experiment import prepare_experiment
-    from utils.pipeline import build_model, cache_split_guidance, out_of_fold_guidance, reseed_stage, train_phase1
-    from utils.training.checkpoint import load_checkpoint
-    from utils.training.dcg import cache_guidance, train_dcg
-    from utils.training.diffusion import calibrate_temperature, predict_dataset, train_diffusion
+    from utils.pipeline import cache_member_guidance, load_main_model, out_of_fold_guidance, reseed_stage
+    from utils.training.diffusion import predict_dataset, train_diffusion
+    from utils.training.readout import calibrate_readout
 
-    exp = prepare_experiment(config, run_dir, data_dir, verbose=False)
-    device, test, val = exp.device, exp.datasets["test"], exp.datasets["val"]
-    model = build_model(exp)
-    train_phase1(exp, model)  # finished: only loads
-    guidance = cache_split_guidance(exp, model, ("train", "val", "test"))
-    oof = out_of_fold_guidance(exp, model) if config.oof_folds >= 2 else guidance["train"]
-    y_test = test.labels
+    cached = out / f"seed{config.seed}.npz"
+    if cached.is_file():
+        with np.load(cached) as saved:
+            return {str(k): saved[k] for k in saved.files}
+    exp = prepare_experiment(config, run_dir, data_dir, device=device, verbose=False)
+    model = load_main_model(exp)
+    test, val = exp.datasets["test"], exp.datasets["val"]
+    members = {split: cache_member_guidance(exp, model, split) for split in ("val", "test")}
 
-    def row(group: str, variant: str, val_auc: float, p: np.ndarray, vs_full: bool = True) -> dict:
-        """One table row: test AUC of ``p`` (N, C) and its paired differences."""
-        return {"group": group, "variant": variant, "val_auc": val_auc,
-                "test_auc": classification_metrics(y_test, p)["roc_auc"],
-                "vs_full": paired_auc_difference(y_test, p, probs[OURS], 2000, 0) if vs_full else None,
-                "vs_dcg": paired_auc_difference(y_test, p, probs[DCG_FUSED], 2000, 0)}
+    def predict(net, guidance, **kw):
+        return predict_dataset(net, test, guidance, exp.device, config.batch_size, config.seed, **kw)["probs"].numpy()
 
-    rows = [{"group": "reference", "variant": "full method (the seed-0 run)",
-             "val_auc": float("nan"), "test_auc": classification_metrics(labels, probs[OURS])["roc_auc"],
-             "vs_full": None, "vs_dcg": paired_auc_difference(labels, probs[OURS], probs[DCG_FUSED], 2000, 0)}]
-
-    def variant_model(changes: dict, overrides: dict, stage: str) -> tuple[TrainConfig, DiffMIC3D, Path]:
-        """The variant's config, a fresh model seeded for ``stage`` and its own folder."""
+    no_encoder = copy.deepcopy(model)
+    no_encoder.denoiser.config.use_image_encoder = False
+    probs = {INFERENCE[0]: predict(model, [uninformative(g) for g in members["test"]]),
+             INFERENCE[1]: predict(no_encoder, members["test"]),
+             INFERENCE[2]: predict(model, members["test"], num_samples=model.num_members, steps=1),
+             INFERENCE[3]: predict(model, members["test"][0])}
+    oof = out_of_fold_guidance(exp, model) if config.oof_folds >= 2 else None
+    for i, (name, (changes, overrides)) in enumerate(RETRAINED.items()):
         variant = replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
-        folder = out / f"ablation_{len(rows)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        reseed_stage(exp, stage)  # the variant's seed is the run's
-        return variant, DiffMIC3D(variant.model_config(device, exp.num_classes)).to(device), folder
-
-    for name, (changes, overrides) in PHASE2_ABLATIONS.items():
-        variant, net, folder = variant_model(changes, overrides, "diffusion")
+        reseed_stage(exp, "diffusion")
+        net = DiffMIC3D(variant.model_config(exp.device, exp.num_classes)).to(exp.device)
         net.dcg.load_state_dict(model.dcg.state_dict())
-        train_g = guidance["train"] if variant.oof_folds < 2 else oof
-        result = train_diffusion(net, exp.datasets["train"], train_g, val, guidance["val"], variant, device,
-                                 folder / "diffusion.pth", exp.meta)
-        calibrate_temperature(net, val, guidance["val"], variant, device)
-        # the variant's own sampling settings (its DiffusionConfig)
-        p = predict_dataset(net, test, guidance["test"], device, variant.batch_size, variant.seed)["probs"].numpy()
-        rows.append(row("phase 2", name, result.best["val_auc"], p))
-        log.info(f"[ablation] {name}: test AUC {rows[-1]['test_auc']:.3f}")
+        net.fold_dcgs.load_state_dict(model.fold_dcgs.state_dict())
+        train_guidance = oof if oof is not None else cache_member_guidance(exp, model, "train")[0]
+        folder = out / f"seed{config.seed}_variant{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        train_diffusion(net, exp.datasets["train"], train_guidance, val, members["val"], variant, exp.device,
+                        folder / "diffusion.pth", exp.meta)
+        calibrate_readout(net, val, members["val"], variant, exp.device)
+        probs[name] = predict(net, members["test"])
+        log.info(f"[ablation] seed {config.seed} {name}: test AUC "
+                 f"{classification_metrics(test.labels, probs[name])['roc_auc']:.3f}")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".seed{config.seed}.tmp.npz"
+    np.savez(tmp, **probs)
+    tmp.replace(cached)
+    return probs
 
-    saved = load_checkpoint(exp.main_checkpoint)
-    full = DiffMIC3D.from_config_dict(saved["model_config"]).to(device)
-    full.load_state_dict(saved["model_state_dict"])
-    full.eval()
-    sampling = full.config.diffusion
-    for samples in (1, 5):
-        p = predict_dataset(full, test, guidance["test"], device, config.batch_size, config.seed, samples,
-                            sampling.ddim_steps)["probs"].numpy()
-        rows.append(row("readout", f"{samples} sample(s) instead of {sampling.num_samples}", float("nan"), p))
 
-    for name, (changes, overrides) in PHASE1_ABLATIONS.items():
-        variant, net, folder = variant_model(changes, overrides, "dcg")
-        result = train_dcg(net, exp.datasets["train"], val, variant, device, folder / "dcg.pth", exp.meta)
-        net.freeze_dcg()
-        g = cache_guidance(net, test, device, variant.batch_size, progress=False)
-        p = g.fused_probs.numpy()
-        rows.append(row("phase 1 (DCG fused prediction)", name, result.best["val_auc"], p, vs_full=False))
-        log.info(f"[ablation] {name}: DCG test AUC {rows[-1]['test_auc']:.3f}")
-    return rows
+def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: str, runs_dir: Path,
+                    data_dir: Optional[Path], output_dir: Path, device: Optional[str] = None) -> Path:
+    """Every seed's ablations, pooled: ``quality_<name>_ablations.md``."""
+    labels, full, dcg, variants = [], [], [], {}
+    for seed in seeds:
+        run_dir = runs_dir / f"quality_{name}_seed{seed}"
+        split = read_split(run_dir)
+        probs = seed_ablations(replace(base, seed=seed), run_dir, data_dir, runs_dir / f"ablations_{name}", device)
+        labels.append(split.labels)
+        full.append(split.models[OURS].probs)
+        dcg.append(split.models[DCG_FUSED].probs)
+        for variant, p in probs.items():
+            variants.setdefault(variant, []).append(p)
+
+    def pooled(a, b):
+        h = hierarchical_paired_auc(labels, a, b, base.n_resamples, 0)
+        return f"{h['diff']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}]"
+
+    auc = lambda ps: np.mean([classification_metrics(y, p)["roc_auc"] for y, p in zip(labels, ps)])  # noqa: E731
+    rows = [["reference", "the full method", f"{auc(full):.3f}", "", pooled(full, dcg)]]
+    rows += [["inference only" if v in INFERENCE else "phase 2 retrained", v, f"{auc(ps):.3f}", pooled(ps, full),
+              pooled(ps, dcg)] for v, ps in variants.items()]
+    md = [f"### Ablations on {name} (seeds {', '.join(map(str, seeds))}; pooled over seeds and scans)\n",
+          f"Command: `python -m utils.benchmark_quality --data {data} --seeds {' '.join(map(str, seeds))} --ablations`. "
+          "Inference-only variants change the trained model of each seed at test time; retrained variants rerun "
+          "phase 2 on the seed's DCGs and out-of-fold priors. Differences in test ROC-AUC, paired on the same scans, "
+          "pooled over seeds with the two-stage bootstrap (95%).\n",
+          markdown_table(["kind", "variant", "mean test AUC", "minus full method", f"minus {DCG_FUSED}"], rows)]
+    path = output_dir / f"quality_{name}_ablations.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    return path

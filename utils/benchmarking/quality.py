@@ -1,10 +1,12 @@
 """The quality benchmark (``python -m utils.benchmark_quality``, whose docstring describes it):
-one run per seed, its test predictions compared pairwise, ``quality_<name>.md`` / ``.csv``, and
-the seed-0 ablation table."""
+one run per seed, the pooled analysis of their test predictions (``utils.benchmarking.pooled``),
+``quality_<name>.md`` / ``.csv`` with the goals of the method, and the ablations pooled over
+the same seeds (``utils.benchmarking.ablations``)."""
 from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -12,14 +14,16 @@ from typing import Optional
 import numpy as np
 
 from utils.atomic import atomic_write_text
-from utils.benchmarking.ablations import ablations
-from utils.benchmarking.report import OURS
-from utils.evaluation.metrics import classification_metrics
-from utils.evaluation.paired import paired_auc_difference, seed_summary
+from utils.benchmarking.pooled import ENSEMBLE, analyse, pooled_curves, read_split
+from utils.benchmarking.report import DCG_FUSED, OURS, RESNET, markdown_table
+from utils.evaluation.protocol import format_pooled
+from utils.evaluation.selective import COVERAGES
 from utils.paths import REPO_ROOT
 from utils.training.profiles import TrainConfig, get_profile
+from utils.training.readout import REFER_SCORE
 
 ADRENAL = REPO_ROOT.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
+GOALS = {"gain_over_dcg": 0.015, "adrenal_auc": 0.88, "coverage_gain": 0.03, "threshold_slack": 0.02}
 
 
 def dataset_setup(data: str) -> tuple[str, TrainConfig, Optional[Path]]:
@@ -36,118 +40,187 @@ def dataset_setup(data: str) -> tuple[str, TrainConfig, Optional[Path]]:
                              progress=False), path
 
 
-# ------------------------------------------------------------------------------------------
-# reading a finished run
-# ------------------------------------------------------------------------------------------
-
 def read_predictions(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(labels (N,), model -> probabilities (N, C)) from a run's ``predictions.csv``."""
-    with open(run_dir / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    prob_cols = [c for c in rows[0] if c.startswith("prob_")]
-    models: dict[str, list] = {}
-    labels: dict[str, list] = {}
-    for row in rows:
-        models.setdefault(row["model"], []).append([float(row[c]) for c in prob_cols])
-        labels.setdefault(row["model"], []).append(int(row["label"]))
-    first = next(iter(labels.values()))
-    if any(v != first for v in labels.values()):
-        raise ValueError(f"{run_dir}/predictions.csv: the models were not scored on the same scans in the same order")
-    return np.asarray(first), {name: np.asarray(p) for name, p in models.items()}
+    split = read_split(run_dir)
+    return split.labels, {name: m.probs for name, m in split.models.items()}
 
 
-def compare(labels: np.ndarray, probs: dict[str, np.ndarray], seed: int, n_resamples: int = 2000) -> dict:
-    """Per model: AUC; per comparison ``OURS - other``: the paired difference with its CI."""
-    out = {"auc": {m: classification_metrics(labels, p)["roc_auc"] for m, p in probs.items()}, "diff": {}}
-    for other in probs:
-        if other != OURS:
-            out["diff"][other] = paired_auc_difference(labels, probs[OURS], probs[other], n_resamples, seed)
+# ------------------------------------------------------------------------------------------
+# goals
+# ------------------------------------------------------------------------------------------
+
+def _ci(d: dict) -> str:
+    return f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+
+def goals(name: str, result: dict) -> list[dict]:
+    """The issue's goals for this dataset, each ``{"goal", "measured", "status"}`` (met / missed /
+    not measured), from the pooled analysis."""
+    out = []
+    comparisons = {c["b"]: c for c in result["comparisons"]}
+    adrenal = name.startswith("adrenal")
+
+    def add(goal, measured, ok):
+        out.append({"goal": goal, "measured": measured,
+                    "status": "not measured" if ok is None else ("met" if ok else "missed")})
+
+    primary = comparisons.get(DCG_FUSED)
+    if primary is None:
+        add(f"{OURS} above its DCG (fused)", "no run holds both models", None)
+    else:
+        h = primary["pooled"]["hierarchical"]
+        need = GOALS["gain_over_dcg"] if adrenal else 0.0
+        add(f"{OURS} minus its DCG (fused) >= {need:+.3f} test AUC, pooled 95% interval above 0",
+            format_pooled(primary["pooled"], ""), h["diff"] >= need and h["ci_low"] > 0)
+    if adrenal:
+        ens = comparisons.get(ENSEMBLE)
+        add(f"{OURS} above the matched DCG ensemble (folds + final)",
+            "no ensemble in the runs" if ens is None else format_pooled(ens["pooled"], ""),
+            None if ens is None else ens["pooled"]["hierarchical"]["diff"] > 0)
+        aucs = list(result["auc"].get(OURS, {}).values())
+        add(f"{OURS} mean test AUC >= {GOALS['adrenal_auc']}",
+            f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1) if len(aucs) > 1 else float('nan'):.3f} over {len(aucs)} seeds",
+            bool(aucs) and float(np.mean(aucs)) >= GOALS["adrenal_auc"])
+        res = comparisons.get(RESNET)
+        add(f"{OURS} above the same-run {RESNET}, pooled interval above 0",
+            "no ResNet-18 in the runs" if res is None else format_pooled(res["pooled"], ""),
+            None if res is None else res["pooled"]["hierarchical"]["ci_low"] > 0)
+    ours_u = next((c for c in result["uncertainty"] if c["model"] == OURS and c["score"] == REFER_SCORE), None)
+    if ours_u is None:
+        add(f"{OURS} AURC below the DCG's softmax confidence", "no uncertainty scores in the runs", None)
+        add(f"{OURS} accuracy at 80% coverage >= at 100% + {GOALS['coverage_gain']}", "no uncertainty scores", None)
+    else:
+        a = ours_u["aurc"]
+        add(f"{OURS} AURC ({REFER_SCORE}) below the DCG's softmax confidence, paired pooled interval below 0",
+            f"{a['a']:.3f} vs {a['b']:.3f}: {_ci(a)}", a["ci_high"] < 0)
+        acc = ours_u["accuracy_at"]
+        add(f"{OURS} accuracy at 80% coverage >= at 100% + {GOALS['coverage_gain']}",
+            f"{acc[0.8]:.3f} vs {acc[1.0]:.3f} ({acc[0.8] - acc[1.0]:+.3f})",
+            acc[0.8] >= acc[1.0] + GOALS["coverage_gain"])
+    dec = result["decisions"]
+    if OURS in dec and DCG_FUSED in dec and not math.isnan(np.nanmean(dec[OURS]["threshold_loss"])):
+        ours_loss, dcg_loss = np.mean(dec[OURS]["threshold_loss"]), np.mean(dec[DCG_FUSED]["threshold_loss"])
+        add(f"{OURS}'s balanced-accuracy loss at its validation threshold (best any threshold reaches minus "
+            f"reached) within {GOALS['threshold_slack']} of the DCG's at its own",
+            f"{ours_loss:.3f} vs {dcg_loss:.3f} (balanced accuracy at the validation threshold "
+            f"{np.mean(dec[OURS]['balanced_accuracy@val']):.3f} vs {np.mean(dec[DCG_FUSED]['balanced_accuracy@val']):.3f})",
+            ours_loss <= dcg_loss + GOALS["threshold_slack"])
+    else:
+        add(f"{OURS} decision at its validation threshold", "binary thresholds not available", None)
     return out
 
 
 # ------------------------------------------------------------------------------------------
-# reports
+# the report
 # ------------------------------------------------------------------------------------------
 
-def _ci(d: Optional[dict]) -> str:
-    return "" if d is None else f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+def _mean_sd(values) -> str:
+    v = np.asarray(list(values), dtype=float)
+    sd = np.std(v, ddof=1) if v.size > 1 else float("nan")
+    return f"{np.nanmean(v):.3f} ± {sd:.3f}"
+
+
+def render(name: str, data: str, seeds: tuple[int, ...], base: TrainConfig, n_test: int, result: dict,
+           goal_rows: list[dict]) -> str:
+    """The markdown report of one dataset."""
+    seed_cols = [f"seed {s}" for s in seeds]
+    num_samples = base.model_config("cpu").diffusion.num_samples
+    md = [f"## Quality on {name} ({n_test} test scans per seed, seeds {', '.join(map(str, seeds))})\n",
+          f"Command: `python -m utils.benchmark_quality --data {data} --seeds {' '.join(map(str, seeds))}`. Profile "
+          f"`{base.profile}`, input {base.input_shape}, batch {base.batch_size}, epochs DCG / diffusion / baselines "
+          f"{base.dcg_epochs} / {base.diffusion_epochs} / {base.baseline_epochs} (early stopping on validation, patience "
+          f"{base.patience}), {base.oof_folds} out-of-fold DCGs, {num_samples} chains per scan spread over the prior "
+          "members. Selection and thresholds on the validation split; the test split is scored once per seed.\n",
+          "**Primary comparison, stated before the runs: DiffMIC-3D minus its DCG (fused prediction), test ROC-AUC, "
+          "pooled over seeds and scans** (two-stage bootstrap, 2000 resamples; DeLong on the seed-averaged "
+          "predictions where every seed scored the same scans).\n",
+          "### Goals\n", markdown_table(["goal", "measured", "status"],
+                                        [[g["goal"], g["measured"], f"**{g['status']}**"] for g in goal_rows]), "",
+          "### Test ROC-AUC\n",
+          markdown_table(["model", *seed_cols, "mean ± sd"],
+                         [[m, *(f"{v[s]:.3f}" if s in v else "" for s in seeds), _mean_sd(v.values())]
+                          for m, v in result["auc"].items()]), "",
+          "### Paired differences in test ROC-AUC (per seed: 95% stratified paired bootstrap; pooled: seeds and scans)\n",
+          markdown_table(["comparison", *seed_cols, "pooled"],
+                         [[f"{c['a']} − {c['b']}", *(_ci(c["per_seed"][s]) if s in c["per_seed"] else "" for s in seeds),
+                           format_pooled(c["pooled"], "")] for c in result["comparisons"]]), "",
+          "### Decisions (means over seeds; thresholds chosen on validation by Youden's J)\n",
+          markdown_table(["model", "accuracy @0.5", "recall @0.5", "balanced acc. @0.5", "threshold",
+                          "balanced acc. @val thr.", "recall @val thr.", "best balanced acc.", "loss", "ECE"],
+                         [[m, *(f"{np.nanmean(d[k]):.3f}" for k in ("accuracy@0.5", "recall@0.5", "balanced_accuracy@0.5",
+                                                                     "threshold", "balanced_accuracy@val", "recall@val",
+                                                                     "best_balanced_accuracy", "threshold_loss", "ece"))]
+                          for m, d in result["decisions"].items()]), "",
+          f"### Uncertainty (errors at each model's validation threshold; paired with {DCG_FUSED}'s margin, pooled)\n",
+          markdown_table(["model: score", "AURC", "minus reference [95% CI]", "error-detection AUROC",
+                          *(f"acc. @{int(100 * c)}%" for c in COVERAGES)],
+                         [[f"{c['model']}: {c['score']}", f"{c['aurc']['a']:.3f}", _ci(c["aurc"]),
+                           f"{c['error_detection_auroc']['a']:.3f}",
+                           *(f"{c['accuracy_at'][cov]:.3f}" for cov in COVERAGES)] for c in result["uncertainty"]]),
+          ""]
+    return "\n".join(md) + "\n"
+
+
+def csv_rows(result: dict, goal_rows: list[dict]) -> str:
+    """``table,item,metric,value,ci_low,ci_high``: per-seed AUCs, paired differences (per seed
+    and pooled), the uncertainty comparisons and the goals (value 1 met, 0 missed, empty not measured)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["table", "item", "metric", "value", "ci_low", "ci_high"])
+    for m, per_seed in result["auc"].items():
+        w.writerows(("auc", m, f"seed {s}", v, "", "") for s, v in per_seed.items())
+    for c in result["comparisons"]:
+        item = f"{c['a']} - {c['b']}"
+        w.writerows(("paired AUC difference", item, f"seed {s}", d["diff"], d["ci_low"], d["ci_high"])
+                    for s, d in c["per_seed"].items())
+        h = c["pooled"]["hierarchical"]
+        w.writerow(("paired AUC difference", item, "pooled", h["diff"], h["ci_low"], h["ci_high"]))
+    for c in result["uncertainty"]:
+        a = c["aurc"]
+        w.writerow(("AURC minus reference", f"{c['model']}: {c['score']}", "pooled", a["diff"], a["ci_low"], a["ci_high"]))
+    for g in goal_rows:
+        w.writerow(("goal", g["goal"], g["measured"], {"met": 1, "missed": 0}.get(g["status"], ""), "", ""))
+    return buf.getvalue()
+
+
+def write_pooled_figure(runs: dict, result: dict, path: Path, name: str) -> Path:
+    """Risk-coverage curves averaged over the seeds and accuracy at 100/90/80/70% coverage
+    (means over seeds) of the main uncertainty scores (``pooled.SHOWN``), PNG and PDF."""
+    from utils.evaluation.visualization import plot_risk_coverage, save_figure
+
+    curves = pooled_curves(runs)
+    table = {f"{c['model']}: {c['score']}": c["accuracy_at"] for c in result["uncertainty"]
+             if f"{c['model']}: {c['score']}" in curves}
+    seeds = len(runs)
+    figure = plot_risk_coverage(curves, table, title=f"{name}: risk-coverage, mean of {seeds} seeds (test; errors at "
+                                                     "each model's validation threshold)")
+    return save_figure(figure, path)
 
 
 def run_quality(data: str, seeds: tuple[int, ...], output_dir: Path, overrides: Optional[dict] = None,
                 with_ablations: bool = False, device: Optional[str] = None) -> Path:
-    """Run the seeds (and ablations), write ``quality_<name>.md`` / ``.csv``; returns the .md path."""
+    """Run the seeds (and the ablations on every seed), write ``quality_<name>.md`` / ``.csv``;
+    returns the .md path."""
     from utils.run import run_experiment
 
     name, base, data_dir = dataset_setup(data)
     base = replace(base, **(overrides or {}))
-    runs = output_dir / "benchmark_runs"
-    per_seed = {}
+    runs_dir = output_dir / "benchmark_runs"
+    runs = {}
     for seed in seeds:
-        run_dir = runs / f"quality_{name}_seed{seed}"
+        run_dir = runs_dir / f"quality_{name}_seed{seed}"
         run_experiment(replace(base, seed=seed), run_dir, data_dir, device=device)
-        labels, probs = read_predictions(run_dir)
-        per_seed[seed] = (len(labels), compare(labels, probs, seed, base.n_resamples))
-
-    models = list(per_seed[seeds[0]][1]["auc"])
-    csv_rows = []
-    auc_table = []
-    for m in models:
-        values = [per_seed[s][1]["auc"][m] for s in seeds]
-        mean, sd = seed_summary(values)
-        auc_table.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {mean:.3f} ± {sd:.3f} |")
-        csv_rows += [("auc", m, f"seed {s}", v, "", "") for s, v in zip(seeds, values)]
-    diff_table = []
-    for other in [m for m in models if m != OURS]:
-        ds = [per_seed[s][1]["diff"][other] for s in seeds]
-        mean, sd = seed_summary([d["diff"] for d in ds])
-        wins = sum(d["ci_low"] > 0 for d in ds)
-        losses = sum(d["ci_high"] < 0 for d in ds)
-        diff_table.append(f"| {OURS} − {other} | " + " | ".join(_ci(d) for d in ds)
-                          + f" | {mean:+.3f} ± {sd:.3f} | {wins} / {losses} |")
-        csv_rows += [("paired AUC difference", f"{OURS} - {other}", f"seed {s}", d["diff"], d["ci_low"], d["ci_high"])
-                     for s, d in zip(seeds, ds)]
-    n_test = per_seed[seeds[0]][0]
-    seed_cols = " | ".join(f"seed {s}" for s in seeds)
-    num_samples = base.model_config("cpu").diffusion.num_samples
-    md = [f"## Quality on {name} ({n_test} test scans per seed, seeds {', '.join(map(str, seeds))})\n",
-          f"Command: `python -m utils.benchmark_quality --data {data} --seeds {' '.join(map(str, seeds))}"
-          + (" --ablations" if with_ablations else "") + f"`. Profile `{base.profile}` with "
-          f"input {base.input_shape}, batch {base.batch_size}, epochs DCG / diffusion / baselines "
-          f"{base.dcg_epochs} / {base.diffusion_epochs} / {base.baseline_epochs} (early stopping on validation, "
-          f"patience {base.patience}), {base.oof_folds} out-of-fold DCGs, {num_samples} samples per scan. "
-          "Selection on the validation split; the test split is scored once per seed.\n",
-          "### Test ROC-AUC\n", f"| model | {seed_cols} | mean ± sd |", "|---|" + "---:|" * (len(seeds) + 1),
-          *auc_table, "",
-          "### Paired differences (same test scans; 95% stratified paired bootstrap, 2000 resamples)\n",
-          f"| comparison | {seed_cols} | mean ± sd | seeds with CI > 0 / < 0 |",
-          "|---|" + "---:|" * (len(seeds) + 2), *diff_table, ""]
+        runs[seed] = read_split(run_dir)
+    result = analyse(runs, base.n_resamples)
+    goal_rows = goals(name, result)
+    n_test = len(next(iter(runs.values())).labels)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"quality_{name}.md"
-    atomic_write_text(path, "\n".join(md) + "\n")
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["table", "item", "metric", "value", "ci_low", "ci_high"])
-    writer.writerows(csv_rows)
-    atomic_write_text(path.with_suffix(".csv"), buf.getvalue())
+    atomic_write_text(path, render(name, data, seeds, base, n_test, result, goal_rows))
+    atomic_write_text(path.with_suffix(".csv"), csv_rows(result, goal_rows))
+    write_pooled_figure(runs, result, output_dir / f"risk_coverage_{name}.png", name)
     if with_ablations:
-        write_ablations(base, seeds[0], name, data, runs, data_dir, output_dir)
-    return path
-
-
-def write_ablations(base: TrainConfig, seed: int, name: str, data: str, runs: Path, data_dir: Optional[Path],
-                    output_dir: Path) -> Path:
-    """Run the ablations on the finished ``seed`` run and write ``quality_<name>_ablations.md``."""
-    run_dir = runs / f"quality_{name}_seed{seed}"
-    labels, probs = read_predictions(run_dir)
-    rows = ablations(replace(base, seed=seed), run_dir, data_dir, runs / f"ablations_{name}", labels, probs)
-    md = [f"### Ablations on {name} (seed {seed}; each variant trained once, tested once)\n",
-          f"Command: `python -m utils.benchmark_quality --data {data} --seeds {seed} --ablations`. Phase-2 variants "
-          "reuse the seed's DCG and its out-of-fold priors; phase-1 variants retrain the DCG and report its fused "
-          "prediction. Differences are paired on the same test scans (95% stratified bootstrap).\n",
-          "| group | variant | val AUC | test AUC | minus full method [95% CI] | minus DCG fused [95% CI] |",
-          "|---|---|---:|---:|---:|---:|"]
-    md += [f"| {r['group']} | {r['variant']} | {r['val_auc']:.3f} | {r['test_auc']:.3f} | {_ci(r['vs_full'])} | "
-           f"{_ci(r['vs_dcg'])} |" for r in rows]
-    path = output_dir / f"quality_{name}_ablations.md"
-    atomic_write_text(path, "\n".join(md) + "\n")
+        from utils.benchmarking.ablations import write_ablations
+        write_ablations(base, seeds, name, data, runs_dir, data_dir, output_dir, device)
     return path

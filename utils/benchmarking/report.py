@@ -14,7 +14,6 @@ import torch
 
 OURS, DCG_FUSED, RESNET = "DiffMIC-3D", "DCG without diffusion", "3D ResNet-18"
 TARGETS = {
-    "adrenal_auc": 0.85,
     "full_train_minutes": 45.0,
     "phase2_over_phase1": 0.25,
     "ddim10_over_resnet": 1.5,

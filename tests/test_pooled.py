@@ -1,0 +1,126 @@
+"""The pooled analysis of a multi-seed benchmark (``utils.benchmarking.pooled``) and the goals
+and report built on it (``utils.benchmarking.quality``), on synthetic run folders whose answer
+is known."""
+import numpy as np
+import pytest
+
+from utils.benchmarking.pooled import ENSEMBLE, analyse, read_split
+from utils.benchmarking.quality import csv_rows, goals, render
+from utils.benchmarking.quality_reports import read_quality_csv
+from utils.benchmarking.report import DCG_FUSED, OURS, RESNET
+from utils.evaluation.evaluate import Predictions, write_predictions_csv
+from utils.training.profiles import get_profile
+
+CLASSES = ["normal", "mass"]
+
+
+def probs_of(logit):
+    """(..., 2) probabilities of (...,) logits."""
+    p = 1 / (1 + np.exp(-logit))
+    return np.stack([1 - p, p], axis=-1)
+
+
+def write_run(folder, seed, ours_noise, n=200, same_scans=True):
+    """A run folder whose DiffMIC-3D scores the label with ``ours_noise`` noise (its DCG with 1.0)."""
+    rng = np.random.default_rng(seed if not same_scans else 0)
+    labels = (rng.random(n) < 0.3).astype(int)
+    signal = 2.0 * labels - 1.0
+    paths = [f"scan_{i}.npy" for i in range(n)]
+    rng = np.random.default_rng(100 + seed)
+    for name, split_n in (("predictions.csv", n), ("val_predictions.csv", n)):
+        dcg_logit = signal + 1.0 * rng.standard_normal(n)
+        ours_logit = signal + ours_noise * rng.standard_normal(n)
+        samples = probs_of(ours_logit[None] + 0.3 * rng.standard_normal((4, n)))  # (4, n, 2)
+        models = {OURS: Predictions(paths, labels, samples.mean(0), samples=samples, threshold=0.4),
+                  DCG_FUSED: Predictions(paths, labels, probs_of(dcg_logit), threshold=0.5),
+                  ENSEMBLE: Predictions(paths, labels, probs_of(dcg_logit + 0.1), threshold=0.5),
+                  RESNET: Predictions(paths, labels, probs_of(signal + 2.0 * rng.standard_normal(n)), threshold=0.5)}
+        write_predictions_csv(models, CLASSES, folder / name)
+    return folder
+
+
+def write_runs(root, ours_noise, seeds=(0, 1, 2)):
+    runs = {}
+    for s in seeds:
+        (root / f"s{s}").mkdir()
+        runs[s] = read_split(write_run(root / f"s{s}", s, ours_noise))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def better(tmp_path_factory):
+    return write_runs(tmp_path_factory.mktemp("runs"), ours_noise=0.5)
+
+
+def test_read_split_round_trips_probabilities_thresholds_and_scores(tmp_path):
+    write_run(tmp_path, 0, 0.5, n=20)
+    split = read_split(tmp_path)
+    assert split.labels.shape == (20,) and set(split.models) == {OURS, DCG_FUSED, ENSEMBLE, RESNET}
+    assert split.models[OURS].threshold == pytest.approx(0.4)
+    assert {"margin", "entropy", "spread", "ttest"} <= set(split.models[OURS].scores)
+    assert set(split.models[DCG_FUSED].scores) == {"margin", "entropy"}  # no samples: no spread or t-test
+
+
+def test_a_clearly_better_model_meets_the_primary_goal_pooled(better):
+    result = analyse(better, n_resamples=1000)
+    primary = result["comparisons"][0]
+    assert (primary["a"], primary["b"]) == (OURS, DCG_FUSED)
+    h = primary["pooled"]["hierarchical"]
+    assert h["n_seeds"] == 3 and h["ci_low"] > 0 and h["diff"] == pytest.approx(np.mean(h["per_seed"]))
+    assert primary["pooled"]["delong_seed_averaged"] is not None  # the same scans on every seed
+    rows = {g["goal"].split(" ")[0] + g["goal"][-30:]: g["status"] for g in goals("phantoms300", result)}
+    assert list(rows.values())[0] == "met"
+    unc = {(c["model"], c["score"]): c for c in result["uncertainty"]}
+    assert unc[(DCG_FUSED, "margin")]["aurc"]["diff"] == 0  # the reference against itself
+    assert unc[(OURS, "margin")]["aurc"]["diff"] < 0  # fewer errors, better ranked
+
+
+def test_a_model_equal_to_its_dcg_misses_the_goal(tmp_path):
+    result = analyse(write_runs(tmp_path, ours_noise=1.0), n_resamples=1000)
+    first = goals("adrenalmnist3d", result)[0]
+    assert first["status"] == "missed" and "+0.015" in first["goal"]
+
+
+def test_the_report_states_the_primary_comparison_and_its_csv_carries_the_goals(better, tmp_path):
+    result = analyse(better, n_resamples=1000)
+    goal_rows = goals("adrenalmnist3d", result)
+    base = get_profile("smoke")
+    text = render("adrenalmnist3d", "adrenal", (0, 1, 2), base, 200, result, goal_rows)
+    assert "Primary comparison, stated before the runs" in text and "### Uncertainty" in text
+    assert f"{OURS} − {DCG_FUSED}" in text
+    path = tmp_path / "quality_x.csv"
+    path.write_text(csv_rows(result, goal_rows))
+    data = read_quality_csv(path)
+    assert [g["status"] for g in data["goals"]] == [g["status"] for g in goal_rows]
+    assert data["diff"][DCG_FUSED]["pooled"][0] == pytest.approx(result["comparisons"][0]["pooled"]["hierarchical"]["diff"])
+
+
+def test_the_pooled_figure_draws_every_shown_score(better, tmp_path):
+    from utils.benchmarking.pooled import pooled_curves
+    from utils.benchmarking.quality import write_pooled_figure
+
+    curves = pooled_curves(better)
+    assert set(curves) == {f"{OURS}: margin", f"{OURS}: spread", f"{DCG_FUSED}: margin", f"{RESNET}: margin"}
+    coverage, risk = curves[f"{OURS}: margin"]
+    assert coverage.shape == risk.shape and np.all((risk >= 0) & (risk <= 1))
+    path = write_pooled_figure(better, analyse(better, n_resamples=1000), tmp_path / "rc.png", "synthetic")
+    assert path.is_file() and path.with_suffix(".pdf").is_file()
+
+
+def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path):
+    """The code path of ``python -m utils.benchmark_quality --data smoke --seeds 0 --ablations``:
+    a tiny run, its report with its goals, the pooled figure, and every ablation (inference-only
+    and retrained); the pooling over seeds is tested above on synthetic runs."""
+    from utils.benchmarking.ablations import INFERENCE, RETRAINED
+    from utils.benchmarking.quality import run_quality
+
+    path = run_quality("smoke", (0,), tmp_path, with_ablations=True, device="cpu")
+    text = path.read_text()
+    assert "### Goals" in text and "seeds 0)" in text
+    goal_rows = read_quality_csv(path.with_suffix(".csv"))["goals"]
+    assert goal_rows and all(g["status"] in ("met", "missed", "not measured") for g in goal_rows)
+    assert (tmp_path / "risk_coverage_smoke.png").is_file()
+    ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
+    for variant in (*INFERENCE, *RETRAINED):
+        assert variant in ablations
+    assert (tmp_path / "benchmark_runs" / "ablations_smoke" / "seed0.npz").is_file()  # kept: a rerun only reads
