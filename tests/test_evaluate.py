@@ -162,7 +162,7 @@ def test_predictions_csv_rows_and_columns(tmp_path):
         reader = csv.DictReader(f)
         assert reader.fieldnames == ["model", "path", "label", "prob_Normal", "prob_COVID-19",
                                      "std_Normal", "std_COVID-19", "entropy", "threshold", "decision",
-                                     "u_margin", "u_entropy", "u_spread", "u_ttest"]
+                                     "u_msp", "u_margin", "u_entropy", "u_spread", "u_ttest"]
         rows = list(reader)
     assert len(rows) == 3 * 30
     assert [r["model"] for r in rows[::30]] == list(predictions)
@@ -201,7 +201,9 @@ def test_validation_thresholds_decide_the_test_scans_and_uncertainty_is_reported
     assert 0 <= values[("DiffMIC-3D", "ece")] <= 1
     with open(tmp_path / "uncertainty.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert {(r["model"], r["score"]) for r in table} >= {("DiffMIC-3D", "margin"), ("chance", "margin")}
+    assert {(r["model"], r["score"]) for r in table} >= {("DiffMIC-3D", "margin"), ("chance", "msp")}
+    reference = next(r for r in table if (r["model"], r["score"]) == ("chance", "msp"))
+    assert reference["aurc_minus_ref"] == ""  # the reference is not compared with itself
     assert (tmp_path / "val_predictions.csv").is_file()
     assert_png(tmp_path / "figures" / "risk_coverage.png")
 

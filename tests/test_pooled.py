@@ -57,8 +57,9 @@ def test_read_split_round_trips_probabilities_thresholds_and_scores(tmp_path):
     split = read_split(tmp_path)
     assert split.labels.shape == (20,) and set(split.models) == {OURS, DCG_FUSED, ENSEMBLE, RESNET}
     assert split.models[OURS].threshold == pytest.approx(0.4)
-    assert {"margin", "entropy", "spread", "ttest"} <= set(split.models[OURS].scores)
-    assert set(split.models[DCG_FUSED].scores) == {"margin", "entropy"}  # no samples: no spread or t-test
+    assert {"msp", "margin", "entropy", "spread", "ttest"} <= set(split.models[OURS].scores)
+    assert set(split.models[DCG_FUSED].scores) == {"msp", "margin", "entropy"}  # no samples: no spread or t-test
+    np.testing.assert_allclose(split.models[DCG_FUSED].scores["msp"], 1 - split.models[DCG_FUSED].probs.max(1))
 
 
 def test_a_clearly_better_model_meets_the_primary_goal_pooled(better):
@@ -71,7 +72,7 @@ def test_a_clearly_better_model_meets_the_primary_goal_pooled(better):
     rows = {g["goal"].split(" ")[0] + g["goal"][-30:]: g["status"] for g in goals("phantoms300", result)}
     assert list(rows.values())[0] == "met"
     unc = {(c["model"], c["score"]): c for c in result["uncertainty"]}
-    assert unc[(DCG_FUSED, "margin")]["aurc"]["diff"] == 0  # the reference against itself
+    assert unc[(DCG_FUSED, "msp")]["aurc"]["diff"] == 0  # the reference against itself
     assert unc[(OURS, "margin")]["aurc"]["diff"] < 0  # fewer errors, better ranked
 
 
@@ -100,7 +101,8 @@ def test_the_pooled_figure_draws_every_shown_score(better, tmp_path):
     from utils.benchmarking.quality import write_pooled_figure
 
     curves = pooled_curves(better)
-    assert set(curves) == {f"{OURS}: margin", f"{OURS}: spread", f"{DCG_FUSED}: margin", f"{RESNET}: margin"}
+    assert set(curves) == {f"{OURS}: margin", f"{OURS}: spread", f"{DCG_FUSED}: msp", f"{ENSEMBLE}: msp",
+                           f"{RESNET}: msp"}
     coverage, risk = curves[f"{OURS}: margin"]
     assert coverage.shape == risk.shape and np.all((risk >= 0) & (risk <= 1))
     path = write_pooled_figure(better, analyse(better, n_resamples=1000), tmp_path / "rc.png", "synthetic")

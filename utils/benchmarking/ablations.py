@@ -105,6 +105,8 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
 def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: str, runs_dir: Path,
                     data_dir: Optional[Path], output_dir: Path, device: Optional[str] = None) -> Path:
     """Every seed's ablations, pooled: ``quality_<name>_ablations.md``."""
+    from utils.benchmarking.quality import command
+
     labels, full, dcg, variants = [], [], [], {}
     for seed in seeds:
         run_dir = runs_dir / f"quality_{name}_seed{seed}"
@@ -125,7 +127,7 @@ def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: 
     rows += [["inference only" if v in INFERENCE else "phase 2 retrained", v, f"{auc(ps):.3f}", pooled(ps, full),
               pooled(ps, dcg)] for v, ps in variants.items()]
     md = [f"### Ablations on {name} (seeds {', '.join(map(str, seeds))}; pooled over seeds and scans)\n",
-          f"Command: `python -m utils.benchmark_quality --data {data} --seeds {' '.join(map(str, seeds))} --ablations`. "
+          f"Command: `{command(data, seeds, ablations=True)}`. "
           "Inference-only variants change the trained model of each seed at test time; retrained variants rerun "
           "phase 2 on the seed's DCGs and out-of-fold priors. Differences in test ROC-AUC, paired on the same scans, "
           "pooled over seeds with the two-stage bootstrap (95%).\n",

@@ -11,7 +11,7 @@ scores). From them, with seeds and scans pooled (``utils.evaluation.protocol``):
 * decisions: each model at 0.5 (argmax) and at its validation threshold, the best balanced
   accuracy any threshold reaches on the test scans (what its ranking allows) and the ECE;
 * uncertainty: AURC, error-detection AUROC and accuracy at 100/90/80/70% coverage of every
-  score, each paired with the DCG's softmax confidence and pooled the same way.
+  score, each paired with the DCG's softmax confidence (``msp``) and pooled the same way.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from utils.evaluation.thresholds import best_balanced_accuracy, threshold_metric
 
 ENSEMBLE = "DCG ensemble (folds + final)"
 DCG_GLOBAL = "DCG global prior only"
-REFERENCE = (DCG_FUSED, "margin")  # the softmax confidence every uncertainty score is compared with
+REFERENCE = (DCG_FUSED, "msp")  # the softmax confidence every uncertainty score is compared with
 
 
 @dataclass
@@ -73,8 +73,9 @@ def read_split(run_dir: Path, name: str = "predictions.csv") -> SplitPredictions
             raise ValueError(f"{run_dir}/{name}: {model} was not scored on the same scans in the same order")
         threshold = items[0].get("threshold", "")
         scores = {c[2:]: np.array([float(r[c]) for r in items]) for c in score_cols if items[0][c] != ""}
-        models[model] = ModelPredictions(np.array([[float(r[c]) for c in prob_cols] for r in items]),
-                                         float(threshold) if threshold not in ("", None) else None, scores)
+        probs = np.array([[float(r[c]) for c in prob_cols] for r in items])
+        scores.setdefault("msp", 1.0 - probs.max(axis=1))  # a function of probs alone (runs written before it)
+        models[model] = ModelPredictions(probs, float(threshold) if threshold not in ("", None) else None, scores)
     return SplitPredictions(labels, paths, models)
 
 
@@ -167,8 +168,9 @@ def uncertainty_comparison(runs: dict[int, SplitPredictions], model: str, score:
     return out
 
 
-UNCERTAINTY_ITEMS = ((OURS, "margin"), (OURS, "spread"), (OURS, "ttest"), (OURS, "entropy"),
-                     (DCG_FUSED, "margin"), (ENSEMBLE, "margin"), (ENSEMBLE, "spread"), (RESNET, "margin"))
+UNCERTAINTY_ITEMS = ((OURS, "margin"), (OURS, "msp"), (OURS, "spread"), (OURS, "ttest"), (OURS, "entropy"),
+                     (DCG_FUSED, "msp"), (DCG_FUSED, "margin"), (ENSEMBLE, "msp"), (ENSEMBLE, "spread"),
+                     (RESNET, "msp"))
 
 
 def analyse(runs: dict[int, SplitPredictions], n_resamples: int = 2000) -> dict:
@@ -183,7 +185,7 @@ def analyse(runs: dict[int, SplitPredictions], n_resamples: int = 2000) -> dict:
             "uncertainty": uncertainty}
 
 
-SHOWN = ((OURS, "margin"), (OURS, "spread"), (DCG_FUSED, "margin"), (ENSEMBLE, "spread"), (RESNET, "margin"))
+SHOWN = ((OURS, "margin"), (OURS, "spread"), (DCG_FUSED, "msp"), (ENSEMBLE, "msp"), (RESNET, "msp"))
 
 
 def pooled_curves(runs: dict[int, SplitPredictions], items=SHOWN, points: int = 101) -> dict[str, tuple]:

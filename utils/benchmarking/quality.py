@@ -92,7 +92,7 @@ def goals(name: str, result: dict) -> list[dict]:
         add(f"{OURS} accuracy at 80% coverage >= at 100% + {GOALS['coverage_gain']}", "no uncertainty scores", None)
     else:
         a = ours_u["aurc"]
-        add(f"{OURS} AURC ({REFER_SCORE}) below the DCG's softmax confidence, paired pooled interval below 0",
+        add(f"{OURS} AURC ({REFER_SCORE}) below the DCG's softmax confidence (msp), paired pooled interval below 0",
             f"{a['a']:.3f} vs {a['b']:.3f}: {_ci(a)}", a["ci_high"] < 0)
         acc = ours_u["accuracy_at"]
         add(f"{OURS} accuracy at 80% coverage >= at 100% + {GOALS['coverage_gain']}",
@@ -121,13 +121,21 @@ def _mean_sd(values) -> str:
     return f"{np.nanmean(v):.3f} ± {sd:.3f}"
 
 
+def command(data: str, seeds: tuple[int, ...], overrides: Optional[dict] = None, ablations: bool = False) -> str:
+    """The ``utils.benchmark_quality`` command line of a report."""
+    sets = "".join(f" --set {k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                   for k, v in (overrides or {}).items())
+    return (f"python -m utils.benchmark_quality --data {data} --seeds {' '.join(map(str, seeds))}{sets}"
+            + (" --ablations" if ablations else ""))
+
+
 def render(name: str, data: str, seeds: tuple[int, ...], base: TrainConfig, n_test: int, result: dict,
-           goal_rows: list[dict]) -> str:
+           goal_rows: list[dict], overrides: Optional[dict] = None) -> str:
     """The markdown report of one dataset."""
     seed_cols = [f"seed {s}" for s in seeds]
     num_samples = base.model_config("cpu").diffusion.num_samples
     md = [f"## Quality on {name} ({n_test} test scans per seed, seeds {', '.join(map(str, seeds))})\n",
-          f"Command: `python -m utils.benchmark_quality --data {data} --seeds {' '.join(map(str, seeds))}`. Profile "
+          f"Command: `{command(data, seeds, overrides)}`. Profile "
           f"`{base.profile}`, input {base.input_shape}, batch {base.batch_size}, epochs DCG / diffusion / baselines "
           f"{base.dcg_epochs} / {base.diffusion_epochs} / {base.baseline_epochs} (early stopping on validation, patience "
           f"{base.patience}), {base.oof_folds} out-of-fold DCGs, {num_samples} chains per scan spread over the prior "
@@ -152,7 +160,8 @@ def render(name: str, data: str, seeds: tuple[int, ...], base: TrainConfig, n_te
                                                                      "threshold", "balanced_accuracy@val", "recall@val",
                                                                      "best_balanced_accuracy", "threshold_loss", "ece"))]
                           for m, d in result["decisions"].items()]), "",
-          f"### Uncertainty (errors at each model's validation threshold; paired with {DCG_FUSED}'s margin, pooled)\n",
+          f"### Uncertainty (errors at each model's validation threshold; paired with {DCG_FUSED}'s softmax "
+          "confidence `msp`, pooled)\n",
           markdown_table(["model: score", "AURC", "minus reference [95% CI]", "error-detection AUROC",
                           *(f"acc. @{int(100 * c)}%" for c in COVERAGES)],
                          [[f"{c['model']}: {c['score']}", f"{c['aurc']['a']:.3f}", _ci(c["aurc"]),
@@ -217,7 +226,7 @@ def run_quality(data: str, seeds: tuple[int, ...], output_dir: Path, overrides: 
     n_test = len(next(iter(runs.values())).labels)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"quality_{name}.md"
-    atomic_write_text(path, render(name, data, seeds, base, n_test, result, goal_rows))
+    atomic_write_text(path, render(name, data, seeds, base, n_test, result, goal_rows, overrides))
     atomic_write_text(path.with_suffix(".csv"), csv_rows(result, goal_rows))
     write_pooled_figure(runs, result, output_dir / f"risk_coverage_{name}.png", name)
     if with_ablations:

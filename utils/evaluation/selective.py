@@ -6,9 +6,10 @@ scans (paired bootstrap, ``utils.evaluation.uncertainty``).
 A prediction is wrong when the decision at the model's validation-chosen threshold (binary;
 argmax for C > 2) differs from the label. Scores (larger = less sure):
 
+* ``msp``: one minus the maximum softmax probability, the usual "softmax confidence"
+  (Hendrycks & Gimpel 2017); the reference every score is compared with is a model's ``msp``;
 * ``margin``: minus the distance of the probability from the decision threshold in logit
-  units (``uncertainty.threshold_margin``); at threshold 0.5 it ranks scans like the maximum
-  softmax probability, the usual "softmax confidence";
+  units (``uncertainty.threshold_margin``); at threshold 0.5 it ranks scans like ``msp``;
 * ``entropy``: the entropy of the (mean) probabilities;
 * for models with several stochastic outputs per scan (DiffMIC-3D's chains, a DCG ensemble's
   members; ``Predictions.samples``): ``spread``, the standard deviation of the decided class's
@@ -29,7 +30,7 @@ from utils.atomic import atomic_write_text
 from utils.evaluation import uncertainty as u
 
 COVERAGES = (1.0, 0.9, 0.8, 0.7)
-SCORE_NAMES = ("margin", "entropy", "spread", "ttest")
+SCORE_NAMES = ("msp", "margin", "entropy", "spread", "ttest")
 UNCERTAINTY_CSV = "uncertainty.csv"
 
 
@@ -39,7 +40,7 @@ def uncertainty_scores(probs: np.ndarray, threshold: Optional[float] = None,
     None: 0.5 / argmax), with ``spread`` and ``ttest`` when ``samples`` (S >= 2, N, C) are given."""
     probs = np.asarray(probs, dtype=np.float64)
     binary = probs.shape[1] == 2
-    scores = {"margin": -u.threshold_margin(probs, threshold if binary else None),
+    scores = {"msp": 1.0 - probs.max(axis=1), "margin": -u.threshold_margin(probs, threshold if binary else None),
               "entropy": u.entropy_of_mean(probs)}
     if samples is not None and np.asarray(samples).shape[0] >= 2:
         scores["spread"] = u.chain_spread(samples)
@@ -56,13 +57,13 @@ def errors_of(labels: np.ndarray, probs: np.ndarray, threshold: Optional[float] 
 def selective_rows(labels: np.ndarray, models: Mapping[str, dict], reference: str, n_resamples: int = 2000,
                    seed: int = 0) -> list[dict]:
     """One row per (model, score): AURC, E-AURC, error-detection AUROC, accuracy at ``COVERAGES``
-    and the paired difference to ``reference``'s ``margin`` (AURC, error-detection AUROC,
-    accuracy at 80% coverage; 95% stratified bootstrap).
+    and the paired difference to ``reference``'s softmax confidence ``msp`` (AURC,
+    error-detection AUROC, accuracy at 80% coverage; 95% stratified bootstrap).
 
     Args:
         labels: (N,) test labels.
         models: name -> ``{"probs" (N, C), "threshold" float or None, "samples" (S, N, C) or None}``.
-        reference: the model whose softmax confidence (``margin``) every score is compared with.
+        reference: the model whose softmax confidence (``msp``) every score is compared with.
     """
     if reference not in models:
         raise ValueError(f"reference model {reference!r} is not among {list(models)}")
@@ -81,8 +82,8 @@ def selective_rows(labels: np.ndarray, models: Mapping[str, dict], reference: st
                    "aurc": u.aurc(errors, values), "e_aurc": u.excess_aurc(errors, values),
                    "error_auroc": u.error_detection_auroc(errors, values)}
             row.update({f"acc@{int(round(100 * c))}": a for c, a in u.accuracy_at_coverage(errors, values, COVERAGES).items()})
-            if (name, score) != (reference, "margin"):
-                cmp = u.paired_uncertainty_comparison(errors, values, ref_errors, ref_scores["margin"], labels=labels,
+            if (name, score) != (reference, "msp"):
+                cmp = u.paired_uncertainty_comparison(errors, values, ref_errors, ref_scores["msp"], labels=labels,
                                                       n_resamples=n_resamples, seed=seed)
                 for key, res in cmp.items():
                     row.update({f"{key}_minus_ref": res["diff"], f"{key}_minus_ref_low": res["ci_low"],
@@ -123,7 +124,7 @@ def write_selective_csv(rows: list[dict], path: str | Path) -> Path:
 def format_selective_table(rows: list[dict], reference: str) -> str:
     """Markdown table: model, score, AURC (paired difference to the reference), error AUROC,
     accuracy at 100 / 80% coverage."""
-    lines = [f"| model | uncertainty | AURC (minus {reference} margin [95% CI]) | error-detection AUROC | "
+    lines = [f"| model | uncertainty | AURC (minus {reference} msp [95% CI]) | error-detection AUROC | "
              "accuracy at 100% / 80% coverage |", "|---|---|---:|---:|---:|"]
     for r in rows:
         diff = ("" if "aurc_minus_ref" not in r else
