@@ -29,9 +29,8 @@ from utils.evaluation.paired import paired_auc_difference
 from utils.evaluation.protocol import pooled_comparison, two_stage
 from utils.evaluation.selective import COVERAGES, errors_of
 from utils.evaluation.thresholds import best_balanced_accuracy, threshold_metrics
+from utils.pipeline import ABLATION_GLOBAL as DCG_GLOBAL, ENSEMBLE  # noqa: F401 (ENSEMBLE re-exported)
 
-ENSEMBLE = "DCG ensemble (folds + final)"
-DCG_GLOBAL = "DCG global prior only"
 REFERENCE = (DCG_FUSED, "msp")  # the softmax confidence every uncertainty score is compared with
 
 

@@ -309,6 +309,7 @@ def plot_risk_coverage(curves: Mapping[str, tuple], accuracy_table: Mapping[str,
     if accuracy_table:
         coverages = sorted({float(c) for c in next(iter(accuracy_table.values()))}, reverse=True)
         bar_ax, width = axes[1], 0.8 / len(accuracy_table)
+        lowest = 100.0
         for i, (name, row) in enumerate(accuracy_table.items()):
             if sorted((float(c) for c in row), reverse=True) != coverages:
                 raise ValueError(f"accuracy_table[{name!r}] has coverages {sorted(row)}, expected {coverages}")
@@ -317,9 +318,12 @@ def plot_risk_coverage(curves: Mapping[str, tuple], accuracy_table: Mapping[str,
                 raise ValueError(f"accuracy_table[{name!r}] accuracies must lie in [0, 1]")
             bars = bar_ax.bar(np.arange(len(coverages)) + (i - (len(accuracy_table) - 1) / 2) * width, 100 * values,
                               width=width, label=name, edgecolor="black", hatch=["", "//", "..", "xx"][i % 4])
-            bar_ax.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=2)
+            bar_ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2, rotation=90)
+            lowest = min(lowest, 100 * float(values.min()))
         bar_ax.set_xticks(np.arange(len(coverages)), [f"{100 * c:g}%" for c in coverages])
-        bar_ax.set(ylim=(0, 109), xlabel="coverage (% of scans kept)", ylabel="accuracy on kept scans (%)",
+        floor = max(0.0, 5 * np.floor(lowest / 5) - 5)  # the differences are a few points: start near them
+        bar_ax.set(ylim=(floor, 100 + 0.12 * (100 - floor)), xlabel="coverage (% of scans kept)",
+                   ylabel=f"accuracy on kept scans (%; axis from {floor:g})",
                    title="Accuracy after referring the most uncertain scans")
         bar_ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2)
     if title:
