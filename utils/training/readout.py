@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D, log_simplex
 from utils.evaluation.thresholds import youden_threshold
-from utils.evaluation.uncertainty import refer_threshold
+from utils.evaluation import uncertainty as u
+from utils.training.diffusion import predict_dataset
 from utils.training.profiles import TrainConfig
 
 SCALE_BOUND = 3.0  # log a lies in [-3, 3]: a in [0.05, 20]
@@ -78,8 +79,6 @@ def diffmic_uncertainty(out: dict, threshold: float, score: str = REFER_SCORE) -
     ``'margin'`` = minus the distance of the chain-mean decision from its threshold
     (``uncertainty.threshold_margin``), ``'spread'`` = the chains' spread, ``'ttest'`` = CARD's
     top-2 t-test p-value."""
-    from utils.evaluation import uncertainty as u
-
     probs = np.asarray(out["probs"], dtype=np.float64)
     if score == "margin":
         return -u.threshold_margin(probs, threshold if probs.shape[1] == 2 else None)
@@ -99,8 +98,6 @@ def calibrate_readout(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutpu
     ``ddim_steps``, the run's seed), and store them on the model. Deterministic, so a resumed
     run refits the same values. Returns ``{'scale', 'bias', 'decision_threshold', 'refer_threshold'}``.
     """
-    from utils.training.diffusion import predict_dataset
-
     model.set_readout(1.0, [0.0] * model.config.num_classes)
     out = predict_dataset(model, val_set, val_guidance, device, config.batch_size, config.seed,
                           num_workers=config.num_workers)
@@ -113,6 +110,6 @@ def calibrate_readout(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutpu
     decision = 0.5
     if model.config.num_classes == 2 and len(np.unique(labels)) == 2:
         decision = float(np.clip(youden_threshold(labels, calibrated["probs"]), 1e-6, 1 - 1e-6))
-    refer = refer_threshold(diffmic_uncertainty(calibrated, decision), config.refer_coverage)
+    refer = u.refer_threshold(diffmic_uncertainty(calibrated, decision), config.refer_coverage)
     model.set_thresholds(decision=decision, refer=refer if math.isfinite(refer) else math.inf)
     return {"scale": scale, "bias": bias, "decision_threshold": decision, "refer_threshold": refer}
