@@ -331,3 +331,35 @@ def test_two_phase_training_overfits_a_tiny_problem():
     for seed in (0, 1):  # robust to the start noise, not one lucky draw
         probs = model.predict(x, cache, generator=gen(seed))["probs"]
         assert (probs.argmax(1) == labels).float().mean().item() == 1.0, probs
+
+
+# prior members -------------------------------------------------------------------------------
+
+
+def test_chains_are_spread_over_the_prior_members_each_reading_its_own_prior():
+    """With fold DCGs kept, chain s reads member s mod m; an untrained head returns its prior M,
+    so each chain's probabilities are its member's grid-mean prior, read out."""
+    torch.manual_seed(0)
+    model = DiffMIC3D(ModelConfig.tiny(input_shape=SHAPE).with_changes(fold_dcgs=2)).eval()
+    assert model.num_members == 3 and len(model.fold_dcgs) == 2
+    x = scans(2)
+    members = model.member_guidance(x)
+    assert len(members) == 3
+    out = model.predict(x, members, num_samples=4, generator=gen())  # rounded up to 6 = 2 per member
+    assert out["samples"].shape == (6, 2, 2) and out["member"].tolist() == [0, 1, 2, 0, 1, 2]
+    for s, j in enumerate(out["member"].tolist()):
+        expected = model.probabilities(model.priors(members[j]).guidance_map)
+        torch.testing.assert_close(out["samples"][s], expected)
+    assert not torch.allclose(out["samples"][0], out["samples"][1])  # the members disagree
+    torch.testing.assert_close(model(x, generator=gen()), out["probs"])  # forward runs every member itself
+
+
+def test_a_config_of_another_version_is_refused_not_filled_with_defaults():
+    data = ModelConfig.tiny().to_dict()
+    del data["denoiser"]["prior_residual"]
+    with pytest.raises(ValueError, match=r"lacks \['prior_residual'\]"):
+        ModelConfig.from_dict(data)
+    with pytest.raises(ValueError, match="fold_dcgs must be 0 or >= 2"):
+        ModelConfig.tiny().with_changes(fold_dcgs=1)
+    with pytest.raises(ValueError, match="prior_residual=True needs"):
+        ModelConfig.tiny().with_changes(diffusion={"parameterization": "eps", "zero_terminal_snr": False})
