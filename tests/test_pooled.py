@@ -112,17 +112,30 @@ def test_the_pooled_figure_draws_every_shown_score(better, tmp_path):
 def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path):
     """The code path of ``python -m utils.benchmark_quality --data smoke --seeds 0 --ablations``:
     a tiny run, its report with its goals, the pooled figure, and every ablation (inference-only
-    and retrained); the pooling over seeds is tested above on synthetic runs."""
+    first, then completed with the retrained ones, the finished run read, not rerun); the pooling
+    over seeds is tested above on synthetic runs."""
     from utils.benchmarking.ablations import INFERENCE, RETRAINED
     from utils.benchmarking.quality import run_quality
 
-    path = run_quality("smoke", (0,), tmp_path, with_ablations=True, device="cpu")
+    path = run_quality("smoke", (0,), tmp_path, ablations="inference", device="cpu")
     text = path.read_text()
     assert "### Goals" in text and "seeds 0)" in text
     goal_rows = read_quality_csv(path.with_suffix(".csv"))["goals"]
     assert goal_rows and all(g["status"] in ("met", "missed", "not measured") for g in goal_rows)
     assert (tmp_path / "risk_coverage_smoke.png").is_file()
     ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
-    for variant in (*INFERENCE, *RETRAINED):
-        assert variant in ablations
-    assert (tmp_path / "benchmark_runs" / "ablations_smoke" / "seed0.npz").is_file()  # kept: a rerun only reads
+    assert all(f"| {v} |" in ablations for v in INFERENCE)
+    assert "phase 2 retrained" not in ablations and "--ablations inference" in ablations
+    assert "not run here" in ablations
+
+    timings = tmp_path / "benchmark_runs" / "quality_smoke_seed0" / "timings.json"
+    written = timings.stat().st_mtime_ns
+    run_quality("smoke", (0,), tmp_path, ablations="all", device="cpu")
+    assert timings.stat().st_mtime_ns == written  # the finished run is read, its test split not scored again
+    ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
+    assert all(f"| {v} |" in ablations for v in (*INFERENCE, *RETRAINED)) and "not run here" not in ablations
+    cache = tmp_path / "benchmark_runs" / "ablations_smoke" / "seed0.npz"
+    with np.load(cache) as saved:  # kept: a rerun only reads
+        assert set(saved.files) == {*INFERENCE, *RETRAINED}
+    with pytest.raises(ValueError, match="ablations must be"):
+        run_quality("smoke", (0,), tmp_path, ablations="some")

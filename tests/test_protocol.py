@@ -316,3 +316,15 @@ def test_pooled_comparison_skips_delong_for_multiclass_and_different_sizes():
     assert "2 seeds, 90 scans in all" in format_pooled(out, "m")
     with pytest.raises(ValueError, match=r"paths\[1\] must hold 50 scan ids"):
         pooled_comparison(ys, a_s, b_s, paths=[["x"] * 40, ["x"] * 3], n_resamples=1000)
+
+
+def test_pooled_comparison_skips_delong_when_a_class_has_one_scan():
+    """A smoke-sized test split (one scan per class) still gets its bootstrap comparison; DeLong,
+    whose variance needs two scans of each class, is skipped with the reason."""
+    ys = [np.array([0, 1])] * 2
+    a_s = [binary_probs(np.array([0.4, 0.6])), binary_probs(np.array([0.45, 0.55]))]
+    b_s = [binary_probs(np.array([0.6, 0.4])), binary_probs(np.array([0.5, 0.7]))]
+    out = pooled_comparison(ys, a_s, b_s, n_resamples=1000)
+    assert out["delong_seed_averaged"] is None
+    assert out["delong_skipped"] == "1 positive and 1 negative scans (DeLong needs 2 of each)"
+    assert np.isfinite(out["hierarchical"]["diff"])

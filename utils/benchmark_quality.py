@@ -1,7 +1,7 @@
 """Quality benchmark: DiffMIC-3D against its own DCG, a matched DCG ensemble and the 3D CNN
 baselines, over seeds and scans together.
 
-    python -m utils.benchmark_quality --data adrenal --seeds 0 1 2 3 4 [--ablations] [--set key=value ...]
+    python -m utils.benchmark_quality --data adrenal --seeds 0 1 2 3 4 [--ablations [all|inference]] [--set key=value ...]
     python -m utils.benchmark_quality --data phantoms --seeds 0 1 2 3 4
 
 Datasets (``--data``):
@@ -13,8 +13,8 @@ Datasets (``--data``):
               seed), each seed its own split.
     smoke     the CI size (12 phantoms), to check the code path only.
 
-Per seed the whole experiment runs (``utils.run.run_experiment``, resumable: a finished run is
-only loaded) and scores its test split ONCE. The primary comparison, stated before any run, is
+Per seed the whole experiment runs (``utils.run.run_experiment``, resumable) and scores its test
+split ONCE; a finished run (its ``timings.json`` written, same configuration) is only read. The primary comparison, stated before any run, is
 DiffMIC-3D minus its DCG (fused prediction) in test ROC-AUC, pooled over seeds and scans
 (``utils.benchmarking.pooled``: a two-stage paired bootstrap, and DeLong's test on the
 seed-averaged predictions where the seeds share their test scans), reported beside the per-seed
@@ -22,7 +22,8 @@ paired intervals; the same for the matched DCG ensemble, the DCG's global prior 
 baselines. Decisions at each model's validation threshold, calibration, and the uncertainty
 scores' risk-coverage curves are pooled the same way, and the method's goals are printed with
 their measured figures. ``--ablations`` runs the ablations of ``utils.benchmarking.ablations`` on
-every seed and pools them likewise.
+every seed and pools them likewise; ``--ablations inference`` only the inference-only variants
+(minutes per seed, where the retrained ones cost two phase-2 trainings per seed).
 
 Writes ``OUTPUT_DIR/quality_<data>.md`` and ``.csv`` (``table,item,metric,value,ci_low,ci_high``,
 goal rows included), ``quality_<data>_ablations.md`` and ``risk_coverage_<data>.png``.
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("utils.benchmark_quality", __doc__)
     parser.add_argument("--data", default="adrenal", help="adrenal, phantoms, smoke or the path of a MedMNIST .npz")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run per seed")
-    parser.add_argument("--ablations", action="store_true", help="also the ablations, on every seed, pooled")
+    parser.add_argument("--ablations", nargs="?", const="all", default=None, choices=("all", "inference"),
+                        help="also the ablations on every seed, pooled: all (default; two phase-2 retrainings "
+                             "per seed) or inference (the inference-only variants alone, minutes per seed)")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "benchmark", help="report folder")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: $MEDISCOPE_DEVICE, else auto)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

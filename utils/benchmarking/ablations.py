@@ -53,8 +53,10 @@ def uninformative(guidance):
 
 
 def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out: Path,
-                   device: Optional[str] = None) -> dict[str, np.ndarray]:
-    """Variant name -> test probabilities (N, C) of one seed's finished run (module docstring)."""
+                   device: Optional[str] = None, retrained: bool = True) -> dict[str, np.ndarray]:
+    """Variant name -> test probabilities (N, C) of one seed's finished run (module docstring);
+    ``retrained=False`` scores the inference-only variants alone (minutes instead of two phase-2
+    trainings). A cache holding fewer variants than asked for is completed, not recomputed."""
     from models.diffmic3d import DiffMIC3D
     from utils.experiment import prepare_experiment
     from utils.pipeline import cache_member_guidance, load_main_model, out_of_fold_guidance, reseed_stage
@@ -62,9 +64,13 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     from utils.training.readout import calibrate_readout
 
     cached = out / f"seed{config.seed}.npz"
+    wanted = list(INFERENCE) + (list(RETRAINED) if retrained else [])
+    probs = {}
     if cached.is_file():
         with np.load(cached) as saved:
-            return {str(k): saved[k] for k in saved.files}
+            probs = {str(k): saved[k] for k in saved.files}
+        if all(v in probs for v in wanted):
+            return {v: probs[v] for v in wanted}
     exp = prepare_experiment(config, run_dir, data_dir, device=device, verbose=False)
     model = load_main_model(exp)
     test, val = exp.datasets["test"], exp.datasets["val"]
@@ -73,14 +79,17 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     def predict(net, guidance, **kw):
         return predict_dataset(net, test, guidance, exp.device, config.batch_size, config.seed, **kw)["probs"].numpy()
 
-    no_encoder = copy.deepcopy(model)
-    no_encoder.denoiser.config.use_image_encoder = False
-    probs = {INFERENCE[0]: predict(model, [uninformative(g) for g in members["test"]]),
-             INFERENCE[1]: predict(no_encoder, members["test"]),
-             INFERENCE[2]: predict(model, members["test"], num_samples=model.num_members, steps=1),
-             INFERENCE[3]: predict(model, members["test"][0])}
-    oof = out_of_fold_guidance(exp, model) if config.oof_folds >= 2 else None
-    for i, (name, (changes, overrides)) in enumerate(RETRAINED.items()):
+    if not all(v in probs for v in INFERENCE):
+        no_encoder = copy.deepcopy(model)
+        no_encoder.denoiser.config.use_image_encoder = False
+        probs.update({INFERENCE[0]: predict(model, [uninformative(g) for g in members["test"]]),
+                      INFERENCE[1]: predict(no_encoder, members["test"]),
+                      INFERENCE[2]: predict(model, members["test"], num_samples=model.num_members, steps=1),
+                      INFERENCE[3]: predict(model, members["test"][0])})
+    todo = [(i, name) for i, name in enumerate(RETRAINED) if retrained and name not in probs]
+    oof = out_of_fold_guidance(exp, model) if todo and config.oof_folds >= 2 else None
+    for i, name in todo:
+        changes, overrides = RETRAINED[name]
         variant = replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
         reseed_stage(exp, "diffusion")
         net = DiffMIC3D(variant.model_config(exp.device, exp.num_classes)).to(exp.device)
@@ -99,19 +108,22 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     tmp = out / f".seed{config.seed}.tmp.npz"
     np.savez(tmp, **probs)
     tmp.replace(cached)
-    return probs
+    return {v: probs[v] for v in wanted}
 
 
 def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: str, runs_dir: Path,
-                    data_dir: Optional[Path], output_dir: Path, device: Optional[str] = None) -> Path:
-    """Every seed's ablations, pooled: ``quality_<name>_ablations.md``."""
+                    data_dir: Optional[Path], output_dir: Path, device: Optional[str] = None,
+                    retrained: bool = True) -> Path:
+    """Every seed's ablations, pooled: ``quality_<name>_ablations.md`` (``retrained=False``: the
+    inference-only variants alone, and the report says the retrained ones were not run)."""
     from utils.benchmarking.quality import command
 
     labels, full, dcg, variants = [], [], [], {}
     for seed in seeds:
         run_dir = runs_dir / f"quality_{name}_seed{seed}"
         split = read_split(run_dir)
-        probs = seed_ablations(replace(base, seed=seed), run_dir, data_dir, runs_dir / f"ablations_{name}", device)
+        probs = seed_ablations(replace(base, seed=seed), run_dir, data_dir, runs_dir / f"ablations_{name}", device,
+                               retrained)
         labels.append(split.labels)
         full.append(split.models[OURS].probs)
         dcg.append(split.models[DCG_FUSED].probs)
@@ -127,9 +139,11 @@ def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: 
     rows += [["inference only" if v in INFERENCE else "phase 2 retrained", v, f"{auc(ps):.3f}", pooled(ps, full),
               pooled(ps, dcg)] for v, ps in variants.items()]
     md = [f"### Ablations on {name} (seeds {', '.join(map(str, seeds))}; pooled over seeds and scans)\n",
-          f"Command: `{command(data, seeds, ablations=True)}`. "
+          f"Command: `{command(data, seeds, ablations='all' if retrained else 'inference')}`. "
           "Inference-only variants change the trained model of each seed at test time; retrained variants rerun "
-          "phase 2 on the seed's DCGs and out-of-fold priors. Differences in test ROC-AUC, paired on the same scans, "
+          "phase 2 on the seed's DCGs and out-of-fold priors"
+          + ("" if retrained else f" (not run here: {'; '.join(RETRAINED)})")
+          + ". Differences in test ROC-AUC, paired on the same scans, "
           "pooled over seeds with the two-stage bootstrap (95%).\n",
           markdown_table(["kind", "variant", "mean test AUC", "minus full method", f"minus {DCG_FUSED}"], rows)]
     path = output_dir / f"quality_{name}_ablations.md"

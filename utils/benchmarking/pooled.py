@@ -162,9 +162,16 @@ def uncertainty_comparison(runs: dict[int, SplitPredictions], model: str, score:
     for key, pairs in points.items():
         diffs = [pa - pb for pa, pb in pairs]
         pooled = two_stage(diffs, np.stack(boots[key]), rng)
-        out[key] = {**pooled, "a": float(np.nanmean([p[0] for p in pairs])),
-                    "b": float(np.nanmean([p[1] for p in pairs]))}
+        out[key] = {**pooled, "a": _finite_mean([p[0] for p in pairs]), "b": _finite_mean([p[1] for p in pairs])}
     return out
+
+
+def _finite_mean(values) -> float:
+    """Mean of the finite values (a seed whose model made no error has no error-detection AUROC);
+    nan when there is none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
 
 
 UNCERTAINTY_ITEMS = ((OURS, "margin"), (OURS, "msp"), (OURS, "spread"), (OURS, "ttest"), (OURS, "entropy"),

@@ -18,7 +18,7 @@ from utils.benchmarking.pooled import ENSEMBLE, analyse, pooled_curves, read_spl
 from utils.benchmarking.report import DCG_FUSED, OURS, RESNET, markdown_table
 from utils.evaluation.protocol import format_pooled
 from utils.evaluation.selective import COVERAGES
-from utils.paths import REPO_ROOT
+from utils.paths import REPO_ROOT, TIMINGS_JSON
 from utils.training.profiles import TrainConfig, get_profile
 from utils.training.readout import REFER_SCORE
 
@@ -121,12 +121,14 @@ def _mean_sd(values) -> str:
     return f"{np.nanmean(v):.3f} ± {sd:.3f}"
 
 
-def command(data: str, seeds: tuple[int, ...], overrides: Optional[dict] = None, ablations: bool = False) -> str:
-    """The ``utils.benchmark_quality`` command line of a report."""
+def command(data: str, seeds: tuple[int, ...], overrides: Optional[dict] = None,
+            ablations: Optional[str] = None) -> str:
+    """The ``utils.benchmark_quality`` command line of a report (``ablations``: None, "all" or
+    "inference")."""
     sets = "".join(f" --set {k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
                    for k, v in (overrides or {}).items())
     return (f"python -m utils.benchmark_quality --data {data} --seeds {' '.join(map(str, seeds))}{sets}"
-            + (" --ablations" if ablations else ""))
+            + ("" if not ablations else " --ablations" if ablations == "all" else f" --ablations {ablations}"))
 
 
 def render(name: str, data: str, seeds: tuple[int, ...], base: TrainConfig, n_test: int, result: dict,
@@ -207,11 +209,29 @@ def write_pooled_figure(runs: dict, result: dict, path: Path, name: str) -> Path
     return save_figure(figure, path)
 
 
+ABLATION_MODES = ("all", "inference")
+
+
+def finished(run_dir: Path, config: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``config`` (its timings are written last): then
+    the benchmark reads its predictions instead of scoring the test split again."""
+    from utils.experiment import check_output_dir
+
+    if not (run_dir / TIMINGS_JSON).is_file():
+        return False
+    check_output_dir(run_dir, config)  # another configuration: refused with the differences
+    return True
+
+
 def run_quality(data: str, seeds: tuple[int, ...], output_dir: Path, overrides: Optional[dict] = None,
-                with_ablations: bool = False, device: Optional[str] = None) -> Path:
-    """Run the seeds (and the ablations on every seed), write ``quality_<name>.md`` / ``.csv``;
-    returns the .md path."""
+                ablations: Optional[str] = None, device: Optional[str] = None) -> Path:
+    """Run the seeds (a finished run is read, not rerun) and, with ``ablations`` ("all", or
+    "inference" for the inference-only variants alone), the ablations on every seed; write
+    ``quality_<name>.md`` / ``.csv``; returns the .md path."""
     from utils.run import run_experiment
+
+    if ablations is not None and ablations not in ABLATION_MODES:
+        raise ValueError(f"ablations must be None or one of {ABLATION_MODES}, got {ablations!r}")
 
     name, base, data_dir = dataset_setup(data)
     base = replace(base, **(overrides or {}))
@@ -219,7 +239,8 @@ def run_quality(data: str, seeds: tuple[int, ...], output_dir: Path, overrides: 
     runs = {}
     for seed in seeds:
         run_dir = runs_dir / f"quality_{name}_seed{seed}"
-        run_experiment(replace(base, seed=seed), run_dir, data_dir, device=device)
+        if not finished(run_dir, replace(base, seed=seed)):
+            run_experiment(replace(base, seed=seed), run_dir, data_dir, device=device)
         runs[seed] = read_split(run_dir)
     result = analyse(runs, base.n_resamples)
     goal_rows = goals(name, result)
@@ -229,7 +250,7 @@ def run_quality(data: str, seeds: tuple[int, ...], output_dir: Path, overrides: 
     atomic_write_text(path, render(name, data, seeds, base, n_test, result, goal_rows, overrides))
     atomic_write_text(path.with_suffix(".csv"), csv_rows(result, goal_rows))
     write_pooled_figure(runs, result, output_dir / f"risk_coverage_{name}.png", name)
-    if with_ablations:
+    if ablations is not None:
         from utils.benchmarking.ablations import write_ablations
-        write_ablations(base, seeds, name, data, runs_dir, data_dir, output_dir, device)
+        write_ablations(base, seeds, name, data, runs_dir, data_dir, output_dir, device, ablations == "all")
     return path

@@ -289,7 +289,7 @@ def pooled_comparison(labels, scores_a, scores_b, paths=None, n_resamples: int =
         delong_test(labels[0], seed_averaged(scores_a), seed_averaged(scores_b)) or None,
         "delong_skipped": None or the reason}``. DeLong on the seed-averaged predictions is
         computed only when every seed scored the same scans (equal labels and, with
-        ``paths``, the same paths in the same order) and C = 2.
+        ``paths``, the same paths in the same order), C = 2 and each class has 2 scans or more.
 
     Raises:
         ValueError: as :func:`hierarchical_paired_auc`, or ``paths`` not one list of N_s ids per seed.
@@ -308,6 +308,11 @@ def pooled_comparison(labels, scores_a, scores_b, paths=None, n_resamples: int =
         reason = f"C = {first.shape[1]} classes (DeLong's test is binary)"
     else:
         reason = _same_scans(list(labels), paths)
+    if reason is None:
+        y = np.asarray(labels[0])
+        n_pos = int((y == positive_class).sum())
+        if min(n_pos, y.size - n_pos) < 2:
+            reason = f"{n_pos} positive and {y.size - n_pos} negative scans (DeLong needs 2 of each)"
     delong = None
     if reason is None:
         delong = delong_test(labels[0], seed_averaged(scores_a), seed_averaged(scores_b),
