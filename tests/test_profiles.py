@@ -55,6 +55,7 @@ def test_model_settings_merge_over_the_profiles_by_section():
     (lambda: get_profile("demo", baselines=("vgg",)), "baselines"),
     (lambda: get_profile("demo", batch_size=0), "batch_size"),
     (lambda: parse_overrides(["batch_size"]), "key=value"),
+    (lambda: get_profile("demo", error_weighting="labels"), "error_weighting"),
 ])
 def test_invalid_settings_are_refused_with_the_field_named(call, message):
     with pytest.raises(ValueError, match=message):
@@ -64,3 +65,20 @@ def test_invalid_settings_are_refused_with_the_field_named(call, message):
 @pytest.mark.parametrize("amp, device, expected", [(None, "cpu", False), (None, "cuda", True), (False, "cuda", False)])
 def test_amp_auto_is_cuda_only(amp, device, expected):
     assert get_profile("smoke", amp=amp).use_amp(device) is expected
+
+
+def test_a_run_written_before_a_field_existed_resumes_under_its_default_only(tmp_path):
+    """``error_weighting`` came later: a run folder without it ran DiffMIC-v2's label weighting,
+    the default, so it resumes with the default and is refused with the label-free one."""
+    import json
+
+    from utils.errors import DataError
+    from utils.experiment import check_output_dir
+
+    config = get_profile("smoke")
+    saved = config.to_dict()
+    del saved["error_weighting"]
+    (tmp_path / "train_config.json").write_text(json.dumps(saved))
+    check_output_dir(tmp_path, config)
+    with pytest.raises(DataError, match="error_weighting: 'label' -> 'uncertainty'"):
+        check_output_dir(tmp_path, get_profile("smoke", error_weighting="uncertainty"))

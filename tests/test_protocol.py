@@ -290,6 +290,7 @@ def test_pooled_comparison_runs_delong_on_the_seed_ensemble_when_the_scans_are_s
     assert line.startswith(f"DiffMIC-3D vs ResNet: {h['diff']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}]")
     assert "5 seeds x 60 scans" in line and f"DeLong on the seed-averaged predictions {d['diff']:+.3f}" in line
     assert "\n" not in line and re.search(r"\(p [=<] 0\.\d{3};", line)
+    assert format_pooled(out) == line.removeprefix("DiffMIC-3D vs ResNet: ")  # a table cell: no name
 
 
 def test_pooled_comparison_skips_delong_when_the_seeds_scored_other_scans():

@@ -14,7 +14,7 @@ from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.evaluation.thresholds import youden_threshold
 from utils.training.dcg import cache_guidance
-from utils.training.diffusion import error_weights, predict_dataset, warmup_ema_fn
+from utils.training.diffusion import error_weights, predict_dataset, prior_label_slope, warmup_ema_fn
 from utils.training.profiles import get_profile
 from utils.training.readout import calibrate_readout, diffmic_uncertainty, fit_readout
 
@@ -109,6 +109,37 @@ def test_error_weights_follow_diffmic_v2():
     g.fused_probs = probs
     weights = error_weights(g, torch.tensor([0, 0, 1]), 10.0)
     torch.testing.assert_close(weights, torch.tensor([1 + 10 * 0.1, 1 + 10 * 0.7, 1 + 10 * 0.5]))
+    label_free = error_weights(g, torch.tensor([0, 0, 1]), 10.0, "uncertainty")
+    torch.testing.assert_close(label_free, torch.tensor([1 + 10 * 0.1, 1 + 10 * 0.3, 1 + 10 * 0.5]))
+    torch.testing.assert_close(label_free, error_weights(g, torch.tensor([1, 1, 0]), 10.0, "uncertainty"))
+    with pytest.raises(ValueError, match="error weighting mode"):
+        error_weights(g, torch.tensor([0, 0, 1]), 10.0, "labels")
+
+
+def test_error_weights_can_teach_phase_2_to_invert_an_overconfident_weak_prior():
+    """The mechanism behind the demo's inverted DiffMIC-3D (README, "What the benchmark found"):
+    weights that depend on the label reweight the classes differently at every prior value, so
+    the weighted-MSE optimum given the prior can fall as the prior rises; weights that depend on
+    the prior alone (its own uncertainty) keep the sign."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 4000)
+    logit = 0.6 * (2 * y - 1) + 3.0 * rng.normal(size=y.size)  # weak (AUC ~0.6) and overconfident
+    p1 = 1 / (1 + np.exp(-logit))
+    probs = np.stack([1 - p1, p1], axis=1)
+    g = DCGOutput(**{k: torch.zeros(y.size) for k in DCGOutput.__dataclass_fields__})
+    g.fused_probs = torch.as_tensor(probs, dtype=torch.float32)
+    weighted = error_weights(g, torch.as_tensor(y), 10.0).numpy()
+    label_free = error_weights(g, torch.as_tensor(y), 10.0, "uncertainty").numpy()
+    assert prior_label_slope(probs, y) > 0.03
+    assert prior_label_slope(probs, y, weighted) < -0.03
+    assert prior_label_slope(probs, y, label_free) > 0.03
+    # a strong prior keeps a positive slope under the error weights
+    p_good = 1 / (1 + np.exp(-(2.5 * (2 * y - 1) + rng.normal(size=y.size))))
+    good = np.stack([1 - p_good, p_good], axis=1)
+    g.fused_probs = torch.as_tensor(good, dtype=torch.float32)
+    assert prior_label_slope(good, y, error_weights(g, torch.as_tensor(y), 10.0).numpy()) > 0.3
+    with pytest.raises(ValueError, match="weights must be"):
+        prior_label_slope(probs, y, -weighted)
 
 
 def test_the_ema_decay_is_warmed_up():

@@ -4,9 +4,12 @@ like the main comparison (``utils.evaluation.protocol.hierarchical_paired_auc``)
 Inference-only (the seed's trained model, nothing retrained): its priors replaced by
 uninformative ones, its own image encoder zeroed, one denoiser pass instead of the sampler,
 the final DCG's prior only. Retrained (phase 2 only, on the seed's DCGs and out-of-fold
-priors): the denoiser predicting y_0 directly instead of a correction of its prior, and no
-DiffMIC-v2 error weighting. Each variant is scored once on the test split; its predictions are
-kept in ``OUT/ablations_<name>/seed<s>.npz`` so a rerun only reads them.
+priors): the denoiser predicting y_0 directly instead of a correction of its prior, no
+DiffMIC-v2 error weighting, and label-free loss weights (``TrainConfig.error_weighting``). Each
+variant is scored once on the test split; its predictions are kept in
+``OUT/ablations_<name>/seed<s>.npz`` so a rerun only reads them, and a report pools every
+variant over the seeds that have it (retrained variants may have been run on fewer seeds: the
+report says which).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ INFERENCE = ("priors replaced by uninformative ones (uniform M, no F)", "own ima
 RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "denoiser predicts y_0 directly (no correction of its prior)": ({}, {"denoiser": {"prior_residual": False}}),
     "no DiffMIC-v2 error weighting": ({"error_weight": 0.0}, {}),
+    "label-free loss weights 1 + 10 (1 - max p_DCG) instead of DiffMIC-v2's": ({"error_weighting": "uncertainty"}, {}),
 }
 
 
@@ -53,10 +57,11 @@ def uninformative(guidance):
 
 
 def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out: Path,
-                   device: Optional[str] = None, retrained: bool = True) -> dict[str, np.ndarray]:
+                   device: Optional[str] = None, retrained=True) -> dict[str, np.ndarray]:
     """Variant name -> test probabilities (N, C) of one seed's finished run (module docstring);
     ``retrained=False`` scores the inference-only variants alone (minutes instead of two phase-2
-    trainings). A cache holding fewer variants than asked for is completed, not recomputed."""
+    trainings), or a sequence of the retrained variants' names to run. A cache holding fewer
+    variants than asked for is completed, not recomputed; every cached variant is returned."""
     from models.diffmic3d import DiffMIC3D
     from utils.experiment import prepare_experiment
     from utils.pipeline import cache_member_guidance, load_main_model, out_of_fold_guidance, reseed_stage
@@ -64,13 +69,17 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     from utils.training.readout import calibrate_readout
 
     cached = out / f"seed{config.seed}.npz"
-    wanted = list(INFERENCE) + (list(RETRAINED) if retrained else [])
+    chosen = list(RETRAINED) if retrained is True else list(retrained or ())
+    unknown = sorted(set(chosen) - set(RETRAINED))
+    if unknown:
+        raise ValueError(f"unknown retrained ablations {unknown}; known: {list(RETRAINED)}")
+    wanted = list(INFERENCE) + chosen
     probs = {}
     if cached.is_file():
         with np.load(cached) as saved:
             probs = {str(k): saved[k] for k in saved.files}
         if all(v in probs for v in wanted):
-            return {v: probs[v] for v in wanted}
+            return probs
     exp = prepare_experiment(config, run_dir, data_dir, device=device, verbose=False)
     model = load_main_model(exp)
     test, val = exp.datasets["test"], exp.datasets["val"]
@@ -86,7 +95,7 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
                       INFERENCE[1]: predict(no_encoder, members["test"]),
                       INFERENCE[2]: predict(model, members["test"], num_samples=model.num_members, steps=1),
                       INFERENCE[3]: predict(model, members["test"][0])})
-    todo = [(i, name) for i, name in enumerate(RETRAINED) if retrained and name not in probs]
+    todo = [(i, name) for i, name in enumerate(RETRAINED) if name in chosen and name not in probs]
     oof = out_of_fold_guidance(exp, model) if todo and config.oof_folds >= 2 else None
     for i, name in todo:
         changes, overrides = RETRAINED[name]
@@ -108,44 +117,57 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     tmp = out / f".seed{config.seed}.tmp.npz"
     np.savez(tmp, **probs)
     tmp.replace(cached)
-    return {v: probs[v] for v in wanted}
+    return probs
 
 
 def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: str, runs_dir: Path,
                     data_dir: Optional[Path], output_dir: Path, device: Optional[str] = None,
                     retrained: bool = True) -> Path:
-    """Every seed's ablations, pooled: ``quality_<name>_ablations.md`` (``retrained=False``: the
-    inference-only variants alone, and the report says the retrained ones were not run)."""
+    """Every seed's ablations, pooled: ``quality_<name>_ablations.md``. ``retrained=False``: the
+    inference-only variants are run on every seed and retrained ones are reported only where
+    cached (the report names their seeds, or says they were not run)."""
     from utils.benchmarking.quality import command
 
-    labels, full, dcg, variants = [], [], [], {}
+    splits, variants = {}, {}
     for seed in seeds:
         run_dir = runs_dir / f"quality_{name}_seed{seed}"
-        split = read_split(run_dir)
+        splits[seed] = read_split(run_dir)
         probs = seed_ablations(replace(base, seed=seed), run_dir, data_dir, runs_dir / f"ablations_{name}", device,
                                retrained)
-        labels.append(split.labels)
-        full.append(split.models[OURS].probs)
-        dcg.append(split.models[DCG_FUSED].probs)
         for variant, p in probs.items():
-            variants.setdefault(variant, []).append(p)
+            variants.setdefault(variant, {})[seed] = p
 
-    def pooled(a, b):
-        h = hierarchical_paired_auc(labels, a, b, base.n_resamples, 0)
+    def probs_of(model: str, on: list[int]) -> list:
+        return [splits[s].models[model].probs for s in on]
+
+    def pooled(on: list[int], a: list, b: list) -> str:
+        h = hierarchical_paired_auc([splits[s].labels for s in on], a, b, base.n_resamples, 0)
         return f"{h['diff']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}]"
 
-    auc = lambda ps: np.mean([classification_metrics(y, p)["roc_auc"] for y, p in zip(labels, ps)])  # noqa: E731
-    rows = [["reference", "the full method", f"{auc(full):.3f}", "", pooled(full, dcg)]]
-    rows += [["inference only" if v in INFERENCE else "phase 2 retrained", v, f"{auc(ps):.3f}", pooled(ps, full),
-              pooled(ps, dcg)] for v, ps in variants.items()]
+    def auc(on: list[int], ps: list) -> str:
+        return f"{np.mean([classification_metrics(splits[s].labels, p)['roc_auc'] for s, p in zip(on, ps)]):.3f}"
+
+    every = list(seeds)
+    rows = [["reference", "the full method", ", ".join(map(str, every)), auc(every, probs_of(OURS, every)), "",
+             pooled(every, probs_of(OURS, every), probs_of(DCG_FUSED, every))]]
+    for variant in (*INFERENCE, *RETRAINED):
+        if variant not in variants:
+            continue
+        on = [s for s in seeds if s in variants[variant]]
+        ps = [variants[variant][s] for s in on]
+        rows.append(["inference only" if variant in INFERENCE else "phase 2 retrained", variant,
+                     ", ".join(map(str, on)), auc(on, ps), pooled(on, ps, probs_of(OURS, on)),
+                     pooled(on, ps, probs_of(DCG_FUSED, on))])
+    missing = [v for v in RETRAINED if v not in variants]
     md = [f"### Ablations on {name} (seeds {', '.join(map(str, seeds))}; pooled over seeds and scans)\n",
           f"Command: `{command(data, seeds, ablations='all' if retrained else 'inference')}`. "
           "Inference-only variants change the trained model of each seed at test time; retrained variants rerun "
           "phase 2 on the seed's DCGs and out-of-fold priors"
-          + ("" if retrained else f" (not run here: {'; '.join(RETRAINED)})")
+          + (f" (not run here: {'; '.join(missing)})" if missing else "")
           + ". Differences in test ROC-AUC, paired on the same scans, "
-          "pooled over seeds with the two-stage bootstrap (95%).\n",
-          markdown_table(["kind", "variant", "mean test AUC", "minus full method", f"minus {DCG_FUSED}"], rows)]
+          "pooled over the seeds listed with the two-stage bootstrap (95%).\n",
+          markdown_table(["kind", "variant", "seeds", "mean test AUC", "minus full method", f"minus {DCG_FUSED}"],
+                         rows)]
     path = output_dir / f"quality_{name}_ablations.md"
     atomic_write_text(path, "\n".join(md) + "\n")
     return path

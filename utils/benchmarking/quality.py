@@ -72,11 +72,11 @@ def goals(name: str, result: dict) -> list[dict]:
         h = primary["pooled"]["hierarchical"]
         need = GOALS["gain_over_dcg"] if adrenal else 0.0
         add(f"{OURS} minus its DCG (fused) >= {need:+.3f} test AUC, pooled 95% interval above 0",
-            format_pooled(primary["pooled"], ""), h["diff"] >= need and h["ci_low"] > 0)
+            format_pooled(primary["pooled"]), h["diff"] >= need and h["ci_low"] > 0)
     if adrenal:
         ens = comparisons.get(ENSEMBLE)
         add(f"{OURS} above the matched DCG ensemble (folds + final)",
-            "no ensemble in the runs" if ens is None else format_pooled(ens["pooled"], ""),
+            "no ensemble in the runs" if ens is None else format_pooled(ens["pooled"]),
             None if ens is None else ens["pooled"]["hierarchical"]["diff"] > 0)
         aucs = list(result["auc"].get(OURS, {}).values())
         add(f"{OURS} mean test AUC >= {GOALS['adrenal_auc']}",
@@ -84,7 +84,7 @@ def goals(name: str, result: dict) -> list[dict]:
             bool(aucs) and float(np.mean(aucs)) >= GOALS["adrenal_auc"])
         res = comparisons.get(RESNET)
         add(f"{OURS} above the same-run {RESNET}, pooled interval above 0",
-            "no ResNet-18 in the runs" if res is None else format_pooled(res["pooled"], ""),
+            "no ResNet-18 in the runs" if res is None else format_pooled(res["pooled"]),
             None if res is None else res["pooled"]["hierarchical"]["ci_low"] > 0)
     ours_u = next((c for c in result["uncertainty"] if c["model"] == OURS and c["score"] == REFER_SCORE), None)
     if ours_u is None:
@@ -154,7 +154,7 @@ def render(name: str, data: str, seeds: tuple[int, ...], base: TrainConfig, n_te
           "### Paired differences in test ROC-AUC (per seed: 95% stratified paired bootstrap; pooled: seeds and scans)\n",
           markdown_table(["comparison", *seed_cols, "pooled"],
                          [[f"{c['a']} − {c['b']}", *(_ci(c["per_seed"][s]) if s in c["per_seed"] else "" for s in seeds),
-                           format_pooled(c["pooled"], "")] for c in result["comparisons"]]), "",
+                           format_pooled(c["pooled"])] for c in result["comparisons"]]), "",
           "### Decisions (means over seeds; thresholds chosen on validation by Youden's J)\n",
           markdown_table(["model", "accuracy @0.5", "recall @0.5", "balanced acc. @0.5", "threshold",
                           "balanced acc. @val thr.", "recall @val thr.", "best balanced acc.", "loss", "ECE"],

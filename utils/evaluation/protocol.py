@@ -324,10 +324,11 @@ def _p_text(p: float) -> str:
     return "p = nan" if math.isnan(p) else ("p < 0.001" if p < 0.001 else f"p = {p:.3f}")
 
 
-def format_pooled(result: dict, name: str) -> str:
+def format_pooled(result: dict, name: str = "") -> str:
     """One Markdown-friendly line of a :func:`pooled_comparison` result, e.g.
     ``"name: +0.012 [+0.004, +0.020] (p = 0.003; 5 seeds x 298 scans; DeLong on the
-    seed-averaged predictions +0.013, p = 0.010)"``."""
+    seed-averaged predictions +0.013, p = 0.010)"``; without ``name`` the line starts at the
+    difference (a table cell)."""
     h = result["hierarchical"]
     sizes = h.get("n_scans_per_seed") or []
     if sizes and len(set(sizes)) == 1:
@@ -339,5 +340,5 @@ def format_pooled(result: dict, name: str) -> str:
         tail = f"DeLong on the seed-averaged predictions {delong['diff']:+.3f}, {_p_text(delong['p_value'])}"
     else:
         tail = f"DeLong skipped: {result.get('delong_skipped') or 'not computed'}"
-    return (f"{name}: {h['diff']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}] "
+    return (f"{name + ': ' if name else ''}{h['diff']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}] "
             f"({_p_text(h['p_value'])}; {scans}; {tail})")

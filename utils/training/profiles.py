@@ -27,6 +27,7 @@ from utils.seeding import amp_dtype, amp_enabled
 from models.plain_config import PlainConfig
 
 BASELINE_NAMES = ("resnet18", "densenet121")
+ERROR_WEIGHTINGS = ("label", "uncertainty")  # phase-2 loss weights (TrainConfig.error_weighting)
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,13 @@ class TrainConfig(PlainConfig):
         refer_coverage: the referral threshold on DiffMIC-3D's uncertainty is chosen on the
             validation split so that this share of its scans lies below it
             (``utils.training.readout``); ``utils.predict`` says "refer" above it.
-        error_weight: lambda of DiffMIC-v2's per-volume phase-2 loss weight
-            ``1 + lambda (1 - p_DCG(true class))`` on the (out-of-fold) training priors, which
-            focuses the denoiser on the scans its DCG gets wrong; 0 = unweighted.
+        error_weight: lambda of the per-volume phase-2 loss weight (``error_weighting``) on the
+            (out-of-fold) training priors; 0 = unweighted.
+        error_weighting: ``'label'``: DiffMIC-v2's ``1 + lambda (1 - p_DCG(true class))``, which
+            focuses the denoiser on the scans its DCG gets wrong, but, depending on the label,
+            can teach it to move against an overconfident weak prior
+            (``utils.training.diffusion.prior_label_slope``); ``'uncertainty'``: the label-free
+            ``1 + lambda (1 - max_c p_DCG(c))``, the scans the DCG is unsure of.
         lr_baseline: AdamW learning rate of the 3D CNN baselines.
         weight_decay: AdamW weight decay, every stage.
         label_smoothing: of the cross-entropy losses of phase 1 and the baselines.
@@ -165,7 +170,8 @@ class TrainConfig(PlainConfig):
     prior_dropout: float = 0.3
     oof_folds: int = 3  # 0: the final DCG's own (memorised) training priors
     prior_members: str = "folds"  # test-time priors: 'folds' (fold DCGs + final) or 'final'
-    error_weight: float = 10.0  # DiffMIC-v2: loss weight 1 + lambda (1 - p_DCG(true class))
+    error_weight: float = 10.0  # lambda of the phase-2 loss weight (error_weighting)
+    error_weighting: str = "label"  # 'label': 1 + lambda (1 - p(true)); 'uncertainty': 1 + lambda (1 - max p)
     refer_coverage: float = 0.8  # share of validation scans below the referral threshold
     # baselines; regularisation of every stage
     lr_baseline: float = 1e-3
@@ -234,6 +240,8 @@ class TrainConfig(PlainConfig):
             problems.append(f"refer_coverage={self.refer_coverage} must lie in (0, 1]")
         if self.error_weight < 0:
             problems.append(f"error_weight={self.error_weight} must be >= 0")
+        if self.error_weighting not in ERROR_WEIGHTINGS:
+            problems.append(f"error_weighting={self.error_weighting!r} must be one of {ERROR_WEIGHTINGS}")
         if self.amp_dtype not in (None, "float16", "bfloat16"):
             problems.append(f"amp_dtype={self.amp_dtype!r} must be 'float16', 'bfloat16' or None (auto)")
         if self.n_resamples < 1000:
