@@ -152,3 +152,16 @@ def test_the_ema_decay_is_warmed_up():
     torch.testing.assert_close(late[0], torch.full((1,), 0.005))
     with pytest.raises(ValueError):
         warmup_ema_fn(1.5)
+
+
+def test_an_inverted_phase_2_is_reported_not_silently_shipped(caplog):
+    """The demo run once selected a phase-2 epoch with validation AUC 0.22: the run must say so."""
+    from utils.pipeline import warn_if_inverted
+
+    inverted = {"val_auc": [0.77, 0.25, 0.22], "best_epoch": 3}
+    with caplog.at_level("WARNING"):
+        message = warn_if_inverted(inverted)
+    assert message is not None and "validation AUC is 0.220 (below chance)" in message
+    assert "error_weighting=uncertainty" in caplog.text
+    assert warn_if_inverted({"val_auc": [0.77, 0.8], "best_epoch": 2}) is None
+    assert warn_if_inverted({"val_auc": [float("nan")], "best_epoch": 1}) is None  # one class in val

@@ -20,6 +20,7 @@ stage that a later step needs has not finished. Each stage can be timed by a ``S
 from __future__ import annotations
 
 import json
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -198,7 +199,26 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, DCGOutpu
              f"{[round(b, 3) for b in readout['bias']]}, decision threshold {readout['decision_threshold']:.3f}, "
              f"referral threshold {readout['refer_threshold']:.3f}")
     result.history["readout"] = readout
+    warn_if_inverted(result.history)
     return result
+
+
+def warn_if_inverted(history: dict) -> Optional[str]:
+    """A warning (logged and returned) when the selected phase-2 epoch ranks the validation
+    scans below chance: the model is then inverted, its readout nearly flat, and its test
+    figures mean little (README, "The denoiser corrects its prior": the label-dependent loss
+    weights on weak priors); None otherwise."""
+    best = history.get("best_epoch")
+    if not best:
+        return None
+    auc = history["val_auc"][best - 1]
+    if auc is None or not math.isfinite(auc) or auc >= 0.5:
+        return None
+    message = (f"phase 2 selected epoch {best}, whose validation AUC is {auc:.3f} (below chance): DiffMIC-3D ranks "
+               "the scans against its prior. Likely cause: weak, overconfident out-of-fold priors under DiffMIC-v2's "
+               "label-dependent loss weights; try --set error_weighting=uncertainty (README, Model)")
+    log.warning(message)
+    return message
 
 
 def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict, train_guidance: DCGOutput) -> Path:
