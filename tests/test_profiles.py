@@ -67,18 +67,19 @@ def test_amp_auto_is_cuda_only(amp, device, expected):
     assert get_profile("smoke", amp=amp).use_amp(device) is expected
 
 
-def test_a_run_written_before_a_field_existed_resumes_under_its_default_only(tmp_path):
+def test_a_run_written_before_a_field_existed_resumes_only_under_the_value_it_ran_with(tmp_path):
     """``error_weighting`` came later: a run folder without it ran DiffMIC-v2's label weighting,
-    the default, so it resumes with the default and is refused with the label-free one."""
+    so it resumes with 'label' and is refused under the default, label-free one."""
     import json
 
     from utils.errors import DataError
     from utils.experiment import check_output_dir
 
-    config = get_profile("smoke")
+    assert get_profile("smoke").error_weighting == "uncertainty"
+    config = get_profile("smoke", error_weighting="label")
     saved = config.to_dict()
     del saved["error_weighting"]
     (tmp_path / "train_config.json").write_text(json.dumps(saved))
     check_output_dir(tmp_path, config)
     with pytest.raises(DataError, match="error_weighting: 'label' -> 'uncertainty'"):
-        check_output_dir(tmp_path, get_profile("smoke", error_weighting="uncertainty"))
+        check_output_dir(tmp_path, get_profile("smoke"))

@@ -162,6 +162,6 @@ def test_an_inverted_phase_2_is_reported_not_silently_shipped(caplog):
     with caplog.at_level("WARNING"):
         message = warn_if_inverted(inverted)
     assert message is not None and "validation AUC is 0.220 (below chance)" in message
-    assert "error_weighting=uncertainty" in caplog.text
+    assert "error_weighting='label'" in caplog.text
     assert warn_if_inverted({"val_auc": [0.77, 0.8], "best_epoch": 2}) is None
     assert warn_if_inverted({"val_auc": [float("nan")], "best_epoch": 1}) is None  # one class in val

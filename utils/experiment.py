@@ -7,7 +7,7 @@ cache and records the run's configuration in its output folder; every training s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,8 +33,8 @@ from utils.training.profiles import TrainConfig
 # settings that may change between a run and its resumption: how it is shown and how it computes
 # (like the device, which the folder does not record either), not what it computes
 _IGNORED_FOR_RESUME = ("progress", "amp", "amp_dtype", "num_workers")
-# TrainConfig fields added later whose default reproduces the runs written before them
-_ADDED_FIELDS = ("error_weighting",)
+# TrainConfig fields added later -> the value that reproduces the runs written before them
+_BEFORE_FIELD = {"error_weighting": "label"}
 
 log = get_logger(__name__)
 
@@ -81,9 +81,8 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
     current = config.to_dict()
     if path.is_file():
         saved = json.loads(path.read_text())
-        # a field added after the run was written counts as its default (which keeps the
-        # behaviour the run had)
-        saved = {**{f.name: f.default for f in fields(TrainConfig) if f.name in _ADDED_FIELDS}, **saved}
+        # a field added after the run was written counts as the value the run had in effect
+        saved = {**_BEFORE_FIELD, **saved}
         differ = sorted(k for k in set(saved) | set(current)
                         if k not in _IGNORED_FOR_RESUME and saved.get(k) != current.get(k))
         if differ:

@@ -206,8 +206,8 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, DCGOutpu
 def warn_if_inverted(history: dict) -> Optional[str]:
     """A warning (logged and returned) when the selected phase-2 epoch ranks the validation
     scans below chance: the model is then inverted, its readout nearly flat, and its test
-    figures mean little (README, "The denoiser corrects its prior": the label-dependent loss
-    weights on weak priors); None otherwise."""
+    figures mean little (README, "The denoiser corrects its prior": DiffMIC-v2's label-dependent
+    loss weights on weak priors); None otherwise."""
     best = history.get("best_epoch")
     if not best:
         return None
@@ -215,8 +215,9 @@ def warn_if_inverted(history: dict) -> Optional[str]:
     if auc is None or not math.isfinite(auc) or auc >= 0.5:
         return None
     message = (f"phase 2 selected epoch {best}, whose validation AUC is {auc:.3f} (below chance): DiffMIC-3D ranks "
-               "the scans against its prior. Likely cause: weak, overconfident out-of-fold priors under DiffMIC-v2's "
-               "label-dependent loss weights; try --set error_weighting=uncertainty (README, Model)")
+               "the scans against its prior. Known cause: weak, overconfident out-of-fold priors under DiffMIC-v2's "
+               "label-dependent loss weights (error_weighting='label'; the default 'uncertainty' keeps the sign); "
+               "otherwise too few validation scans to select on (README, Model)")
     log.warning(message)
     return message
 

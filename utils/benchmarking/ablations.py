@@ -4,8 +4,8 @@ like the main comparison (``utils.evaluation.protocol.hierarchical_paired_auc``)
 Inference-only (the seed's trained model, nothing retrained): its priors replaced by
 uninformative ones, its own image encoder zeroed, one denoiser pass instead of the sampler,
 the final DCG's prior only. Retrained (phase 2 only, on the seed's DCGs and out-of-fold
-priors): the denoiser predicting y_0 directly instead of a correction of its prior, no
-DiffMIC-v2 error weighting, and label-free loss weights (``TrainConfig.error_weighting``). Each
+priors): the denoiser predicting y_0 directly instead of a correction of its prior, no loss
+weighting, and DiffMIC-v2's label-dependent weights (``TrainConfig.error_weighting``). Each
 variant is scored once on the test split; its predictions are kept in
 ``OUT/ablations_<name>/seed<s>.npz`` so a rerun only reads them, and a report pools every
 variant over the seeds that have it (retrained variants may have been run on fewer seeds: the
@@ -35,8 +35,8 @@ INFERENCE = ("priors replaced by uninformative ones (uniform M, no F)", "own ima
              "one denoiser pass (1 DDIM step, one chain per member)", "the final DCG's prior only (no fold members)")
 RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "denoiser predicts y_0 directly (no correction of its prior)": ({}, {"denoiser": {"prior_residual": False}}),
-    "no DiffMIC-v2 error weighting": ({"error_weight": 0.0}, {}),
-    "label-free loss weights 1 + 10 (1 - max p_DCG) instead of DiffMIC-v2's": ({"error_weighting": "uncertainty"}, {}),
+    "no loss weighting": ({"error_weight": 0.0}, {}),
+    "DiffMIC-v2's label-dependent weights 1 + 10 (1 - p_DCG(true class))": ({"error_weighting": "label"}, {}),
 }
 
 

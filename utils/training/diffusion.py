@@ -10,10 +10,11 @@ did not train on it, so they are as good as they will be on new scans). Then:
   ``prior_dropout``, so the denoiser must also read the scan;
 * AdamW with a linear warmup then cosine decay per optimiser step (the step count is read
   from the optimiser's own state, so a resumed run continues the same schedule);
-* DiffMIC-v2's focus on the DCG's mistakes: each volume's loss is weighted by
-  ``1 + error_weight * (1 - p(true class))`` under its (out-of-fold) training prior, so the
-  scans the DCG already gets right do not dominate the correction the denoiser learns
-  (``TrainConfig.error_weighting='uncertainty'``: by the label-free ``1 - max p`` instead);
+* a focus on the scans the DCG is unsure of: each volume's loss is weighted by
+  ``1 + error_weight * (1 - max_c p(c))`` under its (out-of-fold) training prior, so the scans
+  the DCG is already sure of do not dominate the correction the denoiser learns
+  (``TrainConfig.error_weighting='label'``: DiffMIC-v2's ``1 - p(true class)``, which can teach
+  phase 2 to invert a weak prior: :func:`prior_label_slope`);
 * an exponential moving average (EMA) of the weights with a warmed-up decay
   (:func:`warmup_ema_fn`), which is what is validated, selected and kept (its BatchNorm
   statistics recomputed over the training split before each validation, as in phase 1); no
