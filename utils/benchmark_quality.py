@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from utils.benchmarking.quality import run_quality
+from utils.benchmarking.quality import ABLATION_MODES, run_quality
 from utils.cli import make_parser
 from utils.paths import REPO_ROOT
 from utils.training.profiles import parse_overrides
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("utils.benchmark_quality", __doc__)
     parser.add_argument("--data", default="adrenal", help="adrenal, phantoms, smoke or the path of a MedMNIST .npz")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run per seed")
-    parser.add_argument("--ablations", nargs="?", const="all", default=None, choices=("all", "inference"),
+    parser.add_argument("--ablations", nargs="?", const="all", default=None, choices=ABLATION_MODES,
                         help="also the ablations on every seed, pooled: all (default; two phase-2 retrainings "
                              "per seed) or inference (the inference-only variants alone, minutes per seed)")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "benchmark", help="report folder")

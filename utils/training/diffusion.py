@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
-from utils.training.profiles import TrainConfig
+from utils.training.profiles import ERROR_WEIGHTINGS, TrainConfig
 from utils.training.loop import FitResult, fit, make_epoch_loader
 from utils.training.dcg import dcg_steps_per_epoch
 from utils.training.stage import eval_loader, fit_config, validation_metrics
@@ -94,7 +94,7 @@ def error_weights(guidance: DCGOutput, labels: torch.Tensor, error_weight: float
     elif mode == "uncertainty":
         p = probs.max(dim=1).values  # (B,) the DCG's confidence
     else:
-        raise ValueError(f"error weighting mode must be 'label' or 'uncertainty', got {mode!r}")
+        raise ValueError(f"error weighting mode must be one of {ERROR_WEIGHTINGS}, got {mode!r}")
     return 1.0 + error_weight * (1.0 - p)
 
 
