@@ -1,5 +1,6 @@
 """The generic epoch loop: early stopping, model selection, atomic checkpoints, exact resume."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.data import Dataset
 
 from utils.training.checkpoint import load_checkpoint
 from utils.errors import DataError
-from utils.training.loop import FitConfig, epoch_seed, fit, make_epoch_loader, stage_complete
+from utils.training.loop import FitConfig, best_weights_path, epoch_seed, fit, make_epoch_loader, stage_complete
 
 CONFIG = {"model": "toy", "hidden": 8}
 
@@ -151,7 +152,7 @@ def test_checkpoint_loads_with_weights_only_mid_run_and_at_the_end(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         harness.run(tmp_path / "ckpt.pth")
     mid = torch.load(tmp_path / "ckpt.pth", weights_only=True)
-    assert not mid["fit"]["complete"] and {"optimizer", "scheduler", "rng", "best_state_dict"} <= set(mid["fit"])
+    assert not mid["fit"]["complete"] and {"optimizer", "scheduler", "rng", "best_in"} <= set(mid["fit"])
     Harness(epochs=3).run(tmp_path / "ckpt.pth")
     end = torch.load(tmp_path / "ckpt.pth", weights_only=True)
     assert end["fit"]["complete"] and end["model_config"] == CONFIG and "optimizer" not in end["fit"]
@@ -190,17 +191,24 @@ def test_foreign_file_gives_a_one_line_error(tmp_path):
         Harness(epochs=1).run(tmp_path / "ckpt.pth")
 
 
-@pytest.mark.parametrize("metrics, best_epoch", [
-    ([(0.9, 1.0), (0.5, 1.0), (0.5, 1.0), (0.5, 1.0)], 1),  # older than the checkpoint: stored apart
-    ([(0.5, 1.0), (0.9, 1.0), (0.5, 1.0), (0.5, 1.0)], 2),  # the checkpoint's own weights
-])
-def test_resume_keeps_the_best_weights_seen_before_the_crash(tmp_path, metrics, best_epoch):
+def uninterrupted_and_killed(tmp_path, metrics):
+    """An uninterrupted run (``ref.pth``, returned) and the same run killed in epoch 3
+    (``run.pth`` holds epoch 2), both from the same seed."""
     torch.manual_seed(0)
     reference = Harness(metrics=metrics)
     reference.run(tmp_path / "ref.pth")
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
         Harness(metrics=metrics, fail_at=4 * 2 + 1).run(tmp_path / "run.pth")
+    return reference
+
+
+@pytest.mark.parametrize("metrics, best_epoch", [
+    ([(0.9, 1.0), (0.5, 1.0), (0.5, 1.0), (0.5, 1.0)], 1),  # older than the checkpoint: stored apart
+    ([(0.5, 1.0), (0.9, 1.0), (0.5, 1.0), (0.5, 1.0)], 2),  # the checkpoint's own weights
+])
+def test_resume_keeps_the_best_weights_seen_before_the_crash(tmp_path, metrics, best_epoch):
+    reference = uninterrupted_and_killed(tmp_path, metrics)
     resumed = Harness(metrics=metrics)
     resumed.evals = 2  # the scripted metrics continue where the crashed run stopped
     result = resumed.run(tmp_path / "run.pth")
@@ -209,3 +217,134 @@ def test_resume_keeps_the_best_weights_seen_before_the_crash(tmp_path, metrics, 
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key])
         assert torch.equal(value, expected[key])
+
+
+def test_resume_file_holds_each_thing_once_and_the_best_weights_are_written_only_when_they_change(tmp_path, monkeypatch):
+    """Epoch 1 improves, epochs 2-4 do not: the best weights go to their own file once (after
+    epoch 2), never into the resume file; the finished stage keeps the best weights only."""
+    import utils.training.loop as loop
+
+    written = []
+    real_save = loop.save_checkpoint
+
+    def recording_save(path, **payload):
+        written.append((Path(path).name, payload.get("fit", {}).get("epoch"), payload.get("best_of")))
+        return real_save(path, **payload)
+
+    monkeypatch.setattr(loop, "save_checkpoint", recording_save)
+    metrics = [(0.9, 1.0), (0.5, 1.0), (0.5, 1.0), (0.5, 1.0)]
+    harness = Harness(metrics=metrics, fail_at=4 * 3 + 1)  # killed in epoch 4
+    with pytest.raises(KeyboardInterrupt):
+        harness.run(tmp_path / "ckpt.pth")
+    assert written == [("ckpt.pth", 1, None), ("ckpt.best.pth", None, {"name": "toy", "epoch": 1}),
+                       ("ckpt.pth", 2, None), ("ckpt.pth", 3, None)]
+    mid = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert mid["fit"]["best_in"] == "ckpt.best.pth" and "best_state_dict" not in mid["fit"]
+    assert mid["fit"]["disk"]["best_file_bytes"] == best_weights_path(tmp_path / "ckpt.pth").stat().st_size
+    best = torch.load(best_weights_path(tmp_path / "ckpt.pth"), weights_only=True)["model_state_dict"]
+    assert any(not torch.equal(best[k], v) for k, v in mid["model_state_dict"].items())  # not the current weights
+    # resumed, it ends with epoch 1's weights, drops the best-weights file and the optimizer
+    resumed = Harness(metrics=metrics)
+    resumed.evals = 3
+    assert resumed.run(tmp_path / "ckpt.pth").best["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]
+    end = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert set(end["fit"]) >= {"history", "best", "disk"} and "optimizer" not in end["fit"]
+    for key, value in end["model_state_dict"].items():
+        assert torch.equal(value, best[key]) and torch.equal(value, resumed.model.state_dict()[key])
+    disk = end["fit"]["disk"]
+    # resume files of epochs 1-4 (sizes grow with the history) and the best weights once
+    assert 3 * disk["resume_file_bytes"] + disk["best_file_bytes"] < disk["bytes_written"] \
+        <= 4 * disk["resume_file_bytes"] + disk["best_file_bytes"]
+
+
+def test_kill_between_the_best_file_and_the_resume_file_resumes_exactly(tmp_path, monkeypatch):
+    """The best-weights file is written before the resume file that points at it: dying in
+    between leaves the previous resume file, which still finds its best weights."""
+    import utils.training.loop as loop
+
+    metrics = [(0.5, 1.0), (0.9, 1.0), (0.5, 1.0), (0.5, 1.0)]
+    torch.manual_seed(0)
+    reference = Harness(metrics=metrics)
+    reference.run(tmp_path / "ref.pth")
+
+    real_save = loop.save_checkpoint
+
+    def die_after_best(path, **payload):
+        out = real_save(path, **payload)
+        if "best_of" in payload:
+            raise KeyboardInterrupt("killed after the best-weights file")
+        return out
+
+    monkeypatch.setattr(loop, "save_checkpoint", die_after_best)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        Harness(metrics=metrics).run(tmp_path / "run.pth")
+    assert load_checkpoint(tmp_path / "run.pth")["fit"]["epoch"] == 2  # epoch 3's resume file never written
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = Harness(metrics=metrics)
+    resumed.evals = 2
+    result = resumed.run(tmp_path / "run.pth")
+    assert result.best["epoch"] == 2
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key])
+
+
+def test_a_best_file_of_another_epoch_is_refused_in_one_line(tmp_path):
+    metrics = [(0.9, 1.0), (0.5, 1.0), (0.5, 1.0), (0.5, 1.0)]
+    with pytest.raises(KeyboardInterrupt):
+        Harness(metrics=metrics, fail_at=4 * 2 + 1).run(tmp_path / "ckpt.pth")
+    best = best_weights_path(tmp_path / "ckpt.pth")
+    saved = torch.load(best, weights_only=True)
+    saved["best_of"]["epoch"] = 7
+    torch.save(saved, best)
+    with pytest.raises(DataError, match=r"ckpt.best.pth: holds the weights of epoch 7, but ckpt.pth needs epoch 1"):
+        Harness(metrics=metrics).run(tmp_path / "ckpt.pth")
+
+
+def test_a_resume_file_of_the_earlier_layout_still_resumes(tmp_path):
+    """Files written before the separate best-weights file carried the best weights inside
+    (``fit.best_state_dict``); they resume to the same weights."""
+    metrics = [(0.9, 1.0), (0.5, 1.0), (0.5, 1.0), (0.5, 1.0)]
+    reference = uninterrupted_and_killed(tmp_path, metrics)
+    path, best = tmp_path / "run.pth", best_weights_path(tmp_path / "run.pth")
+    old = torch.load(path, weights_only=True)
+    old["fit"]["best_state_dict"] = torch.load(best, weights_only=True)["model_state_dict"]
+    del old["fit"]["best_in"], old["fit"]["disk"]
+    torch.save(old, path)
+    best.unlink()
+    resumed = Harness(metrics=metrics)
+    resumed.evals = 2
+    assert resumed.run(path).best["epoch"] == 1
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key])
+
+
+def test_checkpoint_keys_store_only_the_trained_part_and_leave_the_rest_alone(tmp_path):
+    """A stage that trains the head of a model with a frozen trunk checkpoints the head only;
+    resuming loads the head and does not touch the trunk the caller set up."""
+    def build():
+        torch.manual_seed(0)
+        harness = Harness(epochs=2)
+        for p in harness.model[0].parameters():
+            p.requires_grad_(False)
+        harness.optimizer = torch.optim.AdamW(harness.model[3].parameters(), lr=0.05)
+        harness.scheduler = None
+        return harness
+
+    def run(harness, path):
+        return fit(harness.model, harness.optimizer, None, train_step=harness.train_step,
+                   evaluate=harness.evaluate, train_batches=lambda e: make_epoch_loader(harness.data, 6, 3, e),
+                   config=harness.config, checkpoint_path=path, model_config=CONFIG,
+                   checkpoint_keys=lambda key: key.startswith("3."))
+
+    first = build()
+    run(first, tmp_path / "head.pth")
+    saved = torch.load(tmp_path / "head.pth", weights_only=True)["model_state_dict"]
+    assert sorted(saved) == ["3.bias", "3.weight"]
+    again = build()
+    with torch.no_grad():
+        again.model[0].weight.fill_(0.25)  # the caller's frozen trunk
+    assert run(again, tmp_path / "head.pth").epochs_run == 2  # complete: only loads
+    assert torch.equal(again.model[3].weight, first.model[3].weight)
+    assert bool((again.model[0].weight == 0.25).all())

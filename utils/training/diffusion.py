@@ -137,6 +137,15 @@ class _Phase2(nn.Module):
         self.ema.requires_grad_(False)
 
 
+FROZEN_IN_PHASE2 = tuple(f"{part}{member}." for part in ("model.", "ema.module.") for member in ("dcg", "fold_dcgs"))
+
+
+def _trained_in_phase2(key: str) -> bool:
+    """Whether a state-dict key of :class:`_Phase2` is phase 2's to checkpoint: not the frozen
+    DCGs (final and out-of-fold), which their own phase-1 files hold."""
+    return not key.startswith(FROZEN_IN_PHASE2)
+
+
 PER_SAMPLE = ("samples", "y0_mean")  # (S, N, C) outputs of predict_dataset
 
 
@@ -237,7 +246,8 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
                                                                config.num_workers),
                  config=fit_config(config, "diffusion", config.diffusion_epochs, device,
                                     config.diffusion_first_selectable_epoch()),
-                 checkpoint_path=checkpoint_path, model_config=model.config.to_dict(), meta=meta, device=device)
+                 checkpoint_path=checkpoint_path, model_config=model.config.to_dict(), meta=meta, device=device,
+                 checkpoint_keys=_trained_in_phase2)
     model.load_state_dict(wrapper.ema.module.state_dict())  # the selected EMA weights
     model.freeze_dcg()
     return result

@@ -15,22 +15,40 @@ the checkpoint:
   ``train_step``, re-seeded with ``epoch_seed(seed, epoch)`` at the start of each epoch;
 * torch's global generators (dropout, anything un-seeded): saved with
   :func:`utils.training.checkpoint.rng_state` at the end of each epoch and restored on resume;
-* model, optimizer, scheduler, GradScaler, best weights, history and the early-stopping
-  counter: saved at the end of each epoch.
+* model, optimizer, scheduler, GradScaler, history and the early-stopping counter: saved at
+  the end of each epoch; the best weights when they differ from the current ones (below).
 
 A run killed at any point therefore restarts from its last finished epoch and ends with the
 weights and metrics of an uninterrupted run (on the same device and thread count).
 
 A finished stage rewrites its checkpoint with ``fit.complete = True`` and the BEST weights as
-``model_state_dict`` (optimizer state dropped); calling :func:`fit` again then only loads it.
+``model_state_dict`` (optimizer state dropped, the best-weights file deleted); calling
+:func:`fit` again then only loads it.
+
+Lean files. Each file holds each thing once:
+
+* ``STAGE.pth`` while training (the resume file): the CURRENT weights, optimizer, scheduler,
+  scaler, rng, history; no second copy of the weights.
+* ``STAGE.best.pth``: the best weights, written only when they change and are no longer the
+  current ones (the first epoch after an improvement that does not improve again), BEFORE the
+  resume file that needs it, so a kill between the two writes leaves a consistent pair.
+* ``STAGE.pth`` once finished: the best weights and the history only.
+* ``checkpoint_keys``: a stage that trains only part of a model (phase 1 trains the DCG of a
+  whole DiffMIC-3D; phase 2 leaves the DCGs frozen) stores only those state-dict entries; the
+  rest is rebuilt by the caller (the frozen DCGs come from their own stage's file). Files
+  written before this rule, holding every entry, still load.
+
+``fit.disk`` of the finished file records the bytes of the largest resume and best-weights
+files the stage wrote and the bytes written in all (the benchmark's checkpoint table).
 
 Checkpoint layout (``utils.training.checkpoint.save_checkpoint``, loads with ``weights_only=True``)::
 
     {model_config, model_state_dict, **meta,            # meta: e.g. preprocess_config
      "fit": {"name", "epoch" (epochs done), "complete", "stopped_early", "history",
-             "best": {"epoch", "val_auc", "val_loss", "val_acc"}, "bad_epochs",
+             "best": {"epoch", "val_auc", "val_loss", "val_acc"}, "bad_epochs", "disk",
              [while training:] "optimizer", "scheduler", "scaler", "rng",
-             "best_state_dict" (None when the best weights are model_state_dict)}}
+             "best_in" ("model_state_dict" or the best-weights file's name)}}
+    STAGE.best.pth: {model_config, model_state_dict, "best_of": {"name", "epoch"}}
 """
 from __future__ import annotations
 
@@ -142,6 +160,31 @@ def _cpu_state(state: Mapping) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
+def best_weights_path(checkpoint_path: str | Path) -> Path:
+    """Where :func:`fit` keeps a stage's best weights while it trains: ``dcg.pth`` ->
+    ``dcg.best.pth``."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.stem}.best{path.suffix}")
+
+
+def _kept(state: Mapping, keys: Optional[Callable[[str], bool]]) -> dict:
+    """The entries of ``state`` a stage checkpoints (all when ``keys`` is None)."""
+    return dict(state) if keys is None else {k: v for k, v in state.items() if keys(k)}
+
+
+def _load_kept(model: nn.Module, state: Mapping, keys: Optional[Callable[[str], bool]], path: Path) -> None:
+    """Load the checkpointed entries of ``state`` into ``model``; every entry ``keys`` selects
+    must be there (a file of an older layout may hold more: the rest is ignored)."""
+    if keys is None:
+        model.load_state_dict(state)
+        return
+    missing, unexpected = model.load_state_dict(_kept(state, keys), strict=False)
+    missing = [k for k in missing if keys(k)]
+    if missing or unexpected:
+        raise DataError(path, f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                              "delete it to retrain the stage")
+
+
 def _is_complete_checkpoint(path: Path) -> bool:
     """Whether ``path`` holds a stage that :func:`fit` finished."""
     try:
@@ -175,7 +218,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         evaluate: Callable[[], Mapping[str, float]],
         train_batches: Callable[[int], Iterable],
         config: FitConfig, checkpoint_path: str | Path, model_config: Mapping,
-        meta: Optional[Mapping] = None, device: Optional[torch.device] = None) -> FitResult:
+        meta: Optional[Mapping] = None, device: Optional[torch.device] = None,
+        checkpoint_keys: Optional[Callable[[str], bool]] = None) -> FitResult:
     """Train ``model`` with early stopping on validation; resume from ``checkpoint_path``.
 
     Args:
@@ -196,6 +240,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         model_config: the model's configuration as plain data (checked on resume).
         meta: further plain data stored in the checkpoint (preprocess config, class names, ...).
         device: where ``model`` lives (default: its first parameter's device).
+        checkpoint_keys: ``state-dict key -> bool``, the entries this stage trains and
+            stores (None: all); the others must already hold their final values when
+            :func:`fit` is called (module docstring, "Lean files").
 
     Returns:
         a :class:`FitResult`; ``model`` holds the best weights on return.
@@ -214,22 +261,52 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
     params = [p for group in optimizer.param_groups for p in group["params"]]
     history = {key: [] for key in HISTORY_KEYS}
     best = {"epoch": 0, "val_auc": -math.inf, "val_loss": math.inf, "val_acc": float("nan")}
-    best_state = _cpu_state(model.state_dict())
+    best_state = _cpu_state(_kept(model.state_dict(), checkpoint_keys))
     start_epoch, bad_epochs, stopped_early = 0, 0, False
+    best_path = best_weights_path(checkpoint_path)
+    best_on_disk = None  # the epoch whose weights best_path holds
+    disk = {"resume_file_bytes": 0, "best_file_bytes": 0, "bytes_written": 0}
+
+    def write(path: Path, **payload) -> int:
+        save_checkpoint(path, model_config=model_config, **payload)
+        size = path.stat().st_size
+        disk["bytes_written"] += size
+        return size
 
     def snapshot(complete: bool) -> None:
+        nonlocal best_on_disk
         fit_state = {"name": config.name, "config": asdict(config), "epoch": epoch_done, "complete": complete,
                      "stopped_early": stopped_early, "history": history, "best": best, "bad_epochs": bad_epochs}
         if complete:
-            weights = best_state
-        else:
-            weights = model.state_dict()
-            # the best weights are stored only when they are not the current ones (saves a
-            # model's worth of disk writes per improving epoch; None means "model_state_dict")
-            fit_state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                             scheduler=None if scheduler is None else scheduler.state_dict(),
-                             best_state_dict=None if best["epoch"] == epoch_done else best_state, rng=rng_state())
-        save_checkpoint(checkpoint_path, model_config=model_config, model_state_dict=weights, **meta, fit=fit_state)
+            write(checkpoint_path, model_state_dict=best_state, **meta, fit={**fit_state, "disk": dict(disk)})
+            best_path.unlink(missing_ok=True)
+            return
+        best_is_current = best["epoch"] == epoch_done
+        if not best_is_current and best_on_disk != best["epoch"]:  # first: the resume file will point at it
+            size = write(best_path, model_state_dict=best_state, best_of={"name": config.name, "epoch": best["epoch"]})
+            disk["best_file_bytes"] = max(disk["best_file_bytes"], size)
+            best_on_disk = best["epoch"]
+        fit_state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                         scheduler=None if scheduler is None else scheduler.state_dict(), rng=rng_state(),
+                         best_in="model_state_dict" if best_is_current else best_path.name, disk=dict(disk))
+        size = write(checkpoint_path, model_state_dict=_kept(model.state_dict(), checkpoint_keys), **meta,
+                     fit=fit_state)
+        disk["resume_file_bytes"] = max(disk["resume_file_bytes"], size)
+
+    def saved_best(state: Mapping) -> dict:
+        """The best weights a resume file refers to (and, for older files, holds)."""
+        nonlocal best_on_disk
+        if state["best"]["epoch"] == state["epoch"] or state.get("best_state_dict", False) is None:
+            return ckpt["model_state_dict"]
+        if "best_state_dict" in state:  # written before the separate best-weights file
+            return state["best_state_dict"]
+        saved = load_checkpoint(best_path)
+        if saved.get("best_of", {}).get("epoch") != state["best"]["epoch"]:
+            raise DataError(best_path, f"holds the weights of epoch {saved.get('best_of', {}).get('epoch')}, but "
+                                       f"{checkpoint_path.name} needs epoch {state['best']['epoch']}'s; delete both "
+                                       "to retrain the stage")
+        best_on_disk = state["best"]["epoch"]
+        return saved["model_state_dict"]
 
     if checkpoint_path.exists():
         ckpt = load_checkpoint(checkpoint_path)  # on the CPU: load_state_dict copies onto the device
@@ -240,16 +317,20 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         history = {key: list(state["history"][key]) for key in HISTORY_KEYS}
         best, bad_epochs, stopped_early = dict(state["best"]), state["bad_epochs"], state["stopped_early"]
         start_epoch = state["epoch"]
+        disk.update(state.get("disk", {}))
+        if not state["complete"]:  # the file records the writes before its own
+            disk["bytes_written"] += checkpoint_path.stat().st_size
+            disk["resume_file_bytes"] = max(disk["resume_file_bytes"], checkpoint_path.stat().st_size)
         if state["complete"]:
-            model.load_state_dict(ckpt["model_state_dict"])
+            _load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
+            best_path.unlink(missing_ok=True)  # left by a kill between the last two writes
             return FitResult(history, best, start_epoch, stopped_early, resumed_from=start_epoch)
-        model.load_state_dict(ckpt["model_state_dict"])
+        _load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
-        best_state = _cpu_state(ckpt["model_state_dict"] if state["best_state_dict"] is None
-                                else state["best_state_dict"])
+        best_state = _cpu_state(_kept(saved_best(state), checkpoint_keys))
         set_rng_state(state["rng"])
         log.info(f"[{config.name}] resuming after epoch {start_epoch} from {checkpoint_path}")
 
@@ -305,7 +386,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         if improved:
             best = {"epoch": epoch + 1, "val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"],
                     "val_acc": metrics["val_acc"]}
-            best_state = _cpu_state(model.state_dict())
+            best_state = _cpu_state(_kept(model.state_dict(), checkpoint_keys))
             bad_epochs = 0
         elif selectable:
             bad_epochs += 1
@@ -319,7 +400,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             log.info(f"[{config.name}] early stop: no better validation AUC/loss for {config.patience} epochs")
             break
 
-    model.load_state_dict(best_state)
+    _load_kept(model, best_state, checkpoint_keys, checkpoint_path)
     snapshot(complete=True)
     return FitResult(history, best, epoch_done, stopped_early, resumed_from=start_epoch,
                      seconds=time.perf_counter() - started)
