@@ -138,9 +138,13 @@ class PointHead(nn.Module):
 
     @float32_forward
     def forward(self, y_t: torch.Tensor, M: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """y_t, M (B, C, *grid); t (B, *grid); cond (B, E, *grid) -> y0_hat (B, C, *grid), in float32."""
-        temb = self.time_mlp(sinusoidal_embedding(t, self.time_dim))  # (B, *grid, 4E)
-        s1, b1, s2, b2 = temb.movedim(-1, 1).chunk(4, dim=1)  # 4 x (B, E, *grid)
+        """y_t, M (B, C, *grid); t (B, *grid) per point, or (B,) one timestep for all the points
+        of a row (sampling: the time MLP then runs once per row, not once per point); cond
+        (B, E, *grid) -> y0_hat (B, C, *grid), in float32."""
+        temb = self.time_mlp(sinusoidal_embedding(t, self.time_dim))  # (B, *grid, 4E) or (B, 4E)
+        if t.dim() == 1:
+            temb = temb[(...,) + (None,) * (y_t.dim() - 2)].movedim(1, -1)  # (B, 1, 1, 1, 4E): broadcast
+        s1, b1, s2, b2 = temb.movedim(-1, 1).chunk(4, dim=1)  # 4 x (B, E, *grid or 1, 1, 1)
         if self.bounded:
             s1, s2 = torch.tanh(s1), torch.tanh(s2)  # bounded FiLM scale: h * (1 + s) stays within [0, 2] h
         h = self.inp(torch.cat([y_t, M], dim=1))  # (B, E, *grid)
@@ -196,8 +200,11 @@ class ConditionalDenoiser(nn.Module):
         return self.unet(torch.cat([M, image.to(M.dtype), prior], dim=1))  # (B, E, Np, Np, Np)
 
     def forward(self, y_t: torch.Tensor, M: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """y0_hat (B, C, Np, Np, Np) from y_t (B, C, Np^3), M, per-point t (B, Np^3), cond (B, E, Np^3)."""
-        if y_t.shape != M.shape or t.shape != (y_t.shape[0], *y_t.shape[2:]) or cond.shape[2:] != y_t.shape[2:]:
+        """y0_hat (B, C, Np, Np, Np) from y_t (B, C, Np^3), M, t per point (B, Np^3) or per row
+        (B,), cond (B, E, Np^3)."""
+        if y_t.shape != M.shape or t.shape not in ((y_t.shape[0], *y_t.shape[2:]), (y_t.shape[0],)) \
+                or cond.shape[2:] != y_t.shape[2:]:
             raise ValueError(f"ConditionalDenoiser: y_t {tuple(y_t.shape)}, M {tuple(M.shape)}, t {tuple(t.shape)}, "
-                             f"cond {tuple(cond.shape)} do not match (B, C, *grid) / (B, *grid) / (B, E, *grid)")
+                             f"cond {tuple(cond.shape)} do not match (B, C, *grid) / (B, *grid) or (B,) / "
+                             "(B, E, *grid)")
         return self.head(y_t, M, t, cond)

@@ -214,13 +214,43 @@ class DiffMIC3D(nn.Module):
         S, m = num_samples or self.config.diffusion.num_samples, self.num_members
         return -(-S // m) * m
 
-    @torch.no_grad()
+    def chain_conditions(self, scan: torch.Tensor, members: Sequence[DCGOutput], S: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The condition branch of ``predict``, once per scan: the own image encoder on ``scan``
+        (B, 1, H, W, D) once, the priors and the condition U-Net once for all m ``members`` as
+        one batch of m*B, then each of the ``S`` chains pointed at its member's tensors.
+
+        Returns (M_rep (S*B, C, Np^3), cond_rep (S*B, E, Np^3), member (S,)), sample-major:
+        row s*B + b is chain s of scan b, which reads member s mod m.
+        """
+        m, B = len(members), scan.shape[0]
+        image = self.denoiser.encode_image(scan)  # (B, E_img, Np^3): once per scan
+        priors = [self._prior_tensors(g) for g in members]
+        M_all = torch.cat([M for M, _ in priors])  # (m*B, C, Np^3), member-major
+        cond_all = self.denoiser.condition_from(image.repeat(m, *(1,) * (image.dim() - 1)), M_all,
+                                                torch.cat([F_prior for _, F_prior in priors]))  # (m*B, E, Np^3)
+        member = torch.arange(S, device=scan.device) % m  # (S,) chain s reads member s mod m
+        M_rep = M_all.unflatten(0, (m, B))[member].flatten(0, 1)
+        cond_rep = cond_all.unflatten(0, (m, B))[member].flatten(0, 1)
+        return M_rep, cond_rep, member
+
+    def run_chains(self, M_rep: torch.Tensor, cond_rep: torch.Tensor, **sampling):
+        """All chains of all scans as one batch: the per-point head once per sampler step over
+        the S*B rows of ``chain_conditions``; ``sampling``: steps, sampler, eta, generator,
+        return_trajectory of ``PriorShiftedDiffusion.sample``."""
+        return self.diffusion.sample(lambda y_t, t: self.denoiser(y_t, M_rep, t, cond_rep), M_rep, **sampling)
+
+    @torch.inference_mode()
     def predict(self, scan: torch.Tensor, guidance: Union[DCGOutput, Sequence[DCGOutput], None] = None,
                 x_hires: Optional[torch.Tensor] = None, num_samples: Optional[int] = None,
                 sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
                 generator: Optional[torch.Generator] = None,
                 return_trajectory: bool = False) -> dict[str, torch.Tensor]:
         """Class probabilities with uncertainty from reverse chains spread over the members.
+
+        Three parts, each run once per call with no Python loop over chains or grid points:
+        the DCG members (unless ``guidance`` is given), :meth:`chain_conditions` and
+        :meth:`run_chains`. Runs under ``torch.inference_mode``.
 
         Args:
             scan: (B, 1, H, W, D) volumes (always needed: the denoiser encodes them).
@@ -236,26 +266,16 @@ class DiffMIC3D(nn.Module):
             dict(probs (B, C) mean over chains, std (B, C) their spread, entropy (B,) of the
             mean, samples (S, B, C) each chain's probabilities, y0_mean (S, B, C) grid means of
             the final y_0 (for fitting the readout), member (S,) the member chain s read,
-            timesteps (n,) and, if asked, trajectory (S, n + 1, B, C)). The image encoder runs
-            once; the condition once per member; the S chains run as one batch of S*B.
+            timesteps (n,) and, if asked, trajectory (S, n + 1, B, C)).
         """
         if guidance is None:
             guidance = self.member_guidance(scan, x_hires)
         members = [guidance] if isinstance(guidance, DCGOutput) else list(guidance)
         m, B = len(members), scan.shape[0]
         S = -(-(num_samples or self.config.diffusion.num_samples) // m) * m
-        image = self.denoiser.encode_image(scan)  # (B, E_img, Np^3): once per scan
-        Ms, conds = [], []
-        for g in members:
-            M, F_prior = self._prior_tensors(g)
-            Ms.append(M)
-            conds.append(self.denoiser.condition_from(image, M, F_prior))
-        member = torch.arange(S, device=scan.device) % m  # (S,) chain s reads member s mod m
-        M_rep = torch.stack(Ms)[member].flatten(0, 1)  # sample-major (S*B, C, Np^3)
-        cond_rep = torch.stack(conds)[member].flatten(0, 1)  # (S*B, E, Np^3)
-        out = self.diffusion.sample(lambda y_t, t: self.denoiser(y_t, M_rep, t, cond_rep), M_rep, steps=steps,
-                                    sampler=sampler, eta=eta, generator=generator,
-                                    return_trajectory=return_trajectory)
+        M_rep, cond_rep, member = self.chain_conditions(scan, members, S)
+        out = self.run_chains(M_rep, cond_rep, steps=steps, sampler=sampler, eta=eta, generator=generator,
+                              return_trajectory=return_trajectory)
         y0 = out.y0.reshape(S, B, *out.y0.shape[1:])  # (S, B, C, Np, Np, Np)
         samples = self.probabilities(y0)  # (S, B, C)
         probs = samples.mean(dim=0)

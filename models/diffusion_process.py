@@ -338,7 +338,9 @@ class PriorShiftedDiffusion(nn.Module):
         """Reverse chain from ``y_T = M + N(0, I)`` to y_0; keeps no state.
 
         Args:
-            y0_model: y0_theta(y_t, t (B, *grid)) -> y0_hat, closed over its condition.
+            y0_model: y0_theta(y_t, t) -> y0_hat, closed over its condition; ``t`` is (B,):
+                every grid point of a chain is at the same step while sampling (the model
+                embeds the timestep once per chain instead of once per point).
             M: (B, C, *grid) guidance map.
             steps: DDIM steps (default ``config.ddim_steps``); the DDPM sampler runs all T.
             sampler: ``'ddim'`` or ``'ddpm'`` (default ``config.sampler``).
@@ -362,7 +364,8 @@ class PriorShiftedDiffusion(nn.Module):
         next_steps = torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])
         for t, s in zip(timesteps.tolist(), next_steps.tolist()):
             t_map = torch.full((B, *grid), t, dtype=torch.long, device=M.device)
-            y0_hat = self.to_y0(y0_model(y, t_map).to(y.dtype), y, M, t_map)
+            t_row = torch.full((B,), t, dtype=torch.long, device=M.device)  # one timestep for every point
+            y0_hat = self.to_y0(y0_model(y, t_row).to(y.dtype), y, M, t_map)
             y = self.ddim_step(y0_hat, t_map, s, y, M, eta=eta, generator=generator)
             if return_trajectory:
                 states.append(y)

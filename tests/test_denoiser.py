@@ -170,6 +170,23 @@ def test_condition_is_computed_once_and_reused_across_steps():
     assert out.y0.shape == M.shape and len(calls) == 3
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_one_timestep_per_row_equals_that_timestep_at_every_point(kernel):
+    """Sampling hands the head t of shape (B,) (every point of a chain is at the same step),
+    so the time MLP runs once per row: the output equals the per-point form's."""
+    net = make(head_kernel=kernel)
+    scan, M, F, y_t, _ = inputs()
+    t = torch.tensor([3, 870])
+    with torch.no_grad():
+        cond = net.condition(scan, M, F)
+        per_row = net(y_t, M, t, cond)
+        per_point = net(y_t, M, t[:, None, None, None].expand(-1, *M.shape[2:]), cond)
+    torch.testing.assert_close(per_row, per_point, rtol=1e-5, atol=1e-5)
+    assert (per_row - net(y_t, M, t.flip(0), cond)).abs().max() > 1e-4  # the timestep still matters
+    with pytest.raises(ValueError, match="do not match"):
+        net(y_t, M, t[:1], cond)
+
+
 def test_training_loss_backpropagates_into_every_branch():
     net = make().train()
     scan, M, F, _, _ = inputs()
@@ -189,7 +206,7 @@ def test_training_loss_backpropagates_into_every_branch():
     "change, match",
     [
         ("y_t", "do not match"),
-        ("t_per_volume", "do not match"),
+        ("t_of_another_batch", "do not match"),
         ("cond_grid", "do not match"),
     ],
 )
@@ -200,8 +217,8 @@ def test_forward_rejects_mismatched_shapes(change, match):
         cond = net.condition(scan, M, F)
     if change == "y_t":
         y_t = y_t[:, :2]
-    elif change == "t_per_volume":
-        t = t[:, 0, 0, 0]
+    elif change == "t_of_another_batch":
+        t = t[:1]
     else:
         cond = cond[..., :2]
     with pytest.raises(ValueError, match=match):

@@ -354,6 +354,29 @@ def test_chains_are_spread_over_the_prior_members_each_reading_its_own_prior():
     torch.testing.assert_close(model(x, generator=gen()), out["probs"])  # forward runs every member itself
 
 
+def test_the_members_conditions_batched_equal_each_member_conditioned_alone():
+    """``chain_conditions`` runs the priors and the condition U-Net for all members as one
+    batch; row s*B + b is chain s of scan b reading member s mod m, as if conditioned alone."""
+    torch.manual_seed(0)
+    model = DiffMIC3D(ModelConfig.tiny(input_shape=SHAPE).with_changes(fold_dcgs=2)).eval()
+    x = scans(2)
+    with torch.no_grad():
+        members = model.member_guidance(x)
+        M_rep, cond_rep, member = model.chain_conditions(x, members, 6)
+        assert M_rep.shape[0] == cond_rep.shape[0] == 12 and member.tolist() == [0, 1, 2, 0, 1, 2]
+        for s, j in enumerate(member.tolist()):
+            M, cond = model.condition(x, members[j])
+            torch.testing.assert_close(M_rep[2 * s:2 * s + 2], M)
+            torch.testing.assert_close(cond_rep[2 * s:2 * s + 2], cond, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_runs_in_inference_mode():
+    torch.manual_seed(0)
+    model = DiffMIC3D(ModelConfig.tiny(input_shape=SHAPE)).eval()
+    out = model.predict(scans(1), num_samples=2, generator=gen())
+    assert out["probs"].is_inference() and not out["probs"].requires_grad
+
+
 def test_a_config_of_another_version_is_refused_not_filled_with_defaults():
     data = ModelConfig.tiny().to_dict()
     del data["denoiser"]["prior_residual"]

@@ -353,8 +353,8 @@ def test_sample_is_stateless_and_returns_the_timesteps_it_used():
     seen = []
 
     def recorder(y_t, t):
-        assert t.shape == (2, 2, 2, 2)
-        assert (t == t.flatten()[0]).all()  # one timestep for all points at inference
+        assert t.shape == (2,)  # one timestep per chain: the same at every point while sampling
+        assert (t == t[0]).all()
         seen.append(int(t.flatten()[0]))
         return 0.5 * y_t
 
@@ -388,7 +388,7 @@ def test_sample_is_reproducible_from_the_generator(process):
 def test_ddpm_sampler_is_ddim_with_every_step_and_eta1():
     p = PriorShiftedDiffusion(DiffusionConfig(num_timesteps=50, ddim_steps=10))
     y0, M, _ = grid_tensors(B=2, C=3, N=2)
-    den = lambda y_t, t: 0.5 * y_t + 0.01 * t.unsqueeze(1)  # noqa: E731
+    den = lambda y_t, t: 0.5 * y_t + 0.01 * per_point(t, y_t).unsqueeze(1)  # noqa: E731
     ddpm = p.sample(den, M, sampler="ddpm", generator=gen(4))
     ddim = p.sample(den, M, sampler="ddim", steps=50, eta=1.0, generator=gen(4))
     assert ddpm.timesteps.tolist() == ddim.timesteps.tolist() == list(range(49, -1, -1))
@@ -405,13 +405,19 @@ def test_sampler_argument_errors(process):
         process.sample(lambda y, t: y, M, steps=1001)
 
 
+def per_point(t, y):
+    """A y0 model's timestep (B,) while sampling (one step for the whole chain) or (B, *grid)
+    in training, as (B, *grid)."""
+    return t.view(-1, *[1] * (y.dim() - 2)).expand(y.shape[0], *y.shape[2:]) if t.dim() == 1 else t
+
+
 def gaussian_posterior_mean(mu0, s0, abar):
     """Exact y0 predictor E[y0 | y_t] when y0 ~ N(mu0, s0^2) (prior-shifted, any M)."""
     abar_t = torch.from_numpy(abar).float()
 
     def denoiser(M):
         def y0_model(y_t, t):
-            a = abar_t[t].unsqueeze(1)
+            a = abar_t[per_point(t, y_t)].unsqueeze(1)
             m = mu0 - M
             return M + m + a.sqrt() * s0 ** 2 / (a * s0 ** 2 + 1 - a) * (y_t - M - a.sqrt() * m)
 
