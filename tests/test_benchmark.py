@@ -157,20 +157,37 @@ def test_speed_section_measures_the_new_phase_2_and_samplers(tmp_path, monkeypat
     assert len(seconds) >= 8 and all(s > 0 for s in seconds)
     assert figures["phase1_epoch"] > 0 and figures["phase2_epoch"] > 0
     targets = {t["target"]: t for t in report.targets}
-    assert len(targets) == 2 and all(t["status"] in ("met", "missed") for t in targets.values())
+    assert len(targets) == 4 and [t["status"] for t in targets.values()].count("not measured") == 1
+    main_job = next(t for name, t in targets.items() if "main job" in name)
+    assert main_job["status"] == "not measured" and "main_job_timings.json" in main_job["measured"]
+    parts = {r["item"].removeprefix("inference: "): r["value"] for r in report.rows if r["item"].startswith("inference: ")}
+    assert set(parts) == {"one DCG forward", "all DCG members", "condition branch (encoder, priors, U-Net)",
+                          "sampling (chains x steps)", "DiffMIC-3D predict", "3D ResNet-18 forward"}
+    inference = [r for r in report.rows if r["section"] == "targets" and "inference" in r["item"]]
+    assert [r["value"] for r in inference] == pytest.approx(
+        [parts["DiffMIC-3D predict"] / parts["one DCG forward"], parts["DiffMIC-3D predict"] / parts["3D ResNet-18 forward"]])
     ratio = next(r["value"] for r in report.rows if r["section"] == "targets" and r["item"].startswith("phase-2"))
+    # a notebook run's times, when present, become the main-job target
+    (run_dir / "main_job_timings.json").write_text('{"runner": "utils.run_notebooks", "profile": "smoke", '
+                                                   '"01_data_loading": 3.0, "07_evaluation": 4.0, "total": 600.0}')
+    again = Report()
+    paragraph = speed_section.main_job_time(again, run_dir)
+    assert [(t["status"], t["measured"]) for t in again.targets] == [("missed", "10.0 min")]
+    assert "| 07_evaluation | 4 |" in paragraph and "**10.0 min**" in paragraph
     assert ratio == pytest.approx(figures["phase2_epoch"] / figures["phase1_epoch"])
     text = report.blocks[-1]
     for sampler in ("DDPM (all T = 50 steps)", "DDIM 10 steps", "DDIM 1 step", "3D ResNet-18 forward"):
         assert f"| {sampler} |" in text
+    growth = text[text.index("| chains | steps |"):].split("\n\n")[0].splitlines()[2:]
+    assert len(growth) >= 3 and all(float(line.split("|")[3]) > 0 for line in growth)
 
 
 # ------------------------------------------------------------------------------------------
 # the whole --quick suite (opt-in: several minutes)
 # ------------------------------------------------------------------------------------------
 
-SECTIONS = ["## Targets", "## 1. Quality", "## 2. Speed", "## 3. Memory", "## 4. Scaling",
-            "## 5. Projected wall time", "## 6. Design choices"]
+SECTIONS = ["## Targets", "## 1. Quality", "## 2. Speed", "## 3. Checkpoints", "## 4. Memory",
+            "## 5. Projected wall time", "## 6. Scaling", "## 7. Design choices"]
 
 
 @pytest.mark.skipif(os.environ.get("MEDISCOPE_BENCHMARK_QUICK") != "1",
@@ -194,5 +211,6 @@ def test_quick_suite_end_to_end(tmp_path):
     for row in csv_rows:
         if row["section"] != "machine":
             assert math.isfinite(float(row["value"])), row
-    assert {"quality", "speed", "memory", "scaling", "projection", "targets", "design (hard phantoms)"} <= \
+    assert {"quality", "speed", "checkpoints", "memory", "scaling", "projection", "targets",
+            "design (hard phantoms)"} <= \
         {r["section"] for r in csv_rows}

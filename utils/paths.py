@@ -29,4 +29,5 @@ TRAIN_CONFIG_JSON = "train_config.json"  # the run's TrainConfig; another config
 CHECKPOINTS_DIR = "checkpoints"  # one resumable checkpoint per training stage
 MAIN_CHECKPOINT = "diffmic3d_enhanced_model.pth"  # the finished model that utils.predict loads
 HISTORY_JSON = "history.json"  # per-epoch series and selected epoch of every stage
+MAIN_JOB_TIMINGS_JSON = "main_job_timings.json"  # seconds per notebook of utils.run_notebooks
 TIMINGS_JSON = "timings.json"  # seconds (and peak CUDA memory) per stage (utils.stage_timer)

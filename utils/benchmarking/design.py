@@ -54,7 +54,7 @@ def design_choices(report: Report, runs: Path, device: torch.device, quick: bool
             cells.append(f"{m['roc_auc']:.3f}")
         rows.append(cells)
         n_val, n_test = len(exp.datasets["val"]), len(exp.datasets["test"])
-    report.text(f"## 6. Design choices on small lesions (hard phantoms, {n} scans at {size} in-plane, "
+    report.text(f"## 7. Design choices on small lesions (hard phantoms, {n} scans at {size} in-plane, "
                 f"`{profile}` phase 1 only)\n\n"
                 "The DCG's fused prediction (mean of its global and local priors) after phase 1 (with its "
                 "curriculum: mean-to-top-t% pooling warmup, delayed local CE), per variant; "

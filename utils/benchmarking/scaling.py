@@ -64,7 +64,7 @@ def scaling(report: Report, device: torch.device, quick: bool) -> None:
     report.add("scaling", "phase-1 time vs voxels", "exponent", exponent["p1"])
     report.add("scaling", "phase-2 time vs voxels", "exponent", exponent["p2"])
     report.add("scaling", "epoch time vs volumes", "exponent", count_exponent)
-    report.text("## 4. Scaling (`small` model, batch 4, random volumes, each probe in a fresh process)\n\n"
+    report.text("## 6. Scaling (`small` model, batch 4, random volumes, each probe in a fresh process)\n\n"
                 + markdown_table(["input", "voxels", "phase 1 s / step", "time", "phase 2 s / step", "time",
                                   "peak RSS p1 (GB)", "peak RSS p2 (GB)"], rows) +
                 f"\n\nFrom the smallest to the largest input ({voxel_ratio:.0f}x the voxels) a phase-1 step takes "

@@ -52,17 +52,42 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
-def probe(stage: str, input_shape: tuple[int, int, int], preset: str, batch_size: int, steps: int,
-          device: str) -> dict:
-    """Seconds per training step (median) and peak memory of ``stage`` on random volumes.
-
-    ``stage``: ``dcg`` (phase 1), ``diffusion`` (phase 2: the frozen DCG's guidance computed
-    once, then ``diffusion_loss`` steps on the scans and that guidance -- the denoiser's own
-    image encoder, the condition U-Net and the per-point head train), or a baseline name.
-    Runs in the calling process; :func:`run_probe` runs it in a subprocess.
-    """
+def training_step(stage: str, config, x: torch.Tensor, y: torch.Tensor, model_device: str, amp: bool,
+                  amp_device: str, amp_dtype: torch.dtype = torch.float16):
+    """(model, parameters, loss function) of one training step of ``stage`` on the batch ``x``,
+    ``y``: ``dcg`` (phase 1), ``diffusion`` (phase 2: the frozen DCG's guidance computed once,
+    then ``diffusion_loss`` on the scans and that guidance -- the denoiser's own image encoder,
+    the condition U-Net and the per-point head train) or a baseline name. ``model_device``
+    picks the configuration (gradient checkpointing is on for the full size on CUDA);
+    ``amp_device`` is the autocast device type."""
     from models.diffmic3d import DiffMIC3D
     from utils.training.baselines import build_baseline
+
+    dev = x.device
+
+    def placed(module):  # fake tensors (memory_estimate) cannot be swapped by a no-op .to("cpu")
+        return module if dev.type == "cpu" else module.to(dev)
+
+    if stage in ("dcg", "diffusion"):
+        model = placed(DiffMIC3D(config.model_config(model_device))).train()
+        if stage == "dcg":
+            return model, list(model.dcg.parameters()), lambda: model.dcg_loss(
+                x, y, label_smoothing=config.label_smoothing)["loss"]
+        model.freeze_dcg()
+        with torch.no_grad(), torch.autocast(amp_device, dtype=amp_dtype, enabled=amp):  # float16: as on a T4
+            guidance = model.guidance(x)
+        params = list(model.prior_generator.parameters()) + list(model.denoiser.parameters())
+        gen = torch.Generator(dev).manual_seed(0) if dev.type != "meta" else None
+        return model, params, lambda: model.diffusion_loss(x, guidance, y, prior_dropout=config.prior_dropout,
+                                                           generator=gen)["loss"]
+    net = placed(build_baseline(stage, 2))
+    return net, list(net.parameters()), lambda: torch.nn.functional.cross_entropy(net(x), y)
+
+
+def probe(stage: str, input_shape: tuple[int, int, int], preset: str, batch_size: int, steps: int,
+          device: str) -> dict:
+    """Seconds per training step (median) and peak memory of ``stage`` (:func:`training_step`)
+    on random volumes. Runs in the calling process; :func:`run_probe` runs it in a subprocess."""
     from utils.training.profiles import get_profile
 
     dev = torch.device(device)
@@ -71,23 +96,7 @@ def probe(stage: str, input_shape: tuple[int, int, int], preset: str, batch_size
     x = torch.rand(batch_size, 1, *input_shape, device=dev)
     y = torch.arange(batch_size, device=dev) % 2
     amp = config.use_amp(dev)
-    if stage in ("dcg", "diffusion"):
-        model = DiffMIC3D(config.model_config(dev)).to(dev).train()
-        if stage == "dcg":
-            params = model.dcg.parameters()
-            step_loss = lambda: model.dcg_loss(x, y, label_smoothing=config.label_smoothing)["loss"]  # noqa: E731
-        else:
-            model.freeze_dcg()
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.float16, enabled=amp):  # float16: as on a T4
-                guidance = model.guidance(x)
-            params = list(model.prior_generator.parameters()) + list(model.denoiser.parameters())
-            gen = torch.Generator(dev).manual_seed(0)
-            step_loss = lambda: model.diffusion_loss(x, guidance, y, prior_dropout=config.prior_dropout,  # noqa: E731
-                                                     generator=gen)["loss"]
-    else:
-        net = build_baseline(stage, 2).to(dev)
-        params = net.parameters()
-        step_loss = lambda: torch.nn.functional.cross_entropy(net(x), y)  # noqa: E731
+    _, params, step_loss = training_step(stage, config, x, y, device, amp, dev.type)
     opt = torch.optim.AdamW(params, lr=1e-4)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp)
 
