@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +74,22 @@ def _quality_rows(report: Report, name: str, data: dict) -> None:
                        f"{seed}", d, unit=f"CI [{lo:.3f}, {hi:.3f}]")
 
 
+def run_commits(quality_dir: Path, stem: str) -> str:
+    """A line naming the commits of every start (training, resumes, reads) of the seed runs
+    behind report ``stem`` (``provenance.json``): the quality figures are as old as those
+    runs, whenever the report is assembled."""
+    seeds: dict[str, list[str]] = {}
+    for prov in sorted((Path(quality_dir) / "benchmark_runs").glob(f"{stem}_seed*/provenance.json")):
+        starts = json.loads(prov.read_text())["starts"]
+        commits = dict.fromkeys(f"`{str(s.get('git_commit'))[:7]}`{'+' if s.get('git_dirty') else ''}" for s in starts)
+        seeds.setdefault(" -> ".join(commits), []).append(prov.parent.name.rsplit("_", 1)[-1])
+    if not seeds:
+        return ""
+    return ("_Runs started at commits (`+`: with uncommitted changes) " + "; ".join(
+        f"{c} ({', '.join(names)})" for c, names in seeds.items())
+            + ": the figures below are those runs', not re-measured on the current code._\n\n")
+
+
 def quality(report: Report, quality_dir: Path, quick: bool, output_dir: Path, device: Optional[str]) -> Optional[Path]:
     """Section 1 and the quality targets; returns the seed-0 smoke run folder with ``quick``."""
     from utils.data.discovery import discover_scans, find_dataset_root
@@ -89,7 +106,7 @@ def quality(report: Report, quality_dir: Path, quick: bool, output_dir: Path, de
         if md.is_file():
             when = dt.datetime.fromtimestamp(md.stat().st_mtime, dt.timezone.utc)
             parts.append(f"### `{display_path(md)}` (written {when:%Y-%m-%d %H:%M} UTC by `{command}`)\n\n"
-                         + _demote(md.read_text().strip()))
+                         + run_commits(quality_dir, stem) + _demote(md.read_text().strip()))
         else:
             parts.append(f"### `{display_path(md)}`: not present\n\nNot measured: run `{command}` to write it.")
         loaded[stem] = read_quality_csv(table) if table.is_file() else None
