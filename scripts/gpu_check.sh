@@ -3,6 +3,9 @@
 # separately (tests 42 s; utils.run reached DenseNet-121 epoch 8 of 15 in 5 min; notebooks 01-05
 # took 2.5 min): about 10 min in all, estimated, over the 8-minute goal (README, "GPU").
 #   1. the CUDA-marked tests                 (pytest -m cuda tests/; skipped with GPU_CHECK_TESTS=0)
+#   1b. the benchmark's memory section on the GPU: each full stage's measured peak CUDA memory
+#      beside the estimate made without a GPU (the check of the T4 answer; benchmark.md in
+#      $GPU_CHECK_DIR/benchmark)
 #   2. utils.run --profile full, AMP in float16 (the Kaggle T4 / P100 path; a bfloat16 card such
 #      as an A100/H100 would pick bfloat16 on its own): data, DCG, diffusion, baselines, test
 #   3. the seven notebooks via papermill at --profile full on the same run folder: they load the
@@ -59,6 +62,8 @@ if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
   stage tests "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1 | sed 's/^/  tests: /' | tee -a "$SUMMARY"
 fi
+stage memory "$PY" -m utils.benchmark --sections memory --output-dir "$OUT/benchmark" --device cuda
+grep -A7 "| stage | weights + grads" "$OUT/benchmark/benchmark.md" | tee -a "$SUMMARY"
 stage run_fp16 "$PY" -m utils.run --profile full --output-dir "$RUN" --set amp=True --set amp_dtype=float16 \
   --set progress=False
 stage notebooks "$PY" -m utils.run_notebooks --profile full --output-dir "$RUN"

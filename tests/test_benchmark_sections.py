@@ -13,19 +13,23 @@ from utils.benchmarking.suite import assemble
 
 
 def _tree(root):
-    for rel, text in {"models/a.py": "x = 1\n", "utils/b.py": "y = 2\n",
-                      "utils/benchmarking/report.py": "# formatting\n"}.items():
+    for rel, text in {"models/a.py": "x = 1\n", "utils/b.py": "y = 2\n", "utils/benchmarking/report.py": "# formatting\n",
+                      "utils/benchmarking/speed.py": "# speed\n", "utils/benchmarking/memory.py": "# memory\n"}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
 
 
-def test_fingerprint_follows_the_measuring_code_not_the_report_formatting(tmp_path):
+def test_fingerprint_follows_the_measuring_code_not_the_report_or_other_sections(tmp_path):
     _tree(tmp_path)
-    first = sec.code_fingerprint(tmp_path)
+    speed, memory = sec.code_fingerprint("speed", tmp_path), sec.code_fingerprint("memory", tmp_path)
     (tmp_path / "utils/benchmarking/report.py").write_text("# reworded\n")
-    assert sec.code_fingerprint(tmp_path) == first
-    (tmp_path / "models/a.py").write_text("x = 3\n")
-    assert sec.code_fingerprint(tmp_path) != first
+    (tmp_path / "utils/benchmarking/memory.py").write_text("# memory, edited\n")
+    assert sec.code_fingerprint("speed", tmp_path) == speed  # neither is speed's code
+    assert sec.code_fingerprint("memory", tmp_path) != memory
+    (tmp_path / "models/a.py").write_text("x = 3\n")  # the model: every section measures it
+    assert sec.code_fingerprint("speed", tmp_path) != speed
+    with pytest.raises(ValueError, match="unknown benchmark section"):
+        sec.code_fingerprint("speeds", tmp_path)
 
 
 def _record(name, fingerprint, status="met"):
@@ -39,8 +43,7 @@ def _record(name, fingerprint, status="met"):
 
 
 def test_report_marks_a_section_measured_on_other_code_as_stale_and_an_absent_one_as_not_measured(tmp_path):
-    current = sec.code_fingerprint()
-    sec.save_section(tmp_path, _record("speed", current))
+    sec.save_section(tmp_path, _record("speed", sec.code_fingerprint("speed")))
     sec.save_section(tmp_path, _record("memory", "0" * 16, status="missed"))
     text = assemble(tmp_path).read_text()
     speed, memory = text.index("## speed heading"), text.index("## memory heading")

@@ -59,7 +59,8 @@ def stage_layouts(profile: str) -> dict[str, dict[str, int]]:
         state = module.state_dict()
         kept = {k: v for k, v in state.items() if keep(k)}
         optimizer = _adam_state(params)
-        out[stage] = {"earlier": _bytes({"w": state, "o": optimizer, "b": state}),
+        best = {k: v.clone() for k, v in state.items()}  # a copy: torch.save stores a shared tensor once
+        out[stage] = {"earlier": _bytes({"w": state, "o": optimizer, "b": best}),
                       "resume": _bytes({"w": kept, "o": optimizer}), "best": _bytes(kept), "finished": _bytes(kept)}
     return out
 

@@ -25,17 +25,30 @@ from utils.paths import REPO_ROOT
 SECTIONS = ("quality", "speed", "checkpoints", "memory", "scaling", "design")
 SECTIONS_DIR = "benchmark_sections"
 CODE_DIRS = ("models", "utils")
-NOT_CODE = ("utils/benchmarking/sections.py", "utils/benchmarking/suite.py", "utils/benchmarking/report.py")
+BENCHMARK_DIR = "utils/benchmarking"
+SECTION_MODULES = {  # the benchmark modules each section measures with (beside all other code)
+    "quality": ("quality_reports.py", "quality.py", "pooled.py", "ablations.py"),
+    "speed": ("speed.py", "timing.py"),
+    "checkpoints": ("checkpoints.py",),
+    "memory": ("memory.py", "memory_estimate.py", "timing.py"),
+    "scaling": ("scaling.py", "timing.py"),
+    "design": ("design.py",),
+}
 
 
-def code_fingerprint(root: Path = REPO_ROOT) -> str:
-    """SHA-256 (16 hex digits) over the path and bytes of every ``.py`` file under
-    ``CODE_DIRS`` but ``NOT_CODE``: equal fingerprints, equal measuring code."""
+def code_fingerprint(section: str, root: Path = REPO_ROOT) -> str:
+    """SHA-256 (16 hex digits) over the path and bytes of the code ``section`` measures: every
+    ``.py`` file under ``CODE_DIRS`` outside ``utils/benchmarking/``, and that section's own
+    modules there (``SECTION_MODULES``). Equal fingerprints, equal measuring code; editing
+    another section's module or the report's assembly does not age a measurement."""
+    if section not in SECTION_MODULES:
+        raise ValueError(f"unknown benchmark section {section!r}; choose from {SECTIONS}")
+    own = {f"{BENCHMARK_DIR}/{name}" for name in SECTION_MODULES[section]}
     digest = hashlib.sha256()
     for folder in CODE_DIRS:
         for path in sorted((root / folder).rglob("*.py")):
             rel = path.relative_to(root).as_posix()
-            if rel in NOT_CODE or "__pycache__" in rel:
+            if "__pycache__" in rel or (rel.startswith(BENCHMARK_DIR + "/") and rel not in own):
                 continue
             digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -75,12 +88,13 @@ class SectionRecord:
                 f"`{self.fingerprint[:8]}`, {self.measured_at}, {self.seconds:.0f} s")
 
 
-def stale_reason(record: SectionRecord, fingerprint: str) -> Optional[str]:
-    """Why ``record`` no longer describes the code with ``fingerprint`` (None: it does)."""
-    if record.fingerprint == fingerprint:
+def stale_reason(record: SectionRecord, root: Path = REPO_ROOT) -> Optional[str]:
+    """Why ``record`` no longer describes the code under ``root`` (None: it does)."""
+    now = code_fingerprint(record.name, root)
+    if record.fingerprint == now:
         return None
     return (f"measured on code `{record.fingerprint[:8] or 'unknown'}` (commit `{record.commit}`), the code is now "
-            f"`{fingerprint[:8]}`: rerun `python -m utils.benchmark --sections {record.name}`")
+            f"`{now[:8]}`: rerun `python -m utils.benchmark --sections {record.name}`")
 
 
 def section_path(output_dir: Path, name: str) -> Path:

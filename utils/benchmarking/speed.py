@@ -206,7 +206,7 @@ def main_job_time(report: Report, run_dir: Path) -> str:
     report.check(name, minutes, minutes <= goal, f"{minutes:.1f} min")
     for stage, seconds in stages.items():
         report.add("main job", stage, "seconds", seconds, unit="s")
-    note = f" ({timings['note']})" if "note" in timings else ""
+    note = f"; {timings['note']}" if "note" in timings else ""
     return (f"**Main job** (`{timings.get('runner')}`, profile `{timings.get('profile')}`, in `{display_path(run_dir)}`"
             f"{note}): **{minutes:.1f} min** (goal <= {goal:g}: {met_text(minutes <= goal)}).\n\n"
             + markdown_table(["stage", "s"], [[k, f"{v:.0f}"] for k, v in stages.items()]))

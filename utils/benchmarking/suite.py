@@ -55,7 +55,6 @@ def run_benchmark(output_dir: Path, quick: bool = False, device: Optional[str] =
     quality_dir = QUALITY_DIR if quality_dir is None else Path(quality_dir)
     info = machine_info(dev)
     commit, dirty = git_commit()
-    fingerprint = code_fingerprint()
     command = ("python -m utils.benchmark" + (" --quick" if quick else "")
                + ("" if list(sections) == list(SECTIONS) else " --sections " + " ".join(sections)))
     state: dict = {}
@@ -84,6 +83,7 @@ def run_benchmark(output_dir: Path, quick: bool = False, device: Optional[str] =
         "scaling": lambda r: scaling(r, dev, quick),
         "design": lambda r: design_choices(r, runs, dev, quick),
     }
+    fingerprints = {name: code_fingerprint(name) for name in SECTIONS}  # the code as it was when measuring began
     for name in SECTIONS:
         if name not in sections:
             continue
@@ -92,7 +92,7 @@ def run_benchmark(output_dir: Path, quick: bool = False, device: Optional[str] =
         measure[name](report)
         seconds = time.perf_counter() - tic
         save_section(output_dir, SectionRecord(name, report.blocks, report.rows, report.targets, seconds, command,
-                                               info, commit, dirty, fingerprint))
+                                               info, commit, dirty, fingerprints[name]))
         log.info(f"[benchmark] {name} done in {seconds:.0f} s")
     return assemble(output_dir, quick)
 
@@ -105,7 +105,6 @@ def assemble(output_dir: Path, quick: bool = False) -> Path:
     it; its targets carry "(stale)". A section never measured here says so.
     """
     output_dir = Path(output_dir)
-    fingerprint = code_fingerprint()
     commit, dirty = git_commit()
     records = {name: load_section(output_dir, name) for name in SECTIONS}
     report = Report()
@@ -116,7 +115,7 @@ def assemble(output_dir: Path, quick: bool = False) -> Path:
             blocks.append(f"## {TITLES[name]}\n\nNot measured here: run `python -m utils.benchmark --sections {name}`.\n")
             stamps.append([name, "not measured", "", ""])
             continue
-        stale = stale_reason(record, fingerprint)
+        stale = stale_reason(record)
         note = (f"_Measured by `{record.command}` at {record.stamp()}; machine: {record.machine.get('cpu')}, "
                 f"{record.machine.get('cores')} cores, torch threads {record.machine.get('torch_threads')}, device "
                 f"`{record.machine.get('device')}`._")
@@ -133,8 +132,8 @@ def assemble(output_dir: Path, quick: bool = False) -> Path:
         stamps.append([name, f"`{record.commit}`{' +' if record.dirty else ''}", record.measured_at,
                        "**stale**" if stale else "current"])
     header = (f"# Benchmark{' (--quick: smoke sizes, not for reading)' if quick else ''}\n\n"
-              f"Assembled from the sections stored in `{display_path(output_dir)}/benchmark_sections/` on code "
-              f"`{fingerprint[:8]}` (commit `{commit}`{' + uncommitted changes' if dirty else ''}). "
+              f"Assembled from the sections stored in `{display_path(output_dir)}/benchmark_sections/` at commit "
+              f"`{commit}`{' + uncommitted changes' if dirty else ''}. "
               "`python -m utils.benchmark` re-measures every section in one command; `--sections NAME ...` "
               "re-measures some and keeps the others, each stamped with the code it measured and marked stale "
               "when that code has changed.\n\n"
