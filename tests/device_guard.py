@@ -136,19 +136,36 @@ class _StandInGenerator(_RealGenerator):
         pass
 
 
+_InferenceMode = torch.autograd.grad_mode.inference_mode
+_REAL_INFERENCE = (_InferenceMode.__enter__, _InferenceMode.__exit__)
+
+
+def _no_grad_enter(self):
+    self._grad_was = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+
+
+def _no_grad_exit(self, *exc):
+    torch.set_grad_enabled(self._grad_was)
+
+
 class StandInDevice:
     """Context manager: tensors made for the ``meta`` device become :class:`OnStandIn`;
-    ``torch.Generator`` accepts the stand-in device."""
+    ``torch.Generator`` accepts the stand-in device; ``torch.inference_mode`` acts as
+    ``no_grad`` (inference mode cannot version the in-place results of a Python wrapper
+    tensor; what it adds over no_grad is speed, not device placement)."""
 
     def __enter__(self):
         self._modes = (_Conversions(), _Factories())
         for mode in self._modes:
             mode.__enter__()
         torch.Generator = _StandInGenerator
+        _InferenceMode.__enter__, _InferenceMode.__exit__ = _no_grad_enter, _no_grad_exit
         return self
 
     def __exit__(self, *exc):
         torch.Generator = _RealGenerator
+        _InferenceMode.__enter__, _InferenceMode.__exit__ = _REAL_INFERENCE
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
         return False

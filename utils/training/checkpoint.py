@@ -20,11 +20,13 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from utils.atomic import atomic_path
 from utils.errors import DataError
@@ -149,6 +151,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise DataError(path, f"unsupported checkpoint format {ckpt['format']!r} version {ckpt['format_version']!r} "
                               f"(expected {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION})")
     return ckpt
+
+
+def best_weights_path(checkpoint_path: str | Path) -> Path:
+    """Where ``utils.training.loop.fit`` keeps a stage's best weights while it trains: ``dcg.pth`` ->
+    ``dcg.best.pth``."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.stem}.best{path.suffix}")
+
+
+def kept_entries(state: Mapping, keys: Optional[Callable[[str], bool]]) -> dict:
+    """The entries of ``state`` a stage checkpoints (all when ``keys`` is None)."""
+    return dict(state) if keys is None else {k: v for k, v in state.items() if keys(k)}
+
+
+def load_kept(model: nn.Module, state: Mapping, keys: Optional[Callable[[str], bool]], path: Path) -> None:
+    """Load the checkpointed entries of ``state`` into ``model``; every entry ``keys`` selects
+    must be there (a file of an older layout may hold more: the rest is ignored)."""
+    if keys is None:
+        model.load_state_dict(state)
+        return
+    missing, unexpected = model.load_state_dict(kept_entries(state, keys), strict=False)
+    missing = [k for k in missing if keys(k)]
+    if missing or unexpected:
+        raise DataError(path, f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                              "delete it to retrain the stage")
 
 
 def _flatten(config: Mapping, prefix: str = "") -> dict:

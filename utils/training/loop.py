@@ -67,7 +67,8 @@ from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, ReduceLROnPlat
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from utils.training.checkpoint import check_config_matches, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.training.checkpoint import (best_weights_path, check_config_matches, kept_entries, load_checkpoint,
+                                       load_kept, rng_state, save_checkpoint, set_rng_state)
 from utils.errors import DataError
 from utils.log import get_logger
 from utils.training.nonfinite import first_nonfinite_module
@@ -160,31 +161,6 @@ def _cpu_state(state: Mapping) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
-def best_weights_path(checkpoint_path: str | Path) -> Path:
-    """Where :func:`fit` keeps a stage's best weights while it trains: ``dcg.pth`` ->
-    ``dcg.best.pth``."""
-    path = Path(checkpoint_path)
-    return path.with_name(f"{path.stem}.best{path.suffix}")
-
-
-def _kept(state: Mapping, keys: Optional[Callable[[str], bool]]) -> dict:
-    """The entries of ``state`` a stage checkpoints (all when ``keys`` is None)."""
-    return dict(state) if keys is None else {k: v for k, v in state.items() if keys(k)}
-
-
-def _load_kept(model: nn.Module, state: Mapping, keys: Optional[Callable[[str], bool]], path: Path) -> None:
-    """Load the checkpointed entries of ``state`` into ``model``; every entry ``keys`` selects
-    must be there (a file of an older layout may hold more: the rest is ignored)."""
-    if keys is None:
-        model.load_state_dict(state)
-        return
-    missing, unexpected = model.load_state_dict(_kept(state, keys), strict=False)
-    missing = [k for k in missing if keys(k)]
-    if missing or unexpected:
-        raise DataError(path, f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                              "delete it to retrain the stage")
-
-
 def _is_complete_checkpoint(path: Path) -> bool:
     """Whether ``path`` holds a stage that :func:`fit` finished."""
     try:
@@ -261,7 +237,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
     params = [p for group in optimizer.param_groups for p in group["params"]]
     history = {key: [] for key in HISTORY_KEYS}
     best = {"epoch": 0, "val_auc": -math.inf, "val_loss": math.inf, "val_acc": float("nan")}
-    best_state = _cpu_state(_kept(model.state_dict(), checkpoint_keys))
+    best_state = _cpu_state(kept_entries(model.state_dict(), checkpoint_keys))
     start_epoch, bad_epochs, stopped_early = 0, 0, False
     best_path = best_weights_path(checkpoint_path)
     best_on_disk = None  # the epoch whose weights best_path holds
@@ -289,7 +265,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         fit_state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                          scheduler=None if scheduler is None else scheduler.state_dict(), rng=rng_state(),
                          best_in="model_state_dict" if best_is_current else best_path.name, disk=dict(disk))
-        size = write(checkpoint_path, model_state_dict=_kept(model.state_dict(), checkpoint_keys), **meta,
+        size = write(checkpoint_path, model_state_dict=kept_entries(model.state_dict(), checkpoint_keys), **meta,
                      fit=fit_state)
         disk["resume_file_bytes"] = max(disk["resume_file_bytes"], size)
 
@@ -322,15 +298,15 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             disk["bytes_written"] += checkpoint_path.stat().st_size
             disk["resume_file_bytes"] = max(disk["resume_file_bytes"], checkpoint_path.stat().st_size)
         if state["complete"]:
-            _load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
+            load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
             best_path.unlink(missing_ok=True)  # left by a kill between the last two writes
             return FitResult(history, best, start_epoch, stopped_early, resumed_from=start_epoch)
-        _load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
+        load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
-        best_state = _cpu_state(_kept(saved_best(state), checkpoint_keys))
+        best_state = _cpu_state(kept_entries(saved_best(state), checkpoint_keys))
         set_rng_state(state["rng"])
         log.info(f"[{config.name}] resuming after epoch {start_epoch} from {checkpoint_path}")
 
@@ -386,7 +362,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         if improved:
             best = {"epoch": epoch + 1, "val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"],
                     "val_acc": metrics["val_acc"]}
-            best_state = _cpu_state(_kept(model.state_dict(), checkpoint_keys))
+            best_state = _cpu_state(kept_entries(model.state_dict(), checkpoint_keys))
             bad_epochs = 0
         elif selectable:
             bad_epochs += 1
@@ -400,7 +376,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             log.info(f"[{config.name}] early stop: no better validation AUC/loss for {config.patience} epochs")
             break
 
-    _load_kept(model, best_state, checkpoint_keys, checkpoint_path)
+    load_kept(model, best_state, checkpoint_keys, checkpoint_path)
     snapshot(complete=True)
     return FitResult(history, best, epoch_done, stopped_early, resumed_from=start_epoch,
                      seconds=time.perf_counter() - started)
