@@ -14,9 +14,7 @@ the training and nothing of the test split; the fold DCGs are loaded from their 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from utils.benchmarking.quality import dataset_setup  # noqa: E402
+from utils.benchmarking.quality import run_setup  # noqa: E402
 from utils.experiment import prepare_experiment  # noqa: E402
-from utils.paths import TRAIN_CONFIG_JSON  # noqa: E402
 from utils.pipeline import load_main_model, out_of_fold_guidance  # noqa: E402
 from utils.training.diffusion import error_weights, prior_label_slope  # noqa: E402
-from utils.training.profiles import TrainConfig  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,12 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("data", help="adrenal, phantoms, or a scan folder")
     args = parser.parse_args(argv)
-    saved = json.loads((args.run_dir / TRAIN_CONFIG_JSON).read_text())
-    if args.data in ("adrenal", "phantoms"):
-        _, base, data_dir = dataset_setup(args.data)
-        config = replace(base, seed=saved["seed"])
-    else:
-        config, data_dir = TrainConfig.from_dict(saved), Path(args.data)
+    config, data_dir = run_setup(args.run_dir, args.data)
     exp = prepare_experiment(config, args.run_dir, data_dir, device="cpu", verbose=False)
     model = load_main_model(exp)
     oof = out_of_fold_guidance(exp, model)

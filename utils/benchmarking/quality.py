@@ -40,6 +40,21 @@ def dataset_setup(data: str) -> tuple[str, TrainConfig, Optional[Path]]:
                              progress=False), path
 
 
+def run_setup(run_dir: Path, data: str) -> tuple[TrainConfig, Optional[Path]]:
+    """(config, data path) of a finished run folder: ``data`` is ``adrenal`` or ``phantoms`` (the
+    quality benchmark's configuration, with the run's seed) or the scan folder it ran on (its
+    saved ``train_config.json``)."""
+    import json
+
+    from utils.paths import TRAIN_CONFIG_JSON
+
+    saved = json.loads((Path(run_dir) / TRAIN_CONFIG_JSON).read_text())
+    if data in ("adrenal", "phantoms"):
+        _, base, data_dir = dataset_setup(data)
+        return replace(base, seed=saved["seed"]), data_dir
+    return TrainConfig.from_dict(saved), Path(data)
+
+
 def read_predictions(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(labels (N,), model -> probabilities (N, C)) from a run's ``predictions.csv``."""
     split = read_split(run_dir)
