@@ -12,7 +12,6 @@ whether the benchmark's quality figures, measured by runs of older code, still h
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -25,25 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from utils.benchmarking.pooled import read_split  # noqa: E402
-from utils.benchmarking.quality import run_setup  # noqa: E402
-from utils.experiment import prepare_experiment  # noqa: E402
-from utils.pipeline import cache_member_guidance, load_main_model  # noqa: E402
+from utils.benchmarking.quality import finished_run_parser, open_finished_run  # noqa: E402
+from utils.pipeline import cache_member_guidance  # noqa: E402
 from utils.benchmarking.report import OURS  # noqa: E402
 from utils.training.diffusion import predict_dataset  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("data", help="adrenal, phantoms, or a scan folder")
-    args = parser.parse_args(argv)
-    config, data_dir = run_setup(args.run_dir, args.data)
+    args = finished_run_parser(__doc__).parse_args(argv)
     split = read_split(args.run_dir, "val_predictions.csv")
     stored, labels = split.models[OURS], split.labels
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(shutil.copytree(args.run_dir, Path(tmp) / args.run_dir.name))
-        exp = prepare_experiment(config, run, data_dir, device="cpu", verbose=False)
-        model = load_main_model(exp)
+        exp, model = open_finished_run(run, args.data)
+        config = exp.config
         members = cache_member_guidance(exp, model, "val")
         probs = predict_dataset(model, exp.datasets["val"], members, exp.device, config.batch_size,
                                 config.seed)["probs"].numpy()

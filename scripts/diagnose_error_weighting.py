@@ -13,7 +13,6 @@ the training and nothing of the test split; the fold DCGs are loaded from their 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,20 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from utils.benchmarking.quality import run_setup  # noqa: E402
-from utils.experiment import prepare_experiment  # noqa: E402
-from utils.pipeline import load_main_model, out_of_fold_guidance  # noqa: E402
+from utils.benchmarking.quality import finished_run_parser, open_finished_run  # noqa: E402
+from utils.pipeline import out_of_fold_guidance  # noqa: E402
 from utils.training.diffusion import error_weights, prior_label_slope  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("data", help="adrenal, phantoms, or a scan folder")
-    args = parser.parse_args(argv)
-    config, data_dir = run_setup(args.run_dir, args.data)
-    exp = prepare_experiment(config, args.run_dir, data_dir, device="cpu", verbose=False)
-    model = load_main_model(exp)
+    args = finished_run_parser(__doc__).parse_args(argv)
+    exp, model = open_finished_run(args.run_dir, args.data)
+    config = exp.config
     oof = out_of_fold_guidance(exp, model)
     labels = np.asarray(exp.datasets["train_plain"].labels)
     probs = oof.fused_probs.float().numpy()

@@ -55,6 +55,26 @@ def run_setup(run_dir: Path, data: str) -> tuple[TrainConfig, Optional[Path]]:
     return TrainConfig.from_dict(saved), Path(data)
 
 
+def finished_run_parser(doc: str):
+    """The command line of the scripts that read a finished run: RUN_DIR and DATA (``run_setup``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a finished run folder")
+    parser.add_argument("data", help="adrenal, phantoms, or the scan folder it ran on")
+    return parser
+
+
+def open_finished_run(run_dir: Path, data: str):
+    """(experiment, its finished DiffMIC-3D on the CPU) of a finished run folder (``run_setup``)."""
+    from utils.experiment import prepare_experiment
+    from utils.pipeline import load_main_model
+
+    config, data_dir = run_setup(run_dir, data)
+    exp = prepare_experiment(config, run_dir, data_dir, device="cpu", verbose=False)
+    return exp, load_main_model(exp)
+
+
 def read_predictions(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(labels (N,), model -> probabilities (N, C)) from a run's ``predictions.csv``."""
     split = read_split(run_dir)
