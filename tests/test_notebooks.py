@@ -104,6 +104,25 @@ def test_runner_stops_at_a_failing_notebook_and_names_it(tmp_path):
     assert "ValueError: broken on purpose" in run.stderr
     assert NOTEBOOKS[1] not in run.stdout  # stopped: the next notebook never started
     assert (tmp_path / "out" / "notebooks" / f"{NOTEBOOKS[0]}.ipynb").is_file()  # kept, with the traceback
+    assert not (tmp_path / "out" / "main_job_timings.json").exists()  # no main-job time for a failed job
+
+
+def test_a_whole_main_job_records_the_time_of_every_notebook(tmp_path):
+    """All seven notebooks (trivial stand-ins here) ran: their seconds and the total go to
+    main_job_timings.json, which the benchmark's speed section reads."""
+    from utils.run_notebooks import run_notebooks
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for name in NOTEBOOKS:
+        nb = new_notebook(cells=[new_code_cell("x = 1")])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, notebooks / f"{name}.ipynb")
+    run_notebooks("smoke", data_dir=tmp_path, output_dir=tmp_path / "out", notebook_dir=notebooks, progress=False)
+    timings = json.loads((tmp_path / "out" / "main_job_timings.json").read_text())
+    assert timings["runner"] == "utils.run_notebooks" and timings["profile"] == "smoke"
+    assert all(timings[name] > 0 for name in NOTEBOOKS)
+    assert timings["total"] >= sum(timings[name] for name in NOTEBOOKS)
 
 
 # ------------------------------------------------------------------------------------------
