@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from utils.benchmarking.report import Report, markdown_table
 from utils.paths import display_path
@@ -47,8 +46,7 @@ def stage_layouts(profile: str) -> dict[str, dict[str, int]]:
     stages: dict[str, tuple[nn.Module, list, callable]] = {
         "phase 1 (DCG; each out-of-fold DCG the same)": (model, list(model.dcg.parameters()),
                                                           lambda k: k.startswith("dcg."))}
-    phase2 = _Phase2(model, 0.999)
-    phase2.ema = AveragedModel(model, use_buffers=False)
+    phase2 = _Phase2(model, 0.999)  # the model and its EMA copy, as phase 2 checkpoints them
     stages["phase 2 (diffusion, with its EMA)"] = (
         phase2, list(model.prior_generator.parameters()) + list(model.denoiser.parameters()), _trained_in_phase2)
     for name in config.baselines:
@@ -80,7 +78,7 @@ def run_disk(run_dir: Path) -> list[list[str]]:
     return rows
 
 
-def checkpoint_sizes(report: Report, run_dir: Path, device: torch.device, quick: bool) -> None:
+def checkpoint_sizes(report: Report, run_dir: Path, quick: bool) -> None:
     """Section 3: layouts per stage (demo and full sizes) and the run's own files."""
     profiles = ("smoke",) if quick else ("demo", "full")
     rows = []

@@ -21,6 +21,7 @@ def speed(report: Report, run_dir: Path, config, device: torch.device, quick: bo
     from models.diffmic3d import DiffMIC3D
     from utils.evaluation.metrics import classification_metrics
     from utils.experiment import prepare_experiment
+    from utils.pipeline import cache_member_guidance
     from utils.predict import load_model
     from utils.training.baselines import baseline_from_checkpoint, build_baseline
     from utils.training.checkpoint import load_checkpoint
@@ -120,7 +121,7 @@ def speed(report: Report, run_dir: Path, config, device: torch.device, quick: bo
     T = model.config.diffusion.num_timesteps
     samplers = {f"DDPM (all T = {T} steps)": ("ddpm", None), f"DDIM {DDIM_STEPS} steps": ("ddim", DDIM_STEPS),
                 "DDIM 1 step": ("ddim", 1)}
-    test_guidance = cache_member_guidance_of(model, test, device, config.batch_size)
+    test_guidance = cache_member_guidance(exp, model, "test")
     y_test = test.labels
     rows = []
     with torch.inference_mode():
@@ -210,14 +211,6 @@ def main_job_time(report: Report, run_dir: Path) -> str:
     return (f"**Main job** (`{timings.get('runner')}`, profile `{timings.get('profile')}`, in `{display_path(run_dir)}`"
             f"{note}): **{minutes:.1f} min** (goal <= {goal:g}: {met_text(minutes <= goal)}).\n\n"
             + markdown_table(["stage", "s"], [[k, f"{v:.0f}"] for k, v in stages.items()]))
-
-
-def cache_member_guidance_of(model, dataset, device: torch.device, batch_size: int) -> list:
-    """Every prior member's DCG outputs on ``dataset`` (rows in dataset order)."""
-    from utils.training.dcg import cache_guidance
-
-    return [cache_guidance(model, dataset, device, batch_size, progress=False, member=i)
-            for i in range(model.num_members)]
 
 
 def inference_parts(model, resnet, x: torch.Tensor, x_hires, device: torch.device, reps: int, chains: int,

@@ -78,7 +78,7 @@ def run_benchmark(output_dir: Path, quick: bool = False, device: Optional[str] =
     measure = {
         "quality": lambda r: quality(r, quality_dir, quick, output_dir, str(dev)),
         "speed": lambda r: speed(r, finished_run(), speed_config, dev, quick),
-        "checkpoints": lambda r: checkpoint_sizes(r, finished_run(), dev, quick),
+        "checkpoints": lambda r: checkpoint_sizes(r, finished_run(), quick),
         "memory": lambda r: r.text(memory_and_projection(r, dev, quick, n_train=64)),  # n_train: the phantoms' split
         "scaling": lambda r: scaling(r, dev, quick),
         "design": lambda r: design_choices(r, runs, dev, quick),
