@@ -16,7 +16,8 @@ Conventions (the point estimates use scikit-learn):
 * Undefined values are NaN, never a crash and never a silent 0: a ratio whose denominator is
   0 (precision when the model never predicts the class, recall / specificity when the class
   has no / all samples) is NaN, and macro averages skip NaN classes (scikit-learn's
-  ``zero_division=np.nan``). ROC-AUC needs both positives and negatives: with a single class
+  ``zero_division=np.nan``, computed here from the confusion matrix, as that option needs
+  scikit-learn >= 1.3). ROC-AUC needs both positives and negatives: with a single class
   in ``y_true`` it is NaN; in the multi-class case classes absent from ``y_true`` are left
   out of the macro mean (their one-vs-rest AUC is undefined).
 
@@ -41,7 +42,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
 from utils.atomic import atomic_write_text
 
@@ -147,23 +148,19 @@ def classification_metrics(y_true, probs, positive_class: int = 1, threshold: fl
     pred = decide(p, threshold, positive_class)
     cm = confusion_matrix(y, pred, labels=labels).astype(np.int64)  # (C, C)
 
+    # per class c (one-vs-rest), from the confusion matrix: NaN where a denominator is 0
+    tp = np.diag(cm)  # (C,)
+    fp, fn = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp
+    tn = cm.sum() - tp - fp - fn
+    per_class = {"precision": safe_ratio(tp, tp + fp), "recall": safe_ratio(tp, tp + fn),
+                 "f1": safe_ratio(2 * tp, 2 * tp + fp + fn), "specificity": safe_ratio(tn, tn + fp)}
     if n_classes == 2:
-        prec, rec, f1, _ = precision_recall_fscore_support(
-            y, pred, labels=[positive_class], average=None, zero_division=np.nan)
-        negative_class = 1 - positive_class
-        _, spec, _, _ = precision_recall_fscore_support(
-            y, pred, labels=[negative_class], average=None, zero_division=np.nan)
-        precision, recall, f1_score, specificity = prec[0], rec[0], f1[0], spec[0]
+        precision, recall, f1_score, specificity = (per_class[k][positive_class] for k in per_class)
         auc = binary_auc(y == positive_class, p[:, positive_class])
     else:
-        precision, recall, f1_score, _ = precision_recall_fscore_support(
-            y, pred, labels=labels, average="macro", zero_division=np.nan)
-        # specificity of class c = TN / (TN + FP) = recall of "not c" in the one-vs-rest problem
-        fp = cm.sum(axis=0) - np.diag(cm)
-        tn = cm.sum() - cm.sum(axis=0) - cm.sum(axis=1) + np.diag(cm)
-        specificity = mean_without_nan(safe_ratio(tn, tn + fp))
-        per_class = [binary_auc(y == c, p[:, c]) for c in labels]
-        auc = mean_without_nan(np.array(per_class))
+        precision, recall, f1_score, specificity = (mean_without_nan(per_class[k]) for k in per_class)
+        per_class_auc = [binary_auc(y == c, p[:, c]) for c in labels]
+        auc = mean_without_nan(np.array(per_class_auc))
     recalls = safe_ratio(np.diag(cm), cm.sum(axis=1))  # (C,)
     return {
         "accuracy": float(accuracy_score(y, pred)),
