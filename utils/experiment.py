@@ -16,7 +16,7 @@ import torch
 from utils.atomic import atomic_write_text
 from utils.data.cache import VolumeCache
 from utils.data.dataset import CTDataset
-from utils.data.discovery import CLASS_NAMES, ScanRecord, discover_scans, find_dataset_root
+from utils.data.discovery import CLASS_NAMES, ScanRecord, data_line, discover_scans, find_dataset_root
 from utils.data.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
 from utils.data.phantoms import SIDECAR as PHANTOM_SIDECAR, PhantomConfig
 from utils.data.preprocessing import PreprocessConfig
@@ -103,6 +103,8 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
     A ``data_dir`` ending in ``.npz`` is a MedMNIST 3D file (``utils.data.medmnist``): its official
     train / val / test split is used as is and its volumes are held in memory (no cache).
     Seeds every generator from ``config.seed``; ``device`` None picks CUDA when available.
+    The first line logged, whatever ``verbose``, says which data the run uses
+    (``utils.data.discovery.data_line``: real or synthetic, where, how many scans per class).
     """
     seed_everything(config.seed)
     device = pick_device(device)
@@ -114,11 +116,11 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
         stale.unlink()
     if data_dir is not None and is_medmnist_file(data_dir):
         exp = _prepare_medmnist(config, output_dir, Path(data_dir), device)
+        log.info(f"data: MedMNIST {exp.meta['data_source']['name']} at {display_path(exp.data_root)} "
+                 f"({len(exp.records)} volumes of {tuple(exp.meta['data_source']['source_shape'])}, official split)")
         if verbose:
-            log.info(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}")
-            log.info(f"dataset: {display_path(exp.data_root)} (MedMNIST {exp.meta['data_source']['name']}, "
-                  f"{len(exp.records)} volumes of {tuple(exp.meta['data_source']['source_shape'])}, official split)\n"
-                  f"{split_summary(exp.splits, exp.class_names)}")
+            log.info(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}\n"
+                     f"{split_summary(exp.splits, exp.class_names)}")
         return exp
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data_dir = resolve_data_dir(None if data_dir is None else Path(data_dir), REPO_ROOT / config.phantom_dir,
@@ -126,6 +128,7 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
                                 config.progress)
     root, layout = find_dataset_root(data_dir)
     records = discover_scans(root, config.label_mode)
+    log.info(data_line(root, layout, records, synthetic=(Path(data_dir) / PHANTOM_SIDECAR).is_file()))  # said first
     prep = PreprocessConfig(target_shape=config.input_shape, target_spacing=config.target_spacing)
     cache = VolumeCache(cache_dir, prep)
     cache.warm([r.path for r in records], progress=config.progress)  # every scan read and checked first ...
@@ -157,9 +160,8 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
                      datasets={"train": dataset("train", True), "train_plain": dataset("train"),
                                "val": dataset("val"), "test": dataset("test")}, meta=meta)
     if verbose:
-        log.info(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}")
-        log.info(f"dataset: {display_path(root)} ({layout} layout, {len(records)} scans)\n"
-              f"{split_summary(splits, config.label_mode)}")
+        log.info(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}\n"
+                 f"{split_summary(splits, config.label_mode)}")
     return exp
 
 

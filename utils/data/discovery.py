@@ -245,11 +245,11 @@ def default_data_dir(repo_root: str | Path, kaggle_input: str | Path = KAGGLE_IN
 
 def data_line(root: Path, layout: str, records: Sequence[ScanRecord], synthetic: bool) -> str:
     """The line a run prints first about its data: ``data: MosMedData at /kaggle/input/mosmed
-    (1110 scans, ct0_ct23 layout: CT-0 254, CT-23 856)``, or for the phantoms ``data: embedded
+    (1110 scans, ct0_ct23 layout: CT-0 254, CT-23 856)``, or for the phantoms ``data:
     synthetic phantoms at data/MosMedData (100 scans, ...) -- not real CT``."""
     counts = Counter(r.category for r in records)
     per_class = ", ".join(f"{name} {counts[name]}" for name in sorted(counts, key=str.lower))
-    what = "embedded synthetic phantoms" if synthetic else "MosMedData"
+    what = "synthetic phantoms" if synthetic else "MosMedData"
     return (f"data: {what} at {display_path(root)} ({len(records)} scans, {layout} layout: {per_class})"
             + (" -- not real CT" if synthetic else ""))
 
