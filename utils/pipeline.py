@@ -44,7 +44,7 @@ from utils.experiment import Experiment
 from utils.log import get_logger
 from utils.paths import CHECKPOINTS_DIR, HISTORY_JSON
 from utils.stage_timer import StageTimer
-from utils.training.baselines import DISPLAY_NAMES, baseline_from_checkpoint, train_baseline
+from utils.training.baselines import DISPLAY_NAMES, baseline_from_checkpoint, runnable_baselines, train_baseline
 from utils.training.checkpoint import load_checkpoint, save_checkpoint
 from utils.training.dcg import cache_guidance, train_dcg
 from utils.training.diffusion import predict_dataset, train_diffusion
@@ -250,9 +250,9 @@ def load_main_model(exp: Experiment, run_first: str = "notebook 06_training") ->
 
 def train_baselines(exp: Experiment, timer: Optional[StageTimer] = None) -> dict[str, tuple[nn.Module, FitResult]]:
     """Each baseline of ``config.baselines`` trained (or loaded) in the same harness, each
-    timed as a stage of ``timer`` (under its display name) when given."""
+    timed as a stage of ``timer`` (under its display name) when given (none without MONAI)."""
     out = {}
-    for name in exp.config.baselines:
+    for name in runnable_baselines(exp.config.baselines):  # logs why when it skips them
         with _timed(timer, DISPLAY_NAMES[name]):
             reseed_stage(exp, name)
             out[name] = train_baseline(name, exp.datasets["train"], exp.datasets["val"], exp.config, exp.device,
@@ -261,9 +261,10 @@ def train_baselines(exp: Experiment, timer: Optional[StageTimer] = None) -> dict
 
 
 def load_baselines(exp: Experiment, run_first: str) -> dict[str, nn.Module]:
-    """The finished baselines of ``config.baselines`` from their checkpoints, in eval mode."""
+    """The finished baselines of ``config.baselines`` from their checkpoints, in eval mode (none
+    without MONAI: results and Grad-CAM then lack them)."""
     out = {}
-    for name in exp.config.baselines:
+    for name in runnable_baselines(exp.config.baselines):  # logs why when it skips them
         require_stage(exp, name, run_first)
         out[name] = baseline_from_checkpoint(load_checkpoint(exp.checkpoint(name))).to(exp.device).eval()
     return out

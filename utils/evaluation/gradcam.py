@@ -3,7 +3,8 @@
 The DCG's class activation maps show where DiffMIC-3D looks; the baselines get the same
 figure from Grad-CAM (Selvaraju et al. 2017) on their last convolutional stage, so a reader can
 compare where each model's evidence lies. MONAI's implementation (a dependency already, for
-the baselines themselves) upsamples the map to the input size and normalises it per scan.
+the baselines themselves) upsamples the map to the input size and normalises it per scan. It is
+imported only when a map is made: without MONAI there are no baselines, so no map is asked for.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.visualize import GradCAM
 from torch import nn
 
 from utils.evaluation.visualization import plot_saliency_overlay, save_figure, stack_figures
@@ -23,6 +23,8 @@ GRADCAM_PNG = "baseline_gradcam.png"
 
 def gradcam_maps(net: nn.Module, name: str, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(maps (B, H, W, D) in [0, 1], predicted class (B,)) of baseline ``name`` on x (B, 1, H, W, D)."""
+    from monai.visualize import GradCAM
+
     net.eval()
     with torch.enable_grad():
         logits = net(x)

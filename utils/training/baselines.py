@@ -23,26 +23,53 @@ Training (:func:`train_baseline`) uses the same splits, preprocessing, train-tim
 epoch loop (``utils.training.loop.fit``), early stopping on validation AUC (patience), AdamW with
 ``lr_baseline`` (1e-3, as phase 1) and weight decay, ReduceLROnPlateau and cross-entropy with
 the same label smoothing as phase 1; the epoch budget is ``baseline_epochs``.
+
+MONAI is optional for the rest of the pipeline: it is imported only when a baseline is built,
+and ``utils.pipeline`` asks :func:`runnable_baselines` which to run, which without MONAI is
+none, with one logged line saying so and why (their Grad-CAM goes with them).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DenseNet121, resnet18
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import Dataset
 
+from utils.log import get_logger
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.training.profiles import BASELINE_NAMES, TrainConfig
 from utils.training.loop import FitResult, fit, make_epoch_loader
 from utils.training.stage import batch_inputs, eval_loader, fit_config, validation_metrics
 
 DISPLAY_NAMES = {"resnet18": "3D ResNet-18", "densenet121": "3D DenseNet-121"}
+
+log = get_logger(__name__)
+
+
+def monai_missing() -> Optional[str]:
+    """None when MONAI imports; else one line: the baselines and their Grad-CAM are skipped, why,
+    and how to include them."""
+    try:
+        import monai  # noqa: F401
+    except ImportError as err:
+        return (f"baselines skipped: MONAI cannot be imported ({err}), so the 3D ResNet-18 / DenseNet-121 "
+                "baselines and their Grad-CAM maps are left out of this run; install it (pip install 'monai>=1.3'; "
+                "on Kaggle attach the wheels dataset or turn on Internet) to include them")
+    return None
+
+
+def runnable_baselines(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` when MONAI imports (or there are none); else () after logging :func:`monai_missing`'s line."""
+    reason = monai_missing() if names else None
+    if reason is not None:
+        log.warning(reason)
+        return ()
+    return tuple(names)
 
 
 def baseline_config(name: str, num_classes: int) -> dict:
@@ -55,7 +82,10 @@ def build_baseline(name: str, num_classes: int) -> nn.Module:
 
     Raises:
         ValueError: unknown ``name`` (choose from ``BASELINE_NAMES``) or ``num_classes < 2``.
+        ImportError: MONAI cannot be imported (:func:`monai_missing` says so first).
     """
+    from monai.networks.nets import DenseNet121, resnet18
+
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if name == "resnet18":
