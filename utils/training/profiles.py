@@ -11,23 +11,55 @@
 
 ``get_profile('demo', batch_size=2)`` or, on the command line,
 ``python -m utils.run --profile demo --set batch_size=2 --set input_shape=48,48,32``.
+Every value, given in Python, as ``--set`` text or as JSON (``$MEDISCOPE_SET``), is converted
+to its field's annotated type and checked against its range in ``LIMITS``
+(``utils.overrides``); a value that is neither is refused with one line naming the field, the
+value and what it accepts, e.g. ``batch_size='abc': expected a positive integer``.
 A ``TrainConfig`` is saved (``to_dict``) in every checkpoint and run folder, as nanoGPT and
 DiffMIC save theirs.
 """
 from __future__ import annotations
 
-import ast
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from models.diffmic3d import MODEL_SECTIONS, PRESETS, ModelConfig
-from utils.data.phantoms import PhantomConfig
-from utils.seeding import amp_dtype, amp_enabled
+from models.model_config import SHARED_FIELDS
 from models.plain_config import PlainConfig
+from utils.data.discovery import LABEL_MODES
+from utils.data.phantoms import PhantomConfig
+from utils.overrides import Limit, convert_fields, convert_sections, field_types, parse_settings
+from utils.seeding import amp_dtype, amp_enabled
 
 BASELINE_NAMES = ("resnet18", "densenet121")
 ERROR_WEIGHTINGS = ("label", "uncertainty")  # phase-2 loss weights (TrainConfig.error_weighting)
+
+_POSITIVE_INT, _COUNT, _POSITIVE, _FRACTION = Limit(1), Limit(0), Limit(0, low_open=True), Limit(0, 1)
+# the accepted range of every numeric TrainConfig field (of each element, for a tuple); the type
+# and the choices of a string field come from its annotation (utils.overrides)
+LIMITS = {
+    "input_shape": Limit(16, multiple=16), "target_spacing": Limit(0, low_open=True, none="none"),
+    "roi_scale": _POSITIVE_INT, "n_phantoms": Limit(6), "phantom_size": Limit(32), "phantom_seed": _COUNT,
+    "batch_size": _POSITIVE_INT, "dcg_epochs": _COUNT, "diffusion_epochs": _COUNT, "baseline_epochs": _COUNT,
+    "lr_dcg": _POSITIVE, "dcg_lr_warmup": _FRACTION, "dcg_pool_warmup": _FRACTION, "dcg_local_start": _FRACTION,
+    "dcg_local_ramp": _FRACTION, "dcg_min_epochs": _COUNT, "lr_diffusion": _POSITIVE, "warmup_fraction": _FRACTION,
+    "ema_decay": Limit(0, 1, high_open=True), "diffusion_min_epochs": _COUNT, "prior_dropout": _FRACTION,
+    "oof_folds": Limit(2, also=(0,)), "error_weight": Limit(0), "refer_coverage": Limit(0, 1, low_open=True),
+    "lr_baseline": _POSITIVE, "weight_decay": Limit(0), "label_smoothing": Limit(0, 1, high_open=True),
+    "patience": _POSITIVE_INT, "plateau_factor": Limit(0, 1, low_open=True, high_open=True),
+    "plateau_patience": _POSITIVE_INT, "grad_clip": Limit(0, low_open=True, none="none"),
+    "val_num_samples": _POSITIVE_INT, "val_ddim_steps": _POSITIVE_INT, "n_resamples": Limit(1000),
+    "num_workers": _COUNT, "seed": Limit(0, 2**32 - 1),
+}
+
+
+
+def model_settings() -> dict[str, dict[str, Any]]:
+    """Section -> field -> annotation of what ``model_overrides`` may change (``ModelConfig.with_changes``)."""
+    model = field_types(ModelConfig)
+    return {section: {k: v for k, v in field_types(model[section]).items() if k not in SHARED_FIELDS[section]}
+            for section in MODEL_SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -141,7 +173,7 @@ class TrainConfig(PlainConfig):
     # data
     input_shape: tuple[int, int, int] = (128, 128, 64)
     target_spacing: Optional[tuple[float, float, float]] = None
-    label_mode: str = "binary"
+    label_mode: Literal[LABEL_MODES] = "binary"
     roi_scale: int = 1
     # the phantom set generated when no real data is found
     n_phantoms: int = 100
@@ -149,7 +181,7 @@ class TrainConfig(PlainConfig):
     phantom_dir: str = "data/MosMedData"
     phantom_seed: int = 0
     # model
-    model_preset: str = "full"
+    model_preset: Literal[PRESETS] = "full"
     grad_checkpoint: Optional[bool] = None
     # budgets, every stage
     batch_size: int = 4
@@ -170,9 +202,9 @@ class TrainConfig(PlainConfig):
     diffusion_min_epochs: Optional[int] = None  # None: a quarter of the phase-2 budget
     prior_dropout: float = 0.3
     oof_folds: int = 3  # 0: the final DCG's own (memorised) training priors
-    prior_members: str = "folds"  # test-time priors: 'folds' (fold DCGs + final) or 'final'
+    prior_members: Literal["folds", "final"] = "folds"  # test-time priors: 'folds' (fold DCGs + final) or 'final'
     error_weight: float = 10.0  # lambda of the phase-2 loss weight (error_weighting)
-    error_weighting: str = "uncertainty"  # 1 + lambda (1 - max p); 'label': DiffMIC-v2's 1 + lambda (1 - p(true))
+    error_weighting: Literal[ERROR_WEIGHTINGS] = "uncertainty"  # 1 + lambda (1 - max p); 'label': DiffMIC-v2's 1 + lambda (1 - p(true))
     refer_coverage: float = 0.8  # share of validation scans below the referral threshold
     # baselines; regularisation of every stage
     lr_baseline: float = 1e-3
@@ -185,12 +217,12 @@ class TrainConfig(PlainConfig):
     # numerics
     grad_clip: Optional[float] = 1.0
     amp: Optional[bool] = None
-    amp_dtype: Optional[str] = None
+    amp_dtype: Optional[Literal["float16", "bfloat16"]] = None
     # validation sampling, evaluation
     val_num_samples: int = 4
     val_ddim_steps: int = 10
     n_resamples: int = 2000  # bootstrap resamples of every confidence interval
-    baselines: tuple[str, ...] = BASELINE_NAMES
+    baselines: tuple[Literal[BASELINE_NAMES], ...] = BASELINE_NAMES
     # run
     model_overrides: dict = field(default_factory=dict)
     num_workers: int = 0
@@ -198,64 +230,25 @@ class TrainConfig(PlainConfig):
     progress: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
-        if self.target_spacing is not None:
-            object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
-        baselines = self.baselines.split(",") if isinstance(self.baselines, str) else self.baselines
-        object.__setattr__(self, "baselines", tuple(b.strip() for b in baselines if b.strip()))
-        problems = []
-        if len(self.input_shape) != 3 or any(s <= 0 or s % 16 for s in self.input_shape):
-            problems.append(f"input_shape={self.input_shape} must be three positive multiples of 16")
-        if self.label_mode not in ("binary", "severity"):
-            problems.append(f"label_mode={self.label_mode!r} must be 'binary' or 'severity'")
-        if self.model_preset not in PRESETS:
-            problems.append(f"model_preset={self.model_preset!r} must be one of {PRESETS}")
-        unknown_sections = sorted(set(self.model_overrides) - set(MODEL_SECTIONS))
-        if unknown_sections:
-            problems.append(f"model_overrides: unknown sections {unknown_sections} (choose from {MODEL_SECTIONS})")
-        unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
-        if unknown:
-            problems.append(f"baselines {unknown} unknown (choose from {BASELINE_NAMES})")
-        for name in ("roi_scale", "batch_size", "patience", "plateau_patience", "val_num_samples",
-                     "val_ddim_steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("dcg_min_epochs", "diffusion_min_epochs"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                problems.append(f"{name}={getattr(self, name)} must be >= 0 or None (auto)")
-        for name in ("dcg_epochs", "diffusion_epochs", "baseline_epochs", "num_workers"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("lr_dcg", "lr_diffusion", "lr_baseline"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name}={getattr(self, name)} must be > 0")
-        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0 or not 0 < self.plateau_factor < 1:
-            problems.append("need 0 <= label_smoothing < 1, weight_decay >= 0, 0 < plateau_factor < 1")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            problems.append(f"grad_clip={self.grad_clip} must be > 0 or None")
-        if self.prior_members not in ("folds", "final"):
-            problems.append(f"prior_members={self.prior_members!r} must be 'folds' or 'final'")
-        if self.oof_folds == 1 or self.oof_folds < 0:
-            problems.append(f"oof_folds={self.oof_folds} must be 0 (memorised priors) or >= 2")
-        if not 0 < self.refer_coverage <= 1:
-            problems.append(f"refer_coverage={self.refer_coverage} must lie in (0, 1]")
-        if self.error_weight < 0:
-            problems.append(f"error_weight={self.error_weight} must be >= 0")
-        if self.error_weighting not in ERROR_WEIGHTINGS:
-            problems.append(f"error_weighting={self.error_weighting!r} must be one of {ERROR_WEIGHTINGS}")
-        if self.amp_dtype not in (None, "float16", "bfloat16"):
-            problems.append(f"amp_dtype={self.amp_dtype!r} must be 'float16', 'bfloat16' or None (auto)")
-        if self.n_resamples < 1000:
-            problems.append(f"n_resamples={self.n_resamples} must be >= 1000 for a 95% bootstrap interval")
-        if self.n_phantoms < 6 or self.phantom_size < 32:
-            problems.append("n_phantoms must be >= 6 (3 per class to split) and phantom_size >= 32")
+        problems = convert_fields(self, LIMITS)  # each field to its annotated type, within its range
+        if not problems:  # each model setting to its section's type (its range: the section's own check)
+            converted, problems = convert_sections(self.model_overrides, model_settings())
+            object.__setattr__(self, "model_overrides", converted)
         if not problems:
-            try:  # the model sections: field names and values (ModelConfig.with_changes checks them)
+            try:  # the model sections together (ModelConfig.with_changes and each section's own checks)
                 self.model_config("cpu")
             except ValueError as exc:
-                problems.append(str(exc))
+                settings = ", ".join(f"{s}.{k}={v!r}" for s, c in self.model_overrides.items() for k, v in c.items())
+                problems.append(f"model settings ({settings or 'the preset'}): {exc}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON files and checkpoints: tuples as lists, in ``model_overrides`` too."""
+        data = super().to_dict()
+        data["model_overrides"] = {section: {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}
+                                   for section, changes in self.model_overrides.items()}
+        return data
 
     # -- derived settings ----------------------------------------------------------------
 
@@ -347,26 +340,12 @@ def get_profile(name: str, **overrides) -> TrainConfig:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``['batch_size=2', 'input_shape=48,48,32', 'amp=auto']`` -> a dict of typed values.
+    """``['batch_size=2', 'input_shape=48,48,32', 'amp=auto']`` -> ``{'batch_size': 2, ...}``: a
+    TrainConfig field or ``SECTION.FIELD`` of the model per item, its value converted to the
+    field's type and, for a TrainConfig field, checked against its range (``utils.overrides.parse_settings``);
+    ``get_profile`` checks the combination and the model sections' own ranges.
 
-    Values are Python literals (``2``, ``1e-3``, ``48,48,32``, ``'x'``); ``true`` / ``false``
-    are booleans, ``none`` / ``auto`` are None (auto-select), anything else is a string.
+    Raises:
+        ValueError: one line, e.g. ``--set batch_size='abc': expected a positive integer``.
     """
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        text = raw.strip()
-        lowered = text.lower()
-        if lowered in ("true", "false"):
-            value = lowered == "true"
-        elif lowered in ("none", "auto"):
-            value = None
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-        out[key.strip()] = value
-    return out
+    return parse_settings(items, field_types(TrainConfig), LIMITS, model_settings())
