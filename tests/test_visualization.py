@@ -65,6 +65,51 @@ def test_roc_curves_one_line_per_model_plus_chance():
     assert "COVID-19 positive" in plot_roc_curves({"ours": (y, s)}, positive_label="COVID-19").axes[0].get_ylabel()
 
 
+def legend_auc_intervals(fig) -> dict[str, tuple[float, float]]:
+    """Model name -> the AUC interval printed in a ROC figure's legend."""
+    out = {}
+    for text in (t.get_text() for t in fig.axes[0].get_legend().get_texts()):
+        if ": AUC " in text:
+            name, rest = text.split(": AUC ")
+            out[name] = tuple(float(v) for v in rest.split("[")[1].rstrip("]").split(", "))
+    return out
+
+
+@pytest.mark.parametrize("seed, n_resamples", [(0, 1000), (5, 2000)])
+def test_roc_legend_intervals_are_the_results_tables(seed, n_resamples, monkeypatch):
+    from utils.evaluation.metrics import metrics_table
+    from utils.evaluation.visualization import curves
+    drawn = []
+    real = curves.resample_indices
+    monkeypatch.setattr(curves, "resample_indices", lambda y, n, rng, stratified: drawn.append(n) or real(y, n, rng,
+                                                                                                      stratified))
+    from utils.evaluation.visualization import plot_result_figures
+    y, s = binary_scores(30, seed=4)
+    probs = {"ours": np.stack([1 - s, s], 1), "other": np.stack([s, 1 - s], 1) * 0.5 + 0.25}
+    figs = plot_result_figures(y, probs, ["Normal", "COVID-19"], seed=seed, n_resamples=n_resamples)
+    table = {r["model"]: (round(r["ci_low"], 3), round(r["ci_high"], 3))
+             for r in metrics_table({k: (y, p) for k, p in probs.items()}, n_resamples=n_resamples, seed=seed)
+             if r["metric"] == "roc_auc"}
+    assert legend_auc_intervals(figs["roc_curves"]) == table  # the same resamples, the same intervals
+    legend = figs["roc_curves"].axes[0].get_legend().get_title().get_text()
+    assert f"{n_resamples} resamples" in legend
+    assert drawn == [n_resamples, n_resamples]  # one bootstrap per model, of the run's size
+
+
+def test_roc_band_is_the_step_curve_of_each_resample():
+    from utils.evaluation.visualization.curves import _roc_band
+    from sklearn.metrics import roc_curve
+    y = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    p = np.array([0.1, 0.4, 0.4, 0.4, 0.8, 0.9, 0.2, 0.3])  # a tie across the classes
+    grid = np.linspace(0, 1, 101)
+    low, high, (auc_lo, auc_hi) = _roc_band(y, p, grid, 1000, 0)
+    fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)
+    full = tpr[np.searchsorted(fpr, grid, side="right") - 1]
+    assert np.all(low <= full + 1e-12) and np.all(full <= high + 1e-12)  # the curve of the data lies in its band
+    assert np.all(np.diff(low) >= 0) and low[0] >= 0 and high[-1] == 1.0
+    assert 0 <= auc_lo < roc_auc_score(y, p) < auc_hi <= 1
+
+
 def test_learning_curves_two_phases():
     history = {
         "phase 1: DCG": {"train_loss": [1.0, 0.8, 0.7], "val_loss": [1.1, 0.9, 0.95], "val_auc": [0.6, 0.7, 0.72]},
@@ -116,7 +161,7 @@ def test_saliency_overlay_draws_each_box_on_the_slices_it_crosses():
     assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (9.5, 11.5, 8, 8)
     assert all(len(ax.images) == 2 for ax in fig.axes[:-1])  # CT + saliency
     default = plot_saliency_overlay(VOLUME, SALIENCY, boxes)
-    assert [ax.get_title() for ax in default.axes[:-1]] == ["slice 1/16", "slice 3/16", "slice 11/16"]  # box centres
+    assert [ax.get_title() for ax in default.axes[:-1]] == ["axial slice 1/16", "axial slice 3/16", "axial slice 11/16"]  # box centres
     assert [len(ax.patches) for ax in default.axes[:-1]] == [1, 2, 1]  # slice 3 also crosses box 0
 
 
@@ -128,7 +173,45 @@ def test_saliency_overlay_upsamples_to_the_volume():
     assert overlay.shape == (32, 32) and overlay[-1, -1] == pytest.approx(1.0) and overlay[0, 0] == 0.0
     # default: the 5 slices of largest saliency, here those nearest the hot cell (D index 1 of 2)
     titles = [ax.get_title() for ax in plot_saliency_overlay(VOLUME, saliency).axes[:-1]]
-    assert titles == [f"slice {k}/16" for k in range(11, 16)]
+    assert titles == [f"axial slice {k}/16" for k in range(11, 16)]
+
+
+def test_saliency_colormap_leaves_low_saliency_clear():
+    from utils.evaluation.visualization import saliency_colormap
+    cmap = saliency_colormap(floor=0.3, alpha=0.7)
+    assert cmap(0.0)[3] == 0 and cmap(0.29)[3] == 0  # the CT shows unchanged where saliency is low
+    assert cmap(1.0)[3] == pytest.approx(0.7) and 0 < cmap(0.65)[3] < 0.7
+    assert cmap(1.0)[:3] == pytest.approx(plt.get_cmap("inferno")(1.0)[:3])  # inferno's colours, not jet's
+    with pytest.raises(ValueError, match="floor must lie in"):
+        saliency_colormap(floor=1.0)
+
+
+def test_saliency_overlay_outlines_the_lesion_and_keeps_everything_on_the_image():
+    lesion = np.zeros(VOLUME.shape, dtype=bool)
+    lesion[20:26, 4:9, 9:12] = True  # largest cross-section: slices 9-11 (the first: 9)
+    boxes = np.array([[24, 24, 0, 32, 32, 4]])  # touches the image's corner
+    fig = plot_saliency_overlay(VOLUME, SALIENCY, boxes, lesion_mask=lesion)
+    panels = fig.axes[:-1]
+    assert [ax.get_title() for ax in panels] == ["axial slice 1/16", "axial slice 9/16"]  # box centre, lesion
+    assert [len(ax.collections) for ax in panels] == [0, 1]  # the contour only where the lesion is
+    for ax in panels:  # radiological: high H on the left; nothing outside the image
+        assert ax.get_xlim() == (31.5, -0.5) and ax.get_ylim() == (-0.5, 31.5)
+        for text in ax.texts:  # box labels are clipped to the image (the R / L / A / P markers sit inside it)
+            assert text.get_clip_on() or text.get_text() in "RLAP"
+    label = next(t for t in panels[0].texts if t.get_text().strip() == "0")
+    assert label.get_position() == (31.5, 31.5) and label.get_ha() == "left" and label.get_va() == "top"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ROI box j (the DCG's crop)",
+                                                                 "lesion outline (ground truth)"]
+    assert "clear below 0.3" in fig.axes[-1].get_ylabel()
+    with pytest.raises(ValueError, match="lesion_mask"):
+        plot_saliency_overlay(VOLUME, SALIENCY, lesion_mask=lesion[:, :, :4])
+
+
+def test_slices_to_show_leads_with_the_given_slice():
+    boxes = np.array([[0, 0, 0, 8, 8, 4], [0, 0, 10, 8, 8, 14]])
+    shown = slices_to_show(boxes, 16, 3, first=7)
+    assert 7 in shown and {1, 11} <= set(shown) and len(shown) == 3
+    assert slices_to_show(boxes, 16, 1, first=7) == [7]
 
 
 @pytest.mark.parametrize("probs_shape", [(11, 2), (11, 6, 5)])

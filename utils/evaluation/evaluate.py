@@ -249,7 +249,9 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
             ``figures/reliability_diagram.png`` (main model).
         class_names: (C,) names, e.g. ``["Normal", "COVID-19"]``.
         seed: bootstrap seed; the same resamples of the test scans for every model (paired).
-        n_resamples: bootstrap resamples (>= 1000).
+        n_resamples: bootstrap resamples (>= 1000) of every interval: the table's, the ROC
+            figure's bands and legend (the same resamples, so the same AUC intervals) and
+            ``uncertainty.csv``'s.
         positive_class: the class precision / recall / specificity / AUC refer to when C = 2.
         data_root: scan paths in ``predictions.csv`` are written relative to it (as in
             ``splits.csv``) when they lie inside it.
@@ -292,7 +294,7 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
 
     labels = next(iter(predictions.values())).labels  # the same for every model
     figures = plot_result_figures(labels, {name: p.probs for name, p in predictions.items()}, class_names,
-                                  positive_class, seed, thresholds=thresholds)
+                                  positive_class, seed, thresholds=thresholds, n_resamples=n_resamples)
     if val_predictions is not None:
         names = list(predictions)
         reference = reference or names[min(1, len(names) - 1)]

@@ -6,8 +6,9 @@ Agg), do not pile up in long loops, and show in Jupyter with ``display(fig)`` or
 last expression. :func:`save_figure` writes one as PNG and PDF atomically. Arrays may be numpy
 arrays or torch tensors (on any device; they are copied to the CPU).
 
-    volumes        CT slices (radiological, lung window), HU histograms, saliency + ROI boxes,
-                   boxes_in_input (ROI boxes of a high-resolution copy on the input grid)
+    volumes        CT slices (radiological, lung window), HU histograms, saliency (a clear-below-
+                   threshold 'inferno' tint) + ROI boxes + lesion outline, boxes_in_input (ROI
+                   boxes of a high-resolution copy on the input grid)
     priors         the DCG's dense guidance map and image feature prior
     curves         ROC curves, learning curves, reliability diagram, denoising trajectory,
                    per-scan uncertainty, risk-coverage curves
@@ -41,15 +42,19 @@ from utils.evaluation.visualization.result_figures import plot_result_figures
 from utils.evaluation.visualization.volumes import (
     HU_WINDOW,
     LUNG_WINDOW,
+    SALIENCY_CMAP,
+    SALIENCY_FLOOR,
     boxes_in_input,
+    largest_section,
     plot_ct_slices,
     plot_hu_histograms,
     plot_saliency_overlay,
+    saliency_colormap,
 )
 
 __all__ = [
-    "FIGURE_FORMATS", "HU_WINDOW", "LUNG_WINDOW",
-    "boxes_in_input", "slices_to_show", "save_figure", "stack_figures",
+    "FIGURE_FORMATS", "HU_WINDOW", "LUNG_WINDOW", "SALIENCY_CMAP", "SALIENCY_FLOOR",
+    "boxes_in_input", "largest_section", "saliency_colormap", "slices_to_show", "save_figure", "stack_figures",
     "plot_confusion_matrices", "plot_confusion_matrix", "plot_ct_slices", "plot_denoising_trajectories",
     "plot_denoising_trajectory", "plot_feature_prior", "plot_guidance_map", "plot_hu_histograms",
     "plot_learning_curves", "plot_reliability_diagram", "plot_result_figures", "plot_risk_coverage",

@@ -12,27 +12,39 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from utils.evaluation.calibration import quantile_reliability
+from utils.evaluation.metrics import auc_from_counts, check_bootstrap_settings, resample_counts, resample_indices
 from utils.evaluation.visualization.arrays import as_numpy
 
 
 def _roc_band(y: np.ndarray, p: np.ndarray, grid: np.ndarray, n_resamples: int, seed: int
               ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """Stratified bootstrap of a ROC curve: 2.5/97.5 percentiles of the TPR at each FPR of
-    ``grid`` and the 95% interval of the AUC."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    tprs, aucs = [], []
-    for _ in range(n_resamples):
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        fpr, tpr, _ = roc_curve(y[idx], p[idx])
-        tprs.append(np.interp(grid, fpr, tpr))
-        aucs.append(roc_auc_score(y[idx], p[idx]))
+    ``grid`` and the 95% interval of the AUC.
+
+    The resamples are those of ``utils.evaluation.metrics.bootstrap_ci`` for the same labels,
+    ``n_resamples`` and seed (``resample_indices``, stratified), and the AUC of each resample is
+    its Mann-Whitney statistic (``auc_from_counts``): for a binary task with class 1 positive
+    the AUC interval here is exactly the results table's. Each resample's curve is read from
+    count-weighted cumulative sums over the scans sorted by score (ties as one threshold); its
+    TPR at FPR g is the highest TPR reached at an FPR <= g, the value of the step curve drawn.
+    """
+    idx = resample_indices(y, n_resamples, np.random.default_rng(seed), stratified=True)  # (R, N')
+    counts = resample_counts(idx, y.shape[0]).astype(np.float64)  # (R, N)
+    aucs = auc_from_counts(counts, y == 1, p)  # (R,)
+    order = np.argsort(-p, kind="stable")
+    ends = np.r_[p[order][1:] != p[order][:-1], True]  # the last scan of each group of equal scores
+    tp = np.cumsum(counts[:, order] * (y[order] == 1), axis=1)[:, ends]  # (R, G) at each threshold
+    fp = np.cumsum(counts[:, order] * (y[order] == 0), axis=1)[:, ends]
+    zero = np.zeros((counts.shape[0], 1))
+    tpr = np.hstack([zero, tp / tp[:, -1:]])  # (R, G + 1), from (0, 0)
+    fpr = np.hstack([zero, fp / fp[:, -1:]])
+    tprs = np.stack([t[np.searchsorted(f, grid, side="right") - 1] for t, f in zip(tpr, fpr)])  # (R, len(grid))
     low, high = np.percentile(tprs, [2.5, 97.5], axis=0)
     return low, high, tuple(float(v) for v in np.percentile(aucs, [2.5, 97.5]))
 
 
 def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves", positive_label: str | None = None,
-                    n_resamples: int = 300, seed: int = 0) -> Figure:
+                    n_resamples: int = 2000, seed: int = 0) -> Figure:
     """All models' ROC curves on one axes with 95% stratified-bootstrap bands, each labelled
     with its ROC-AUC and that AUC's interval, plus the chance line. Curves get distinct line
     styles so overlapping ones stay visible.
@@ -42,10 +54,14 @@ def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves", posi
             positive class and 0 otherwise, and ``probs_pos`` the predicted probability of
             the positive class (for C > 2 pass one class against the rest).
         positive_label: name of the positive class, shown on the axes.
-        n_resamples, seed: the bootstrap of the bands (the same resamples for every model).
+        n_resamples, seed: the bootstrap of the bands and intervals (the same resamples for
+            every model, and the same as ``metrics.bootstrap_ci`` draws with these values, so
+            pass the run's ``n_resamples`` and seed to match its results table); at least
+            ``metrics.MIN_RESAMPLES``.
     """
     if not curves:
         raise ValueError("curves is empty: pass at least one model")
+    check_bootstrap_settings(n_resamples, 0.05)
     fig = Figure(figsize=(6, 5.5), layout="constrained")
     ax = fig.add_subplot()
     grid = np.linspace(0, 1, 101)
@@ -67,7 +83,7 @@ def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves", posi
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
            ylabel=f"True positive rate (sensitivity){positive}", title=title)
     ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize="x-small", title="AUC [95% bootstrap CI]", title_fontsize="x-small")
+    ax.legend(loc="lower right", fontsize="x-small", title=f"AUC [95% bootstrap CI, {n_resamples} resamples]", title_fontsize="x-small")
     return fig
 
 

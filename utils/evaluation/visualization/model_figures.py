@@ -1,5 +1,6 @@
 """The report figures of a few scans through the trained model: the DCG's saliency maps with
-its ROI boxes, and the denoising trajectory of the class probabilities.
+its ROI boxes (and the lesion outline where known), and the denoising trajectory of the class
+probabilities.
 
 Both take plain arrays (the model is run by ``utils.evaluation.evaluate.write_model_figures``)
 and draw one row per scan, stacked into one figure (:func:`stack_figures`); each row is titled
@@ -15,15 +16,17 @@ from matplotlib.figure import Figure
 
 from utils.evaluation.visualization.curves import plot_denoising_trajectory
 from utils.evaluation.visualization.figure_io import stack_figures
-from utils.evaluation.visualization.volumes import boxes_in_input, plot_saliency_overlay
+from utils.evaluation.visualization.volumes import boxes_in_input, largest_section, plot_saliency_overlay
 
 
-def slices_to_show(boxes: np.ndarray, depth: int, n_slices: int) -> list[int]:
-    """Axial slices for a saliency figure, sorted: the centre slice of each ROI box (in box
-    order), topped up to ``n_slices`` (at most ``depth``) with evenly spaced slices, first
-    those at least half a spacing away from every slice already chosen."""
+def slices_to_show(boxes: np.ndarray, depth: int, n_slices: int, first: int | None = None) -> list[int]:
+    """Axial slices for a saliency figure, sorted: ``first`` (e.g. a lesion's largest
+    cross-section) when given, the centre slice of each ROI box (in box order), topped up to
+    ``n_slices`` (at most ``depth``) with evenly spaced slices, first those at least half a
+    spacing away from every slice already chosen."""
     n_slices = min(n_slices, depth)
-    chosen = list(dict.fromkeys(((boxes[:, 2] + boxes[:, 5] - 1) // 2).tolist()))[:n_slices]
+    lead = [] if first is None else [int(first)]
+    chosen = list(dict.fromkeys(lead + ((boxes[:, 2] + boxes[:, 5] - 1) // 2).tolist()))[:n_slices]
     even = np.linspace(0, depth - 1, n_slices + 2)[1:-1].round().astype(int).tolist()
     spacing = (depth - 1) / (n_slices + 1)
     for strict in (True, False):
@@ -46,10 +49,14 @@ def _scan_title(path: str | Path, label: int | None, class_names: Sequence[str])
 def plot_saliency_rois(volumes: Sequence[np.ndarray], saliency: np.ndarray, boxes: np.ndarray,
                        predicted: np.ndarray, paths: Sequence[str | Path], class_names: Sequence[str],
                        labels: Sequence[int] | None = None, roi_scale: int = 1, n_slices: int = 4,
-                       dpi: int = 120) -> Figure:
+                       dpi: int = 120, probs: np.ndarray | None = None,
+                       lesion_masks: Sequence[np.ndarray | None] | None = None,
+                       notes: Sequence[str] | None = None) -> Figure:
     """Per scan, one row of axial slices: the DCG's class activation map of its predicted class
-    over the CT, and the K ROI boxes it cropped, on the centre slice of each box, topped up with
-    evenly spaced slices to ``n_slices`` (:func:`slices_to_show`).
+    over the CT, the K ROI boxes it cropped and, where known, the lesion outline; on the
+    lesion's largest cross-section and the centre slice of each box, topped up with evenly
+    spaced slices to ``n_slices`` (:func:`slices_to_show`). Each row is titled with the file
+    name, the true class, the DCG's prediction and its probability, and ``notes[i]``.
 
     Args:
         volumes: B volumes (1, H, W, D).
@@ -61,17 +68,22 @@ def plot_saliency_rois(volumes: Sequence[np.ndarray], saliency: np.ndarray, boxe
         class_names: (C,) names.
         n_slices: axial slices shown per scan.
         dpi: resolution at which the rows are rasterised and stacked.
+        probs: optional (B, C) the DCG's class probabilities (the predicted one is in the title).
+        lesion_masks: optional per scan an (H, W, D) boolean lesion mask or None (unknown).
+        notes: optional per scan one more title line (e.g. where its ROI boxes lie).
     """
     figs = []
     for i, path in enumerate(paths):
         c = int(predicted[i])
         scan_boxes = boxes_in_input(boxes[i], roi_scale)  # (K, 6)
+        lesion = None if lesion_masks is None else lesion_masks[i]
+        p = "" if probs is None else f" (p = {float(probs[i][c]):.2f})"
+        note = "" if notes is None or not notes[i] else f"\n{notes[i]}"
         figs.append(plot_saliency_overlay(
-            volumes[i][0], saliency[i, c], scan_boxes,
-            slices=slices_to_show(scan_boxes, volumes[i].shape[-1], n_slices),
+            volumes[i][0], saliency[i, c], scan_boxes, lesion_mask=lesion,
+            slices=slices_to_show(scan_boxes, volumes[i].shape[-1], n_slices, largest_section(lesion)),
             title=f"{_scan_title(path, None if labels is None else labels[i], class_names)}"
-                  f"DCG predicts {class_names[c]}\n"
-                  f"saliency of {class_names[c]}, ROI boxes 0-{len(scan_boxes) - 1}"))
+                  f"DCG predicts {class_names[c]}{p}; saliency of {class_names[c]}{note}"))
     return stack_figures(figs, dpi)
 
 

@@ -27,7 +27,7 @@ def _roc_inputs(labels: np.ndarray, probs: np.ndarray, positive_class: int) -> t
 
 def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], class_names: Sequence[str],
                         positive_class: int = 1, seed: int = 0,
-                        thresholds: Mapping[str, float] | None = None) -> dict[str, Figure]:
+                        thresholds: Mapping[str, float] | None = None, n_resamples: int = 2000) -> dict[str, Figure]:
     """The confusion matrix and reliability diagram of the main model, and the confusion
     matrices and ROC curves (95% bootstrap bands drawn with ``seed``) of every model; the
     confusion matrices at each model's validation threshold when ``thresholds`` are given.
@@ -37,7 +37,8 @@ def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], cla
         probs: model name -> (N, C) class probabilities; the FIRST is the main model.
         class_names: (C,) names.
         positive_class: the positive class when C = 2.
-        seed: seed of the ROC bands' bootstrap.
+        seed, n_resamples: the ROC bands' bootstrap; pass the run's (``TrainConfig.n_resamples``
+            and seed) so the AUC intervals in the ROC legend are those of the results table.
 
     Returns:
         ``{"confusion_matrix", "confusion_matrices", "roc_curves", "reliability_diagram": Figure}``.
@@ -55,7 +56,7 @@ def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], cla
                                                   title=f"{main_name}: confusion matrix (test{at})"),
         "confusion_matrices": plot_confusion_matrices(matrices, class_names, title=f"Confusion matrices (test{at})"),
         "roc_curves": plot_roc_curves({name: _roc_inputs(labels, p, positive_class) for name, p in probs.items()},
-                                      title=roc_title, seed=seed,
+                                      title=roc_title, seed=seed, n_resamples=n_resamples,
                                       positive_label=class_names[positive_class] if binary else "abnormal"),
         "reliability_diagram": plot_reliability_diagram(labels, main, title=f"{main_name}: reliability (test)"),
     }
