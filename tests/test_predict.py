@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from utils.training.checkpoint import save_checkpoint
 from utils.errors import DataError
 from utils.predict import expand_inputs, format_result, load_model, main, predict_scan
 from utils.evaluation.ood import fit_feature_stats
+from utils.notebook import resolve_parameters
+from utils.paths import default_output_dir
 from utils.data.preprocessing import PreprocessConfig, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,6 +260,45 @@ def test_cli_folder_predicts_every_scan_and_reports_the_rest(checkpoint, scans, 
     assert code == 0
     assert [r["path"] for r in json.loads(out)] == [str(scans / "a.nii.gz"), str(scans / "b.nii")]
     assert "notes.txt: skipped" in err
+
+
+# ----------------------------------------------------------------------------------------
+# which model: the run folder of the notebooks (utils.paths.default_output_dir), or --checkpoint
+# ----------------------------------------------------------------------------------------
+
+def test_the_default_run_folder_follows_the_notebooks_rule(tmp_path):
+    kaggle = tmp_path / "kaggle" / "working"
+    assert default_output_dir({}, kaggle) == ROOT / "outputs"  # not on Kaggle: the repository's, whatever the cwd
+    kaggle.mkdir(parents=True)
+    assert default_output_dir({}, kaggle) == kaggle / "outputs"
+    environ = {"MEDISCOPE_OUTPUT_DIR": str(tmp_path / "mine")}
+    assert default_output_dir(environ, kaggle) == tmp_path / "mine"
+    for env in ({}, environ):  # the notebooks resolve their OUTPUT_DIR with the same function
+        assert resolve_parameters(profile="smoke", environ=env, kaggle_working=kaggle, kaggle_input=tmp_path).output_dir \
+            == default_output_dir(env, kaggle)
+
+
+def test_cli_finds_the_model_of_the_run_folder(checkpoint, scans, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(checkpoint, run / "diffmic3d_enhanced_model.pth")
+    monkeypatch.chdir(tmp_path)  # the current directory plays no part
+    monkeypatch.setenv("MEDISCOPE_OUTPUT_DIR", str(run))
+    code, out, _ = run_cli(capsys, scans / "a.nii.gz", "--json", "--samples", "1")
+    assert code == 0 and len(json.loads(out)) == 1
+    monkeypatch.delenv("MEDISCOPE_OUTPUT_DIR")
+    code, out, _ = run_cli(capsys, scans / "a.nii.gz", "--output-dir", run, "--json", "--samples", "1")
+    assert code == 0 and len(json.loads(out)) == 1
+    code, _, err = run_cli(capsys, scans / "a.nii.gz", "--output-dir", run, "--checkpoint", tmp_path / "absent.pth")
+    assert code == 1 and "absent.pth" in err  # --checkpoint wins over the run folder
+
+
+def test_cli_without_a_model_names_the_folder_and_how_to_choose_another(scans, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDISCOPE_OUTPUT_DIR", str(tmp_path / "empty_run"))
+    code, out, err = run_cli(capsys, scans / "a.nii.gz")
+    assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: ")
+    assert str(tmp_path / "empty_run") in err and "diffmic3d_enhanced_model.pth" in err
+    assert all(hint in err for hint in ("python -m utils.run", "--output-dir", "--checkpoint"))
 
 
 def test_cli_dicom_series_folder(checkpoint, capsys):

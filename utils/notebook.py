@@ -29,15 +29,13 @@ from utils.data.discovery import default_data_dir
 from utils.errors import DataError
 from utils.experiment import Experiment, prepare_experiment
 from utils.paths import display_path
-from utils.paths import EMBEDDED_DATA, REPO_ROOT
+from utils.paths import EMBEDDED_DATA, KAGGLE_WORKING, REPO_ROOT, default_output_dir
 from utils.training.profiles import PROFILES, TrainConfig, get_profile
 
-OUTPUT_DIR_ENV = "MEDISCOPE_OUTPUT_DIR"
 PROFILE_ENV = "MEDISCOPE_PROFILE"
 SEED_ENV = "MEDISCOPE_SEED"
 PROGRESS_ENV = "MEDISCOPE_PROGRESS"
 SET_ENV = "MEDISCOPE_SET"  # JSON object of TrainConfig overrides (utils.run_notebooks --set)
-KAGGLE_WORKING = Path("/kaggle/working")
 DEFAULT_PROFILE = "demo"
 NOTEBOOKS = ("01_data_loading", "02_preprocessing", "03_dcg_model", "04_prior_generation", "05_unet",
              "06_training", "07_evaluation")
@@ -93,12 +91,7 @@ def resolve_parameters(data_dir=None, output_dir=None, profile=None, seed=None,
         found = default_data_dir(REPO_ROOT, kaggle_input, environ)
         data_dir = None if found.resolve() == EMBEDDED_DATA.resolve() else found
     if output_dir is None:
-        if environ.get(OUTPUT_DIR_ENV):
-            output_dir = Path(environ[OUTPUT_DIR_ENV]).expanduser()
-        elif Path(kaggle_working).is_dir():
-            output_dir = Path(kaggle_working) / "outputs"
-        else:
-            output_dir = REPO_ROOT / "outputs"
+        output_dir = default_output_dir(environ, kaggle_working)
     profile = profile or environ.get(PROFILE_ENV) or DEFAULT_PROFILE
     if profile not in PROFILES:
         raise ValueError(f"PROFILE={profile!r} is not a profile; choose one of {sorted(PROFILES)}")

@@ -1,7 +1,12 @@
 """Classify new CT scans with a trained DiffMIC-3D checkpoint: a function and a CLI.
 
-    python -m utils.predict SCAN [SCAN ...] [--checkpoint outputs/diffmic3d_enhanced_model.pth]
+    python -m utils.predict SCAN [SCAN ...] [--output-dir DIR | --checkpoint FILE]
                             [--samples N] [--seed 0] [--json] [--device cpu|cuda] [--allow-non-hu]
+
+The model is ``OUTPUT_DIR/diffmic3d_enhanced_model.pth`` of the run folder, found as the notebooks
+find theirs (``utils.paths.default_output_dir``: ``--output-dir``; else ``$MEDISCOPE_OUTPUT_DIR``;
+else ``/kaggle/working/outputs`` on Kaggle; else ``outputs/`` in the repository, whatever the
+current directory), or the file ``--checkpoint`` names.
 
 SCAN is a ``.nii`` / ``.nii.gz`` file, a folder holding one DICOM series, or a folder of
 ``.nii`` / ``.nii.gz`` files (each is predicted). Every scan goes through exactly the
@@ -46,11 +51,11 @@ from utils.cli import make_parser
 from utils.errors import DataError
 from utils.data.nifti_io import CTVolume, HUWarning, hu_problem, load_scan
 from utils.evaluation.ood import feature_distance
+from utils.paths import MAIN_CHECKPOINT, default_output_dir, display_path
 from utils.data.preprocessing import PreprocessConfig, preprocess
 from utils.seeding import pick_device
 from utils.training.readout import diffmic_uncertainty
 
-DEFAULT_CHECKPOINT = Path("outputs") / "diffmic3d_enhanced_model.pth"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -323,8 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "predictive entropy in nats). For research use, not for diagnosis.")
     parser.add_argument("scans", nargs="+", metavar="SCAN",
                         help=".nii/.nii.gz file, DICOM series folder, or folder of .nii/.nii.gz files")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="the finished model file of a run")
+    parser.add_argument("--output-dir", type=Path, default=default_output_dir(),
+                        help=f"the run folder whose {MAIN_CHECKPOINT} to use (default: $MEDISCOPE_OUTPUT_DIR, "
+                             "/kaggle/working/outputs on Kaggle, else outputs in the repository)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help=f"a finished model file, instead of the run folder's (default: OUTPUT_DIR/{MAIN_CHECKPOINT})")
     parser.add_argument("--samples", type=int, default=None,
                         help="stochastic diffusion samples per scan (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
@@ -348,8 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: --device: {err}", file=sys.stderr)
         return 1
+    checkpoint = args.checkpoint or args.output_dir / MAIN_CHECKPOINT
+    if args.checkpoint is None and not checkpoint.is_file():
+        print(f"error: no trained model in the run folder {display_path(args.output_dir)} (no {MAIN_CHECKPOINT}); "
+              "train one with `python -m utils.run`, or choose another run with --output-dir DIR "
+              "(or $MEDISCOPE_OUTPUT_DIR) or a model file with --checkpoint FILE", file=sys.stderr)
+        return 1
     try:
-        model, meta = load_model(args.checkpoint, device)
+        model, meta = load_model(checkpoint, device)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
