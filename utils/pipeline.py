@@ -34,12 +34,12 @@ from torch.utils.data import Subset
 from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D
 from utils.atomic import atomic_write_text
-from utils.data.dataset import CTDataset
 from utils.errors import DataError
 from utils.evaluation.evaluate import (Predictions, evaluate_experiment, predict_loader, write_learning_curves,
                                        write_model_figures)
 from utils.evaluation.gradcam import write_baseline_gradcam
 from utils.evaluation.ood import fit_feature_stats
+from utils.evaluation.showcase import lesion_masks, showcase_indices
 from utils.experiment import Experiment
 from utils.log import get_logger
 from utils.paths import CHECKPOINTS_DIR, HISTORY_JSON
@@ -371,7 +371,8 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
     threshold (``val_predictions.csv``). Writes ``evaluation_results.csv`` (at argmax and at
     the validation threshold, ECE), ``predictions.csv``, ``uncertainty.csv`` and the figures
     (``utils.evaluation.evaluate``), including the risk-coverage curves, the saliency / ROI
-    and denoising-trajectory figures of one test scan per class and the baselines' Grad-CAM
+    and denoising-trajectory figures of one test scan per class (the DCG's most confidently correct
+    one, ``utils.evaluation.showcase.SHOWCASE_RULE``; lesion outlined on phantoms) and the baselines' Grad-CAM
     maps of the same scans (``utils.evaluation.gradcam``). DiffMIC-3D samples with the model's
     own settings (``DiffusionConfig.num_samples``, ``ddim_steps``), its chains spread over its
     prior members. Returns the evaluation rows (``model, metric, value, ci_low, ci_high``).
@@ -384,17 +385,12 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
     rows = evaluate_experiment(predictions, exp.output_dir, exp.class_names, seed=config.seed,
                                n_resamples=config.n_resamples, data_root=csv_base, val_predictions=val_predictions,
                                reference=ABLATION_FUSED)
-    shown = figure_scans(test)
+    shown = showcase_indices(test.labels, predictions[ABLATION_FUSED].probs)  # showcase.SHOWCASE_RULE
     volumes, paths = [test[i]["image"].numpy() for i in shown], [test.records[i].path for i in shown]
     write_model_figures(model, volumes, paths, exp.output_dir, seed=config.seed, class_names=exp.class_names,
                         labels=[int(test.records[i].label) for i in shown],
                         hires_volumes=None if exp.hires_cache is None else [test[i]["image_hires"].numpy()
-                                                                            for i in shown])
+                                                                            for i in shown],
+                        lesion_masks=lesion_masks(test, shown, getattr(exp.cache, "config", None)))
     write_baseline_gradcam(baselines, DISPLAY_NAMES, volumes, paths, exp.output_dir, exp.class_names)
     return rows
-
-
-def figure_scans(test: CTDataset, per_class: int = 1) -> list[int]:
-    """Indices of the first ``per_class`` test scans of each class (for the model figures)."""
-    labels = test.labels
-    return sorted(int(i) for c in np.unique(labels) for i in np.flatnonzero(labels == c)[:per_class])

@@ -1,6 +1,7 @@
 """Figures of a run that come from its files and its model rather than from test predictions:
-the learning curves (from ``history.json``) and, for a few scans, the DCG's saliency maps with
-ROI boxes and the denoising trajectory of the class probabilities. The drawing itself is in
+the learning curves (from ``history.json``) and, for a few scans (the caller picks them:
+``utils.evaluation.showcase.SHOWCASE_RULE`` in the pipeline), the DCG's saliency maps with ROI
+boxes and lesion outlines, and the denoising trajectory of the class probabilities. The drawing itself is in
 ``utils.evaluation.visualization``; this module runs the model and writes the files.
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ import numpy as np
 import torch
 
 from utils.errors import DataError
-from utils.evaluation.visualization import plot_denoising_trajectories, plot_saliency_rois, plot_training_history, save_figure
+from utils.evaluation.showcase import box_notes
+from utils.evaluation.visualization import (boxes_in_input, plot_denoising_trajectories, plot_saliency_rois,
+                                            plot_training_history, save_figure)
 
 FIGURES_DIR = "figures"
 
@@ -61,7 +64,8 @@ def write_learning_curves(history_path: str | Path, output_dir: str | Path) -> P
 def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[str | Path], output_dir: str | Path,
                         seed: int = 0, class_names: Sequence[str] | None = None,
                         labels: Sequence[int] | None = None, hires_volumes: Sequence[np.ndarray] | None = None,
-                        num_samples: int | None = None, n_slices: int = 4, dpi: int = 120) -> dict[str, Path]:
+                        num_samples: int | None = None, n_slices: int = 4, dpi: int = 120,
+                        lesion_masks: Sequence[np.ndarray | None] | None = None) -> dict[str, Path]:
     """Saliency maps with ROI boxes, and the denoising trajectory, for a few scans.
 
     Runs the model once on ``volumes`` and writes, as PNG and PDF (``save_figure``),
@@ -83,6 +87,11 @@ def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[st
         num_samples: stochastic samples per scan (default: the model's config).
         n_slices: axial slices shown per scan in the saliency figure.
         dpi: resolution of the PNGs.
+        lesion_masks: for CT scans, per scan an (H, W, D) lesion mask on the volumes' grid or
+            None where unknown (``utils.evaluation.showcase.lesion_masks``): the lesion is
+            outlined and each row's title says where its ROI boxes lie (on the lesion, in the
+            lungs, other tissue, air: ``utils.evaluation.roi_anatomy``). None (the default, and
+            for data that are not CT in HU) draws neither.
 
     Returns:
         ``{"saliency_rois": path, "denoising_trajectory": path}``.
@@ -117,9 +126,15 @@ def write_model_figures(model, volumes: Sequence[np.ndarray], paths: Sequence[st
     saliency = guidance.saliency.float().cpu().numpy()  # (B, C, h, w, d)
     boxes = guidance.roi_boxes.cpu().numpy()  # (B, K, 6)
 
+    notes = None
+    if lesion_masks is not None:
+        if len(lesion_masks) != len(volumes):
+            raise ValueError(f"lesion_masks has {len(lesion_masks)} entries for {len(volumes)} volumes")
+        notes = box_notes(volumes, boxes_in_input(boxes, roi_scale), lesion_masks)
+
     figures = Path(output_dir) / FIGURES_DIR
     saliency_rois = plot_saliency_rois(volumes, saliency, boxes, dcg_pred, paths, class_names, labels, roi_scale,
-                                       n_slices, dpi)
+                                       n_slices, dpi, probs=priors, lesion_masks=lesion_masks, notes=notes)
     trajectories = plot_denoising_trajectories(trajectory, timesteps, probs, priors, paths, class_names, labels, dpi)
     return {
         "saliency_rois": save_figure(saliency_rois, figures / "saliency_rois.png", dpi=dpi),
