@@ -2,16 +2,21 @@
 
 ``make_parser`` gives a parser whose ``--help`` shows each option's default (flags: "off");
 an option whose default is None says in its own help what happens then. ``add_run_options``
-adds the options of a run, the same for ``utils.run`` and ``utils.run_notebooks``; ``run_config``
-turns them into the ``TrainConfig``.
+adds the options of a run, the same for ``utils.run`` and ``utils.run_notebooks``
+(``add_config_options``, its --profile / --seed / --label-mode / --set, also serve
+``utils.prepare_data``); ``run_config`` turns them into the ``TrainConfig``, every --set value
+converted to its field's type and checked (``utils.overrides``): a bad one is a one-line
+``ValueError`` that the commands pass to ``parser.error`` (exit status 2).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from utils.paths import REPO_ROOT, display_path
+from utils.data.discovery import LABEL_MODES
+from utils.paths import default_output_dir, display_path
 from utils.training.profiles import PROFILES, TrainConfig, get_profile, parse_overrides
 
 SET_KEYS = tuple(f.name for f in fields(TrainConfig))
@@ -48,28 +53,56 @@ def add_data_options(parser: argparse.ArgumentParser, data: str, output: str) ->
     parser.add_argument("--data-dir", type=Path, default=None,
                         help=f"{data} (default: $MEDISCOPE_DATA_DIR, a MosMedData copy under /kaggle/input, "
                              "else the embedded phantoms)")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help=output)
+    parser.add_argument("--output-dir", type=Path, default=default_output_dir(),
+                        help=f"{output} (default: $MEDISCOPE_OUTPUT_DIR, /kaggle/working/outputs on Kaggle, "
+                             "else outputs)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="preprocessed-volume cache (default: $MEDISCOPE_CACHE_DIR, else data/processed)")
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """--profile, --data-dir, --output-dir, --cache-dir, --seed, --device, --set."""
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """--profile, --seed, --label-mode, --set: what ``run_config`` turns into a ``TrainConfig``."""
     parser.add_argument("--profile", choices=sorted(PROFILES), default="demo", help="run size (utils.training.profiles)")
-    add_data_options(parser, "MosMedData folder or MedMNIST .npz", "the run folder")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of split, initialisation and sampling (default: the profile's, 0)")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:N or auto (default: $MEDISCOPE_DEVICE, else CUDA when available)")
+    parser.add_argument("--label-mode", choices=LABEL_MODES, default=None,
+                        help="binary (Normal / COVID-19) or severity (the five grades CT-0 .. CT-4; generated "
+                             "phantoms then go to PHANTOM_DIR_severity in the five-grade layout) (default: the "
+                             "profile's, binary)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field, or SECTION.FIELD of the model (sections dcg, "
                              "denoiser, diffusion); repeatable, e.g. --set dcg_epochs=3 --set input_shape=64,64,32 "
-                             "--set diffusion.num_samples=4 (default: none). Keys: " + ", ".join(SET_KEYS))
+                             "--set diffusion.num_samples=4; each value is checked against the field's type and "
+                             "range (true/false, none or auto where allowed) (default: none). Keys: "
+                             + ", ".join(SET_KEYS))
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a run: --profile, --data-dir, --output-dir, --cache-dir, --seed, --label-mode,
+    --device, --set."""
+    add_config_options(parser)
+    add_data_options(parser, "MosMedData folder or MedMNIST .npz", "the run folder")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N or auto (default: $MEDISCOPE_DEVICE, else CUDA when available)")
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig overrides of parsed config options: the --set values, --seed, --label-mode.
+
+    Raises:
+        ValueError: one line: a bad --set (``utils.overrides.parse_settings``), or --seed /
+            --label-mode contradicting a --set of the same field.
+    """
+    overrides = parse_overrides(args.set)
+    for field, value in (("seed", args.seed), ("label_mode", args.label_mode)):
+        if value is None:
+            continue
+        if overrides.get(field, value) != value:
+            raise ValueError(f"--{field.replace('_', '-')} {value} contradicts --set {field}={overrides[field]}")
+        overrides[field] = value
+    return overrides
 
 
 def run_config(args: argparse.Namespace) -> TrainConfig:
-    """The ``TrainConfig`` of parsed run options. Raises ValueError for a bad --set."""
-    overrides = parse_overrides(args.set)
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    return get_profile(args.profile, **overrides)
+    """The ``TrainConfig`` of parsed config options. Raises ValueError (one line) for a bad value."""
+    return get_profile(args.profile, **run_overrides(args))

@@ -18,14 +18,13 @@ from utils.data.cache import VolumeCache
 from utils.data.dataset import CTDataset
 from utils.data.discovery import CLASS_NAMES, ScanRecord, data_line, discover_scans, find_dataset_root
 from utils.data.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
-from utils.data.phantoms import SIDECAR as PHANTOM_SIDECAR, PhantomConfig
-from utils.data.preprocessing import PreprocessConfig
+from utils.data.phantoms import SIDECAR as PHANTOM_SIDECAR
 from utils.data.splits import load_or_create_splits
 from utils.errors import DataError
 from utils.log import get_logger
-from utils.paths import (CHECKPOINTS_DIR, MAIN_CHECKPOINT, REPO_ROOT, SPLITS_CSV, TRAIN_CONFIG_JSON,
+from utils.paths import (CHECKPOINTS_DIR, MAIN_CHECKPOINT, SPLITS_CSV, TRAIN_CONFIG_JSON,
                          default_cache_dir, display_path)
-from utils.prepare_data import resolve_data_dir, split_summary
+from utils.prepare_data import run_data_dir, split_summary, volume_caches
 from utils.provenance import record as record_provenance
 from utils.seeding import pick_device, seed_everything
 from utils.training.profiles import TrainConfig
@@ -99,7 +98,8 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
 
     Data: ``data_dir``; else ``$MEDISCOPE_DATA_DIR`` or a MosMedData copy under
     ``/kaggle/input``; else phantoms generated at the profile's size into its
-    ``phantom_dir``. The split is ``OUTPUT_DIR/splits.csv`` (created once, then reused).
+    ``phantom_dir`` (``utils.prepare_data.run_data_dir``: for severity labels a five-grade set in its
+    own folder). The split is ``OUTPUT_DIR/splits.csv`` (created once, then reused).
     A ``data_dir`` ending in ``.npz`` is a MedMNIST 3D file (``utils.data.medmnist``): its official
     train / val / test split is used as is and its volumes are held in memory (no cache).
     Seeds every generator from ``config.seed``; ``device`` None picks CUDA when available.
@@ -123,24 +123,14 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
                      f"{split_summary(exp.splits, exp.class_names)}")
         return exp
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    data_dir = resolve_data_dir(None if data_dir is None else Path(data_dir), REPO_ROOT / config.phantom_dir,
-                                config.n_phantoms, config.phantom_seed, PhantomConfig(size=config.phantom_size),
-                                config.progress)
+    data_dir = run_data_dir(config, None if data_dir is None else Path(data_dir))
     root, layout = find_dataset_root(data_dir)
     records = discover_scans(root, config.label_mode)
     log.info(data_line(root, layout, records, synthetic=(Path(data_dir) / PHANTOM_SIDECAR).is_file()))  # said first
-    prep = PreprocessConfig(target_shape=config.input_shape, target_spacing=config.target_spacing)
-    cache = VolumeCache(cache_dir, prep)
+    cache, hires_cache = volume_caches(config, cache_dir)
     cache.warm([r.path for r in records], progress=config.progress)  # every scan read and checked first ...
     splits = load_or_create_splits(records, output_dir / SPLITS_CSV, seed=config.seed, data_dir=root)  # ... then frozen
-    hires_prep, hires_cache = None, None
-    if config.roi_scale > 1:
-        h, w, d = config.input_shape
-        spacing = config.target_spacing
-        hires_prep = PreprocessConfig(target_shape=(h * config.roi_scale, w * config.roi_scale, d),
-                                      target_spacing=None if spacing is None else
-                                      (spacing[0] / config.roi_scale, spacing[1] / config.roi_scale, spacing[2]))
-        hires_cache = VolumeCache(cache_dir, hires_prep)
+    if hires_cache is not None:
         hires_cache.warm([r.path for r in records], progress=config.progress)
 
     def dataset(split: str, augment: bool = False) -> CTDataset:
@@ -148,8 +138,8 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
 
     class_names = list(CLASS_NAMES[config.label_mode])
     meta = {
-        "preprocess_config": prep.as_dict(),
-        "hires_preprocess_config": None if hires_prep is None else hires_prep.as_dict(),
+        "preprocess_config": cache.config.as_dict(),
+        "hires_preprocess_config": None if hires_cache is None else hires_cache.config.as_dict(),
         "label_mode": config.label_mode, "class_names": class_names, "train_config": config.to_dict(),
         "data_source": {"kind": "mosmeddata", "root": display_path(root), "layout": layout, "n_scans": len(records),
                         "num_classes": config.num_classes, "synthetic": (Path(data_dir) / PHANTOM_SIDECAR).is_file()},

@@ -1,16 +1,21 @@
 """The whole experiment without notebooks: data -> phase 1 -> phase 2 -> baselines -> test.
 
     python -m utils.run --profile demo [--data-dir DIR] [--output-dir outputs] [--seed N]
-                        [--cache-dir data/processed] [--device cpu|cuda|auto]
+                        [--cache-dir data/processed] [--device cpu|cuda|auto] [--label-mode binary|severity]
                         [--set key=value ...]          # any TrainConfig field (utils.training.profiles)
+
+A bad option or ``--set`` value (checked against the field's type and range) is a one-line
+error and exit status 2, before anything is run.
 
 Steps, each resumable:
 
 1. Data: ``--data-dir``; else ``$MEDISCOPE_DATA_DIR`` or a MosMedData copy under
    ``/kaggle/input``; else synthetic phantoms generated at the profile's size into the
    profile's ``phantom_dir`` (demo and full: the embedded ``data/MosMedData``; smoke: its own
-   folder). Scans are discovered, split 64/16/20 into ``OUTPUT_DIR/splits.csv`` (frozen), and
-   preprocessed into the cache at the profile's ``input_shape``.
+   folder; with ``--label-mode severity`` a five-grade set in ``PHANTOM_DIR_severity``, e.g.
+   ``data/MosMedData_severity``, at least 20 phantoms). Scans are discovered, split 64/16/20
+   into ``OUTPUT_DIR/splits.csv`` (frozen), and preprocessed into the cache at the profile's
+   ``input_shape`` (``python -m utils.prepare_data`` with the same options does this step alone).
 2. Phase 1 (DCG), phase 2 (diffusion on cached DCG outputs), then each baseline; each stage
    checkpoints after every epoch under ``OUTPUT_DIR/checkpoints/`` and is skipped when its
    checkpoint says it finished. Model selection uses the validation split only.

@@ -1,8 +1,8 @@
 """Execute the seven notebooks in order with papermill: the main job.
 
     python -m utils.run_notebooks [--profile demo] [--data-dir DIR] [--output-dir DIR] [--seed N]
-                                  [--cache-dir DIR] [--device cpu|cuda] [--set key=value ...]
-                                  [--update-notebooks]
+                                  [--cache-dir DIR] [--device cpu|cuda] [--label-mode binary|severity]
+                                  [--set key=value ...] [--update-notebooks]
 
 (the same run options as ``python -m utils.run``)
 
@@ -27,19 +27,20 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import nbformat
 
-from utils.cli import add_run_options, make_parser, run_config
+from utils.cli import add_run_options, make_parser, run_overrides
+from utils.errors import DataError
 from utils.notebook import NOTEBOOKS, PROGRESS_ENV, SET_ENV, resolve_parameters
 from utils.atomic import atomic_write_text
 from utils.paths import CACHE_DIR_ENV, MAIN_JOB_TIMINGS_JSON, REPO_ROOT
-from utils.data.phantoms import PhantomConfig
 from utils.stage_timer import StageTimer
-from utils.prepare_data import resolve_data_dir
-from utils.training.profiles import get_profile, parse_overrides
+from utils.prepare_data import phantom_folder, run_data_dir
+from utils.training.profiles import get_profile
 from utils.seeding import DEVICE_ENV_VAR, pick_device
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -121,11 +122,13 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
     ``output_dir`` None: as the notebooks resolve it (``$MEDISCOPE_OUTPUT_DIR``,
     ``/kaggle/working/outputs`` on Kaggle, else ``outputs/``). ``cache_dir``, ``device`` and
     ``overrides`` (TrainConfig fields) reach the kernels through ``$MEDISCOPE_CACHE_DIR``,
-    ``$MEDISCOPE_DEVICE`` and ``$MEDISCOPE_SET``, which every notebook reads.
+    ``$MEDISCOPE_DEVICE`` and ``$MEDISCOPE_SET``, which every notebook reads (``label_mode`` too:
+    severity phantoms are generated here into their own folder, ``utils.prepare_data.phantom_folder``).
 
     Raises:
         NotebookFailed: at the first notebook that raises.
         ValueError: an unknown profile or override.
+        DataError: the phantoms cannot be generated (e.g. too few for the five severity grades).
     """
     resolved = resolve_parameters(profile=profile)  # what the notebooks will see of the environment
     overrides = {**resolved.overrides, **(overrides or {})}  # $MEDISCOPE_SET, then --set
@@ -138,9 +141,8 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
     timer = timer if timer is not None else StageTimer()
     if data_dir is None:  # the embedded phantoms, generated here (with progress) on first use
         with timer.stage("phantoms (when absent)"):
-            data_dir_used = resolve_data_dir(None, REPO_ROOT / config.phantom_dir, config.n_phantoms,
-                                             config.phantom_seed, PhantomConfig(size=config.phantom_size), progress)
-        data_param = None if data_dir_used.resolve() == (REPO_ROOT / config.phantom_dir).resolve() \
+            data_dir_used = run_data_dir(replace(config, progress=progress))
+        data_param = None if data_dir_used.resolve() == phantom_folder(config).resolve() \
             else relative_to(data_dir_used, notebook_dir)
     else:
         data_param = relative_to(Path(data_dir), notebook_dir)
@@ -170,11 +172,6 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
 def build_parser():
     parser = make_parser("utils.run_notebooks", __doc__)
     add_run_options(parser)
-    parser.set_defaults(output_dir=None)
-    for action in parser._actions:
-        if action.dest == "output_dir":
-            action.help = ("the run folder (default: $MEDISCOPE_OUTPUT_DIR, /kaggle/working/outputs on Kaggle, "
-                           "else outputs)")
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--update-notebooks", action="store_true",
                         help="copy the executed notebooks back over notebooks/ (their committed outputs)")
@@ -186,16 +183,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     timer = StageTimer()
-    try:
-        run_config(args)  # fail early, with the reason, on a bad --set ...
-        pick_device(args.device)  # ... or an unavailable device
+    try:  # fail early, with the reason, on a bad --set, $MEDISCOPE_SET (what the notebooks merge) or device
+        overrides = run_overrides(args)
+        get_profile(args.profile, **{**resolve_parameters(profile=args.profile).overrides, **overrides})
+        pick_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    output_dir = args.output_dir or resolve_parameters(profile=args.profile).output_dir
+    output_dir = args.output_dir
     try:
-        executed = run_notebooks(args.profile, args.data_dir, output_dir, args.seed, args.notebooks_dir,
+        executed = run_notebooks(args.profile, args.data_dir, output_dir, None, args.notebooks_dir,
                                  progress=not args.no_progress, cache_dir=args.cache_dir, device=args.device,
-                                 overrides=parse_overrides(args.set), timer=timer)
+                                 overrides=overrides, timer=timer)
+    except DataError as exc:  # e.g. the phantoms cannot be generated
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except NotebookFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
