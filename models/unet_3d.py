@@ -60,8 +60,8 @@ class UNetConfig(PlainConfig):
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"UNetConfig.channel_mults must be positive ints, got {self.channel_mults}")
         for width in [self.base_channels * m for m in self.channel_mults] + [self.out_channels]:
-            if width % self.groups:
-                raise ValueError(f"UNetConfig.groups={self.groups} must divide every width, got {width}")
+            if self.groups < 1 or width % self.groups:
+                raise ValueError(f"UNetConfig.groups={self.groups} must be a positive divisor of every width, got {width}")
         check_grid_size(self.grid_size, len(self.channel_mults))
 
 

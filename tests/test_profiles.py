@@ -75,6 +75,7 @@ def test_invalid_settings_are_refused_with_the_field_named(call, message):
     ({"target_spacing": (6, 0, 10)}, "target_spacing=.*each a positive number, or none"),
     ({"diffusion.num_samples": "x"}, "diffusion.num_samples='x': expected an integer"),
     ({"diffusion.num_samples": 0}, r"diffusion.num_samples=0.*num_samples must be >= 1"),
+    ({"denoiser.groups": 0}, r"denoiser.groups=0.*groups=0 must be a positive divisor"),  # not a ZeroDivisionError
     ({"model_overrides": {"dcg": {"roi_size": (8, 8)}}}, "dcg.roi_size=.*3 comma-separated values"),
 ])
 def test_a_value_of_the_wrong_type_or_range_is_a_one_line_value_error(overrides, message):
