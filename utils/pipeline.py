@@ -167,7 +167,8 @@ def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> DCGOutput:
         torch.manual_seed(epoch_seed(config.seed, 100 + i, stream=2))
         fold_model = DiffMIC3D(model.config).to(device)
         train_dcg(fold_model, _Subset(exp.datasets["train"], rest.tolist()), exp.datasets["val"], config, device,
-                  exp.output_dir / CHECKPOINTS_DIR / f"dcg_fold{i}.pth", exp.meta)
+                  exp.output_dir / CHECKPOINTS_DIR / f"dcg_fold{i}.pth", exp.meta,
+                  name=f"dcg fold {i + 1}/{config.oof_folds}")
         fold_model.freeze_dcg()
         if len(model.fold_dcgs):
             model.fold_dcgs[i].load_state_dict(fold_model.dcg.state_dict())

@@ -58,7 +58,7 @@ def dcg_steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 
 def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: TrainConfig, device: torch.device,
-              checkpoint_path: str | Path, meta: Optional[Mapping] = None) -> FitResult:
+              checkpoint_path: str | Path, meta: Optional[Mapping] = None, name: str = "dcg") -> FitResult:
     """Phase 1: train ``model.dcg`` (see the module docstring); ``model`` ends with the best DCG.
 
     Schedule, set per optimiser step from (epoch, batch index) alone, so a resumed run follows
@@ -77,6 +77,7 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         val_set: ``CTDataset`` of the validation split (no augmentation).
         checkpoint_path: resumable checkpoint of this phase (e.g. ``checkpoints/dcg.pth``).
         meta: plain data stored with the checkpoint (preprocess config, class names, ...).
+        name: the stage's name in log lines and progress bars (an out-of-fold DCG: ``'dcg fold 2/3'``).
     """
     optimizer = torch.optim.AdamW(model.dcg.parameters(), lr=config.lr_dcg, weight_decay=config.weight_decay)
     steps_per_epoch = dcg_steps_per_epoch(len(train_set), config.batch_size)
@@ -118,7 +119,7 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         return validation_metrics(labels, torch.cat(probs).numpy(), sum(losses) / len(labels))
 
     return fit(model, optimizer, None, train_step=train_step, evaluate=evaluate, train_batches=train_batches,
-               config=fit_config(config, "dcg", config.dcg_epochs, device, config.dcg_first_selectable_epoch()),
+               config=fit_config(config, name, config.dcg_epochs, device, config.dcg_first_selectable_epoch()),
                checkpoint_path=checkpoint_path, model_config=model.config.to_dict(), meta=meta, device=device,
                checkpoint_keys=lambda key: key.startswith("dcg."))  # the rest of the model is untrained here
 

@@ -71,6 +71,7 @@ from utils.training.checkpoint import (best_weights_path, check_config_matches, 
                                        load_kept, rng_state, save_checkpoint, set_rng_state)
 from utils.errors import DataError
 from utils.log import get_logger
+from utils.training import epoch_log
 from utils.training.nonfinite import first_nonfinite_module
 
 HISTORY_KEYS = ("train_loss", "val_loss", "val_auc", "val_acc", "lr")
@@ -83,7 +84,7 @@ class FitConfig:
     """Settings of one :func:`fit` call.
 
     Args:
-        name: stage name, used in log lines and progress bars (e.g. ``'dcg'``).
+        name: stage name, used in log lines and progress bars (e.g. ``'dcg'``, ``'dcg fold 2/3'``).
         epochs: maximum number of epochs.
         patience: stop after this many consecutive epochs without a better validation score.
         grad_clip: max global L2 norm of the gradients (None: no clipping).
@@ -93,6 +94,8 @@ class FitConfig:
             capability >= 8.0: same range as float32); see ``utils.seeding.amp_dtype``.
         seed: seed from which every epoch's generator is derived (:func:`epoch_seed`).
         progress: show a tqdm bar per epoch.
+        log_every: a progress line every this many epochs (0: none); one summary line at the
+            stage's end either way, every epoch at DEBUG (``utils.training.epoch_log``).
         min_epochs: no epoch before this one (1-based) can be selected, and the early-stopping
             counter starts only there (e.g. a curriculum or an EMA that has not yet run its
             course); capped at ``epochs`` so a short run still selects its last epoch.
@@ -107,6 +110,7 @@ class FitConfig:
     seed: int = 0
     progress: bool = True
     min_epochs: int = 0
+    log_every: int = 5
 
 
 @dataclass
@@ -300,6 +304,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         if state["complete"]:
             load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
             best_path.unlink(missing_ok=True)  # left by a kill between the last two writes
+            log.info(epoch_log.loaded_line(config.name, start_epoch, best))
             return FitResult(history, best, start_epoch, stopped_early, resumed_from=start_epoch)
         load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
@@ -368,15 +373,18 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             bad_epochs += 1
         epoch_done = epoch + 1
         stopped_early = bad_epochs >= config.patience and epoch_done < config.epochs
-        log.info(f"[{config.name}] epoch {epoch_done}/{config.epochs} train_loss {row['train_loss']:.4f} "
-                   f"val_loss {row['val_loss']:.4f} val_auc {row['val_auc']:.3f} val_acc {row['val_acc']:.3f} "
-                   f"lr {lr:.2e} {time.perf_counter() - tic:.1f}s{' *best' if improved else ''}")
+        log.debug(epoch_log.epoch_line(config.name, epoch_done, config.epochs, row, time.perf_counter() - tic,
+                                       improved))
+        if epoch_log.reports_progress(epoch_done, config.epochs, config.log_every) and not stopped_early:
+            log.info(epoch_log.progress_line(config.name, epoch_done, config.epochs, row, best,
+                                             (time.perf_counter() - started) / (epoch_done - start_epoch)))
         snapshot(complete=False)
         if stopped_early:
-            log.info(f"[{config.name}] early stop: no better validation AUC/loss for {config.patience} epochs")
             break
 
     load_kept(model, best_state, checkpoint_keys, checkpoint_path)
     snapshot(complete=True)
-    return FitResult(history, best, epoch_done, stopped_early, resumed_from=start_epoch,
-                     seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    log.info(epoch_log.summary_line(config.name, epoch_done, config.epochs, best, seconds, stopped_early,
+                                    config.patience, start_epoch))
+    return FitResult(history, best, epoch_done, stopped_early, resumed_from=start_epoch, seconds=seconds)
