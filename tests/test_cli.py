@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from utils.cli import SET_KEYS, run_config
+from utils.cli import SET_KEYS, run_config, run_overrides
 from utils.notebook import SET_ENV, resolve_parameters
 from utils.paths import CACHE_DIR_ENV, REPO_ROOT
 from utils.run_notebooks import run_notebooks
@@ -158,3 +158,18 @@ def test_a_bad_setting_exits_2_without_a_traceback_as_a_process(tmp_path):
                            "--set", "amp=maybe"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("error: --set amp='maybe': expected one of true, false, auto")
+
+
+def test_the_runner_generates_severity_phantoms_and_hands_the_label_mode_to_the_notebooks(tmp_path, monkeypatch):
+    from utils.run_notebooks import build_parser
+
+    monkeypatch.delenv("MEDISCOPE_DATA_DIR", raising=False)  # the generated phantoms, whatever the machine
+    monkeypatch.setenv(SET_ENV, "")  # restored after the test
+    args = build_parser().parse_args(["--profile", "smoke", "--label-mode", "severity", "--set", "n_phantoms=20",
+                                      "--set", f"phantom_dir={tmp_path / 'phantoms'}"])
+    run_notebooks("smoke", output_dir=tmp_path / "run", names=(), progress=False, overrides=run_overrides(args))
+    assert sorted(p.name for p in (tmp_path / "phantoms_severity" / "studies").iterdir()) == \
+        [f"CT-{k}" for k in range(5)] and not (tmp_path / "phantoms").exists()
+    assert json.loads(os.environ[SET_ENV])["label_mode"] == "severity"
+    config = resolve_parameters(output_dir=tmp_path / "run", profile="smoke").config()  # what a notebook builds
+    assert config.label_mode == "severity" and config.num_classes == 5
