@@ -8,5 +8,6 @@
     dataset        the torch Dataset over the cache (train-time flips)
     phantoms       the embedded synthetic chest-CT phantom set: config, one phantom, the dataset writer
     phantom_anatomy  anatomy, lesions and difficulty presets the phantoms are drawn from
+    phantom_masks  a phantom file's lesion mask drawn again and put on the network input's grid
     medmnist       MedMNIST 3D .npz files with their official split
 """

@@ -7,4 +7,6 @@
     visualization  every figure (volumes, saliency, guidance, curves, confusion, ROC, ...)
     gradcam        Grad-CAM maps of the baselines
     ood            out-of-distribution flag from the DCG's feature statistics
+    showcase       which scans a saliency figure shows (a stated rule), notebook 03's figure
+    roi_anatomy    where the DCG's ROI boxes lie: lesion, lung, other tissue, air
 """

@@ -9,4 +9,6 @@
     baselines    the MONAI 3D ResNet-18 / DenseNet-121 baselines
     precise_bn   BatchNorm statistics recomputed over the training split
     nonfinite    naming the module that produced a NaN / inf loss
+    epoch_log    what a stage prints: a progress line every few epochs, one summary at its end
+    sanity       the denoiser overfits one batch (a cheap check that phase 2 can learn)
 """
