@@ -96,6 +96,18 @@ def test_roc_legend_intervals_are_the_results_tables(seed, n_resamples, monkeypa
     assert drawn == [n_resamples, n_resamples]  # one bootstrap per model, of the run's size
 
 
+def test_roc_figure_of_many_models_bands_only_the_main_one():
+    from utils.evaluation.visualization import plot_result_figures
+    y, s = binary_scores(30, seed=4)
+    probs = {name: np.stack([1 - s, s], 1) for name in ("ours", "a", "b")}
+    ax = plot_result_figures(y, probs, ["Normal", "COVID-19"], n_resamples=1000)["roc_curves"].axes[0]
+    assert len(ax.collections) == 1  # six overlapping bands read as one grey area
+    assert "ours: 95% band" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend_auc_intervals(ax.figure)) == 3  # every model's interval stays in the legend
+    with pytest.raises(ValueError, match="bands must be"):
+        plot_roc_curves({"m": (y, s)}, bands="none")
+
+
 def test_roc_band_is_the_step_curve_of_each_resample():
     from utils.evaluation.visualization.curves import _roc_band
     from sklearn.metrics import roc_curve
@@ -161,7 +173,8 @@ def test_saliency_overlay_draws_each_box_on_the_slices_it_crosses():
     assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (9.5, 11.5, 8, 8)
     assert all(len(ax.images) == 2 for ax in fig.axes[:-1])  # CT + saliency
     default = plot_saliency_overlay(VOLUME, SALIENCY, boxes)
-    assert [ax.get_title() for ax in default.axes[:-1]] == ["axial slice 1/16", "axial slice 3/16", "axial slice 11/16"]  # box centres
+    titles = [ax.get_title() for ax in default.axes[:-1]]
+    assert titles == ["axial slice 1/16", "axial slice 3/16", "axial slice 11/16"]  # box centres
     assert [len(ax.patches) for ax in default.axes[:-1]] == [1, 2, 1]  # slice 3 also crosses box 0
 
 

@@ -44,7 +44,7 @@ def _roc_band(y: np.ndarray, p: np.ndarray, grid: np.ndarray, n_resamples: int, 
 
 
 def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves", positive_label: str | None = None,
-                    n_resamples: int = 2000, seed: int = 0) -> Figure:
+                    n_resamples: int = 2000, seed: int = 0, bands: str = "all") -> Figure:
     """All models' ROC curves on one axes with 95% stratified-bootstrap bands, each labelled
     with its ROC-AUC and that AUC's interval, plus the chance line. Curves get distinct line
     styles so overlapping ones stay visible.
@@ -58,9 +58,14 @@ def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves", posi
             every model, and the same as ``metrics.bootstrap_ci`` draws with these values, so
             pass the run's ``n_resamples`` and seed to match its results table); at least
             ``metrics.MIN_RESAMPLES``.
+        bands: ``'all'`` draws every model's band; ``'first'`` only the first model's (with
+            several models the bands overlap into one grey area; the legend still gives every
+            model's AUC interval).
     """
     if not curves:
         raise ValueError("curves is empty: pass at least one model")
+    if bands not in ("all", "first"):
+        raise ValueError(f"bands must be 'all' or 'first', got {bands!r}")
     check_bootstrap_settings(n_resamples, 0.05)
     fig = Figure(figsize=(6, 5.5), layout="constrained")
     ax = fig.add_subplot()
@@ -77,13 +82,16 @@ def plot_roc_curves(curves: Mapping[str, tuple], title: str = "ROC curves", posi
         low, high, (auc_lo, auc_hi) = _roc_band(y, p, grid, n_resamples, seed)
         (line,) = ax.plot(fpr, tpr, lw=2, ls=styles[i % len(styles)], drawstyle="steps-post",
                           label=f"{name}: AUC {roc_auc_score(y, p):.3f} [{auc_lo:.3f}, {auc_hi:.3f}]")
-        ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.12, step="post")
+        if bands == "all" or i == 0:
+            ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.15 if bands == "first" else 0.12,
+                            step="post", label=f"{name}: 95% band" if bands == "first" else None)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     positive = f" ({positive_label} positive)" if positive_label else ""
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
            ylabel=f"True positive rate (sensitivity){positive}", title=title)
     ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize="x-small", title=f"AUC [95% bootstrap CI, {n_resamples} resamples]", title_fontsize="x-small")
+    ax.legend(loc="lower right", fontsize="x-small", title=f"AUC [95% bootstrap CI, {n_resamples} resamples]",
+              title_fontsize="x-small")
     return fig
 
 

@@ -29,7 +29,8 @@ def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], cla
                         positive_class: int = 1, seed: int = 0,
                         thresholds: Mapping[str, float] | None = None, n_resamples: int = 2000) -> dict[str, Figure]:
     """The confusion matrix and reliability diagram of the main model, and the confusion
-    matrices and ROC curves (95% bootstrap bands drawn with ``seed``) of every model; the
+    matrices and ROC curves of every model (with more than two models the 95% bootstrap band of
+    the main model only: six bands overlap into one grey area); the
     confusion matrices at each model's validation threshold when ``thresholds`` are given.
 
     Args:
@@ -57,6 +58,7 @@ def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], cla
         "confusion_matrices": plot_confusion_matrices(matrices, class_names, title=f"Confusion matrices (test{at})"),
         "roc_curves": plot_roc_curves({name: _roc_inputs(labels, p, positive_class) for name, p in probs.items()},
                                       title=roc_title, seed=seed, n_resamples=n_resamples,
+                                      bands="first" if len(probs) > 2 else "all",
                                       positive_label=class_names[positive_class] if binary else "abnormal"),
         "reliability_diagram": plot_reliability_diagram(labels, main, title=f"{main_name}: reliability (test)"),
     }
