@@ -86,3 +86,15 @@ def test_train_dcg_hands_its_stage_name_to_the_loop(monkeypatch):
         dcg.train_dcg(model, list(range(8)), [], get_profile("smoke"), "cpu", "unused.pth",
                       **({} if name == "dcg" else {"name": name}))
     assert seen == ["dcg", "dcg fold 1/3"]
+
+
+def test_summary_line_format():
+    from utils.training.epoch_log import progress_line, summary_line
+    best = {"epoch": 16, "val_auc": 0.75, "val_loss": 0.24841, "val_acc": 0.6875}
+    assert summary_line("diffusion", 23, 40, best, 124.4, True, 7) == (
+        "[diffusion] done: 23/40 epochs (early stop: no better validation AUC for 7 epochs); selected epoch 16: "
+        "val AUC 0.750, val loss 0.2484, val acc 0.688; 124 s")
+    assert summary_line("dcg fold 1/3", 20, 20, best, 3.21, False, 7, resumed_from=12).endswith(
+        "20/20 epochs; selected epoch 16: val AUC 0.750, val loss 0.2484, val acc 0.688; 3.2 s, resumed after epoch 12")
+    row = {"train_loss": 0.3, "val_loss": 0.25, "val_auc": 0.7}
+    assert "best so far" not in progress_line("dcg", 5, 20, row, {"epoch": 0}, 1.0)  # nothing selectable yet

@@ -138,7 +138,8 @@ class Placement:
                f"of all box voxels: {voxels}",
                f"distinct box positions: {self.distinct_boxes} of {self.n_boxes}"]
         if self.lesion_scans:
-            out.append(f"on the {self.lesion_scans} scans with a known lesion: {self.on_lesion} of {self.lesion_boxes} "
+            scans = f"{self.lesion_scans} scan{'s' if self.lesion_scans != 1 else ''}"
+            out.append(f"on the {scans} with a known lesion: {self.on_lesion} of {self.lesion_boxes} "
                        f"boxes touch it; {100 * self.box_lesion_share:.1f}% of their box voxels are lesion, against "
                        f"{100 * self.body_lesion_share:.1f}% of the body (boxes placed at random in it) and "
                        f"{100 * self.lung_lesion_share:.1f}% of the lungs")

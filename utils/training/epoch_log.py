@@ -46,9 +46,10 @@ def summary_line(name: str, epochs_run: int, epochs: int, best: Mapping, seconds
     AUC for 7 epochs); selected epoch 16: val AUC 0.750, val loss 0.2484, val acc 0.688; 124 s``."""
     why = f" (early stop: no better validation AUC for {patience} epochs)" if stopped_early else ""
     resumed = f", resumed after epoch {resumed_from}" if resumed_from else ""
+    took = f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     return (f"[{name}] done: {epochs_run}/{epochs} epochs{why}; selected epoch {best['epoch']}: "
             f"val AUC {best['val_auc']:.3f}, val loss {best['val_loss']:.4f}, val acc {best['val_acc']:.3f}; "
-            f"{seconds:.0f} s{resumed}")
+            f"{took}{resumed}")
 
 
 def loaded_line(name: str, epochs_run: int, best: Mapping) -> str:
