@@ -1,4 +1,5 @@
 """The one-batch overfitting check of phase 2 (utils.training.sanity)."""
+import numpy as np
 import pytest
 import torch
 
@@ -34,3 +35,15 @@ def test_a_setup_that_cannot_learn_fails_the_check(batch):
     with pytest.raises(ValueError, match="steps must be >= 1"):
         overfit_one_batch(model, scan, labels, steps=0)
     assert OverfitResult((1.0, 0.4)).passed() and not OverfitResult((1.0, 0.6)).passed()
+
+
+def test_class_balanced_batch_takes_each_class_in_turn():
+    from helpers import BlobVolumes
+    from utils.training.sanity import class_balanced_batch
+    data = BlobVolumes(6, seed=0)
+    data.labels = np.array([0, 0, 0, 0, 1, 1])  # class-sorted, as a split
+    assert class_balanced_batch(data)["index"].tolist() == [0, 4]
+    assert class_balanced_batch(data, 5)["index"].tolist() == [0, 4, 1, 5, 2]
+    assert class_balanced_batch(data, 2)["image"].shape == (2, 1, 32, 32, 32)
+    with pytest.raises(ValueError, match="size must be in"):
+        class_balanced_batch(data, 7)

@@ -17,7 +17,9 @@ import copy
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset, default_collate
 
 from models.diffmic3d import DiffMIC3D
 
@@ -42,6 +44,26 @@ class OverfitResult:
         verdict = "learned" if self.passed(max_ratio) else f"NOT learned (needs <= {100 * max_ratio:.0f}%)"
         return (f"one batch, {len(self.losses) - 1} steps: loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f} "
                 f"({100 * self.ratio:.0f}% of the start): {verdict}")
+
+
+def class_balanced_batch(dataset: Dataset, size: int = 2) -> dict:
+    """A collated batch of ``size`` items of ``dataset`` (with ``labels``), taking the first
+    unused item of each class in turn (class 0, 1, ..., 0, ...), so a batch of 2 from a
+    class-sorted split holds both classes, not two of the first.
+
+    Raises:
+        ValueError: the dataset has fewer than ``size`` items.
+    """
+    labels = np.asarray(dataset.labels)
+    if not 1 <= size <= len(labels):
+        raise ValueError(f"size must be in [1, {len(labels)}] (the dataset's length), got {size}")
+    queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    rows = []
+    while len(rows) < size:
+        for queue in queues:
+            if queue and len(rows) < size:
+                rows.append(int(queue.pop(0)))
+    return default_collate([dataset[i] for i in rows])
 
 
 def overfit_one_batch(model: DiffMIC3D, scan: torch.Tensor, labels: torch.Tensor, steps: int = 40,
