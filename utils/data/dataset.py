@@ -7,9 +7,10 @@ reproducible regardless of worker count or the order items are fetched in. Call
 ``set_epoch`` before each epoch (DataLoader workers copy the dataset when an iterator is
 created, so this works with ``num_workers > 0`` unless ``persistent_workers`` is set).
 
-Only anatomically plausible views are drawn: a left-right mirror (along H, canonical X) with
-probability 0.5; never anterior-posterior (W: a supine CT never shows the spine on top) nor
-along the slice axis D. ``intensity_jitter`` j > 0 (off by default) also rescales the
+The only flip is a left-right mirror (along H, canonical X) with probability 0.5: a label-
+preserving augmentation for a bilateral disease, though a mirrored chest is not a real one (the
+heart moves to the patient's right); never anterior-posterior (W: a supine CT never shows the
+spine on top) nor along the slice axis D. ``intensity_jitter`` j > 0 (off by default) also rescales the
 intensities as ``clip(x * (1 + a) + b, 0, 1)`` with a, b uniform in [-j, j].
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-LR_AXIS = -3  # H: canonical X, patient Left -> Right (utils.data.nifti_io); mirroring it keeps a supine CT plausible
+LR_AXIS = -3  # H: canonical X, patient Left -> Right (utils.data.nifti_io); mirrored in training (heart to the right)
 AP_AXIS = -2  # W: canonical Y, Posterior -> Anterior; never flipped (spine on top is no supine CT)
 
 
@@ -168,7 +168,9 @@ def preprocess(hu: np.ndarray, config: PreprocessConfig,
 
 def sample_flips(rng: np.random.Generator, p: float = 0.5) -> tuple[bool, bool]:
     """Draw the train-time flips as ``(flip H, flip W)``: H (left-right) with probability
-    ``p``; W (anterior-posterior) never, since a supine CT is never upside down."""
+    ``p``; W (anterior-posterior) never, since a supine CT is never upside down. A left-right
+    mirror is not anatomically plausible (the heart moves to the patient's right, as in the rare
+    situs inversus); it is kept as a label-preserving augmentation for a bilateral disease."""
     flip_lr = rng.random() < p
     return bool(flip_lr), False
 
