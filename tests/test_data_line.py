@@ -22,3 +22,15 @@ def test_a_run_says_first_which_data_it_uses_and_whether_they_are_real(tmp_path,
     prepare_experiment(config, tmp_path / "run2", data, tmp_path / "cache", "cpu", verbose=False)  # notebooks: quiet
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"data: MosMedData at {data} (12 scans, ct0_ct23 layout: CT-0 ")
+
+
+def test_notebook_parameters_refuse_ct_data_in_an_unknown_layout_on_kaggle(tmp_path):
+    """Every notebook's parameters cell: the one-line DataError, not the phantoms."""
+    from utils.errors import DataError
+    from utils.notebook import resolve_parameters
+
+    kaggle_input = tmp_path / "input"
+    (kaggle_input / "ct-dataset" / "volumes").mkdir(parents=True)
+    (kaggle_input / "ct-dataset" / "volumes" / "case_001.nii.gz").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"1 CT-like files \(e\.g\. ct-dataset/volumes/case_001\.nii\.gz\)"):
+        resolve_parameters(environ={}, kaggle_working=tmp_path / "working", kaggle_input=kaggle_input)

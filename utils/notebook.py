@@ -84,7 +84,10 @@ def resolve_parameters(data_dir=None, output_dir=None, profile=None, seed=None,
     """Fill each parameter left as None: environment, then Kaggle, then the embedded default.
 
     ``environ`` (default ``os.environ``) and the Kaggle folders are arguments so the choice is
-    testable. Raises ValueError for an unknown profile or a seed that is not an integer.
+    testable. Raises ValueError for an unknown profile or a seed that is not an integer, and
+    ``DataError`` (one line naming a few of the files) when an attached Kaggle dataset holds CT
+    data in no accepted layout (``utils.data.discovery.default_data_dir``): never a silent
+    fall-back to the phantoms. ``open_experiment`` then prints which data the run uses first.
     """
     environ = os.environ if environ is None else environ
     if data_dir is None:
