@@ -215,7 +215,9 @@ def test_saliency_overlay_outlines_the_lesion_and_keeps_everything_on_the_image(
     assert label.get_position() == (31.5, 31.5) and label.get_ha() == "left" and label.get_va() == "top"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ROI box j (the DCG's crop)",
                                                                  "lesion outline (ground truth)"]
-    assert "clear below 0.3" in fig.axes[-1].get_ylabel()
+    assert "transparent below 0.3" in fig.axes[-1].get_ylabel()
+    normal = plot_saliency_overlay(VOLUME, SALIENCY, boxes, lesion_mask=np.zeros_like(lesion))
+    assert normal.legends[0].get_texts()[1].get_text() == "lesion outline (ground truth: none in this scan)"
     with pytest.raises(ValueError, match="lesion_mask"):
         plot_saliency_overlay(VOLUME, SALIENCY, lesion_mask=lesion[:, :, :4])
 

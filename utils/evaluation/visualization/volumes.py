@@ -228,13 +228,14 @@ def plot_saliency_overlay(volume, saliency, roi_boxes=None, slices: Sequence[int
         ax.set_ylim(-0.5, W - 0.5)
         ax.set_title(f"axial slice {k}/{D}", fontsize="small")
     bar = fig.colorbar(overlay, ax=list(axes), shrink=0.8,
-                       label=f"saliency (min-max per scan;\nclear below {floor:g})")
+                       label=f"saliency (min-max per scan;\ntransparent below {floor:g})")
     bar.ax.set_facecolor("0.45")  # the transparent end shows as grey, as the CT does beneath it
     handles = []
     if len(boxes):
         handles.append(Line2D([], [], color=BOX_COLOUR, lw=1.5, label="ROI box j (the DCG's crop)"))
     if lesion is not None:
-        handles.append(Line2D([], [], color=LESION_COLOUR, lw=1.2, label="lesion outline (ground truth)"))
+        known = "lesion outline (ground truth)" if lesion.any() else "lesion outline (ground truth: none in this scan)"
+        handles.append(Line2D([], [], color=LESION_COLOUR, lw=1.2, label=known))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small", frameon=False)
     if title:
