@@ -407,3 +407,27 @@ def test_boxes_in_input_rejects_bad_input(boxes, scale, match):
 def test_saliency_slices_show_every_box_centre_then_spread_out(box_depths, depth, n_slices, expected):
     boxes = np.array([(0, 0, d0, 8, 8, d1) for d0, d1 in box_depths])
     assert slices_to_show(boxes, depth, n_slices) == expected
+
+
+def test_prediction_uncertainty_uses_the_decision_and_the_assigned_class():
+    import pandas as pd
+    from utils.evaluation.visualization import plot_prediction_uncertainty
+    binary = pd.DataFrame({"model": ["DiffMIC-3D"] * 3 + ["ResNet-18"], "label": [1, 0, 1, 0],
+                           "decision": [1, 1, 0, 0],  # at the validation threshold: scan 2 and 3 wrong
+                           "prob_Normal": [0.6, 0.65, 0.8, 0.5], "prob_COVID-19": [0.4, 0.35, 0.2, 0.5],
+                           "std_Normal": [0.1, 0.2, 0.3, 0.0], "std_COVID-19": [0.1, 0.2, 0.3, 0.0]})
+    fig = plot_prediction_uncertainty(binary, ["Normal", "COVID-19"])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    # a 0.5 cut would call all three Normal; the decision column says scan 1 is right, 2 and 3 wrong
+    assert labels == ["Normal (misclassified)", "COVID-19", "COVID-19 (misclassified)"]
+    grades = [f"CT-{i}" for i in range(5)]
+    probs = np.array([[0.1, 0.6, 0.1, 0.1, 0.1], [0.7, 0.1, 0.1, 0.05, 0.05]])
+    five = pd.DataFrame({"model": "DiffMIC-3D", "label": [1, 3], "decision": [1, 0],
+                         **{f"prob_{g}": probs[:, i] for i, g in enumerate(grades)},
+                         **{f"std_{g}": 0.01 * (i + 1) * np.ones(2) for i, g in enumerate(grades)}})
+    fig = plot_prediction_uncertainty(five, grades)
+    offsets = sorted(map(tuple, np.concatenate([c.get_offsets() for c in fig.axes[0].collections])))
+    assert offsets == sorted([(0.6, 0.02), (0.7, 0.01)])  # the assigned class's probability and spread
+    assert fig.axes[0].get_xlabel() == "p(assigned class)"
+    with pytest.raises(ValueError, match="no predictions"):
+        plot_prediction_uncertainty(five, grades, model="ResNet-18")

@@ -38,7 +38,7 @@ from utils.evaluation.visualization.model_figures import (
     slices_to_show,
 )
 from utils.evaluation.visualization.priors import plot_feature_prior, plot_guidance_map
-from utils.evaluation.visualization.result_figures import plot_result_figures
+from utils.evaluation.visualization.result_figures import plot_prediction_uncertainty, plot_result_figures
 from utils.evaluation.visualization.volumes import (
     HU_WINDOW,
     LUNG_WINDOW,
@@ -57,6 +57,7 @@ __all__ = [
     "boxes_in_input", "largest_section", "saliency_colormap", "slices_to_show", "save_figure", "stack_figures",
     "plot_confusion_matrices", "plot_confusion_matrix", "plot_ct_slices", "plot_denoising_trajectories",
     "plot_denoising_trajectory", "plot_feature_prior", "plot_guidance_map", "plot_hu_histograms",
-    "plot_learning_curves", "plot_reliability_diagram", "plot_result_figures", "plot_risk_coverage",
+    "plot_learning_curves", "plot_prediction_uncertainty", "plot_reliability_diagram", "plot_result_figures",
+    "plot_risk_coverage",
     "plot_roc_curves", "plot_saliency_overlay", "plot_saliency_rois", "plot_training_history", "plot_uncertainty",
 ]

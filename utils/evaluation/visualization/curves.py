@@ -265,23 +265,32 @@ def plot_denoising_trajectory(probs_per_step, timesteps: Sequence[int], class_na
 
 
 def plot_uncertainty(probs, std, y_true, class_names: Sequence[str], positive_class: int = 1,
-                     title: str = "Per-scan prediction and uncertainty") -> Figure:
+                     title: str = "Per-scan prediction and uncertainty", predicted=None,
+                     xlabel: str | None = None) -> Figure:
     """Each test scan's probability of ``positive_class`` against its sampling spread.
 
     Args:
-        probs: (N,) predicted probability of ``positive_class`` per scan.
+        probs: (N,) predicted probability of ``positive_class`` per scan (or, with ``predicted``
+            and ``xlabel``, of any per-scan class, e.g. the predicted one).
         std: (N,) its standard deviation over the diffusion samples (the uncertainty).
         y_true: (N,) true labels; marker colour = true class, hollow markers = misclassified.
+        predicted: (N,) the decided classes (e.g. at the validation threshold); None: ``probs >= 0.5``.
+        xlabel: the x axis; None: ``p(<positive class>)``.
     """
     p = as_numpy(probs, "probs", 1)
     s = as_numpy(std, "std", 1)
     y = as_numpy(y_true, "y_true", 1).astype(int)
     if not len(p) == len(s) == len(y):
         raise ValueError(f"probs, std and y_true must have the same length, got {len(p)}, {len(s)}, {len(y)}")
+    if predicted is None:
+        predicted = (p >= 0.5).astype(int) * positive_class
+    else:
+        predicted = as_numpy(predicted, "predicted", 1).astype(int)
+        if len(predicted) != len(y):
+            raise ValueError(f"predicted must have one class per scan, got {len(predicted)} for {len(y)} scans")
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.add_subplot()
     colours = sns.color_palette("tab10", len(class_names))
-    predicted = (p >= 0.5).astype(int) * positive_class
     for c, name in enumerate(class_names):
         for wrong in (False, True):
             sel = (y == c) & ((predicted != y) == wrong)
@@ -289,7 +298,8 @@ def plot_uncertainty(probs, std, y_true, class_names: Sequence[str], positive_cl
                 ax.scatter(p[sel], s[sel], s=40, label=f"{name}{' (misclassified)' if wrong else ''}",
                            facecolors="none" if wrong else colours[c], edgecolors=colours[c], linewidths=1.5)
     ax.axvline(0.5, color="grey", ls=":")
-    ax.set(xlabel=f"p({class_names[positive_class]})", ylabel="std over samples", xlim=(-0.02, 1.02), title=title)
+    ax.set(xlabel=xlabel or f"p({class_names[positive_class]})", ylabel="std over samples", xlim=(-0.02, 1.02),
+           title=title)
     ax.legend(fontsize="small")
     return fig
 

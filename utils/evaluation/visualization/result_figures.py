@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from utils.evaluation.metrics import classification_metrics
-from utils.evaluation.visualization.curves import plot_reliability_diagram, plot_roc_curves
+from utils.evaluation.visualization.curves import plot_reliability_diagram, plot_roc_curves, plot_uncertainty
 from utils.evaluation.visualization.matrices import plot_confusion_matrices, plot_confusion_matrix
 
 
@@ -62,3 +62,34 @@ def plot_result_figures(labels: np.ndarray, probs: Mapping[str, np.ndarray], cla
                                       positive_label=class_names[positive_class] if binary else "abnormal"),
         "reliability_diagram": plot_reliability_diagram(labels, main, title=f"{main_name}: reliability (test)"),
     }
+
+
+def plot_prediction_uncertainty(predictions, class_names: Sequence[str], model: str = "DiffMIC-3D") -> Figure:
+    """``plot_uncertainty`` of one model's rows of ``predictions.csv`` (a pandas DataFrame with
+    ``model``, ``label``, ``decision``, ``prob_<class>`` and ``std_<class>`` columns).
+
+    Binary: the positive class's probability and spread, hollow where the decision at the model's
+    validation threshold is wrong. C > 2: the probability and spread of the class each scan is
+    assigned (argmax), hollow where that is not its grade.
+
+    Raises:
+        ValueError: ``model`` has no rows, or a column is missing.
+    """
+    rows = predictions[predictions["model"] == model]
+    if rows.empty:
+        raise ValueError(f"no predictions of {model!r}; models: {sorted(set(predictions['model']))}")
+    needed = ["label", "decision"] + [f"{kind}_{name}" for kind in ("prob", "std") for name in class_names]
+    missing = [c for c in needed if c not in rows.columns]
+    if missing:
+        raise ValueError(f"predictions lack the columns {missing}")
+    decision = rows["decision"].to_numpy().astype(int)
+    title = f"{model}: per-scan prediction and uncertainty (test)"
+    if len(class_names) == 2:
+        positive = class_names[1]
+        return plot_uncertainty(rows[f"prob_{positive}"], rows[f"std_{positive}"], rows["label"], class_names,
+                                predicted=decision, title=title)
+    assigned = [f"_{class_names[d]}" for d in decision]
+    prob = np.array([rows[f"prob{c}"].iloc[i] for i, c in enumerate(assigned)])
+    std = np.array([rows[f"std{c}"].iloc[i] for i, c in enumerate(assigned)])
+    return plot_uncertainty(prob, std, rows["label"], class_names, predicted=decision,
+                            xlabel="p(assigned class)", title=title)
