@@ -115,11 +115,7 @@ def test_a_missing_package_without_wheels_or_internet_stops_the_cell_with_one_li
     assert "attach the MediScopeDiffusion wheels dataset" in message and "turn on Internet" in message
 
 
-# The README carries a verbatim copy of the cell; until the README is synced with
-# scripts/kaggle_cell.py this fails, and the strict xfail makes the synced state fail too,
-# as a reminder to drop the mark.
-@pytest.mark.xfail(strict=True, reason="README's Kaggle cell not yet synced with scripts/kaggle_cell.py; "
-                                       "drop this mark once it is")
+# The README carries a verbatim copy of the cell that users paste.
 def test_the_readme_carries_the_cell_verbatim():
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL) if "KAGGLE_ROOT" in b]
     assert blocks == [CELL]
