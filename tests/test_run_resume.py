@@ -55,7 +55,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert not (killed_dir / "evaluation_results.csv").exists()
 
     resumed_log = finish(start(killed_dir, tmp_path))
-    assert "resuming after epoch" in resumed_log or "dcg] epoch 1/" not in resumed_log
+    # the DCG continues from its checkpoint (or, killed after its last epoch, is only loaded)
+    assert "[dcg] resuming after epoch" in resumed_log or "[dcg] finished earlier, loaded" in resumed_log
     clean_log = finish(start(clean_dir, tmp_path))
     assert "resuming" not in clean_log and "Test split" in clean_log
 
@@ -69,7 +70,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     # a finished run started again trains nothing and reproduces its evaluation
     again = finish(start(clean_dir, tmp_path))
-    assert "epoch 1/" not in again
+    assert all(f"[{stage}] finished earlier, loaded" in again for stage in ("dcg", "diffusion", "resnet18"))
+    assert "done:" not in again  # no stage trained
     assert (clean_dir / "evaluation_results.csv").read_text() == (killed_dir / "evaluation_results.csv").read_text()
 
 

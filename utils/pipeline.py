@@ -196,9 +196,10 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, DCGOutpu
     result = train_diffusion(model, exp.datasets["train"], train_guidance, exp.datasets["val"], val_members,
                              config, exp.device, exp.checkpoint("diffusion"), exp.meta)
     readout = calibrate_readout(model, exp.datasets["val"], val_members, config, exp.device)
+    decision = (f"decision threshold {readout['decision_threshold']:.3f}" if len(readout["bias"]) == 2
+                else "decisions: the most probable class")
     log.info(f"readout fitted on the validation split: scale {readout['scale']:.3f}, bias "
-             f"{[round(b, 3) for b in readout['bias']]}, decision threshold {readout['decision_threshold']:.3f}, "
-             f"referral threshold {readout['refer_threshold']:.3f}")
+             f"{[round(b, 3) for b in readout['bias']]}, {decision}, referral threshold {readout['refer_threshold']:.3f}")
     result.history["readout"] = readout
     warn_if_inverted(result.history)
     return result
