@@ -156,7 +156,7 @@ def test_the_ema_decay_is_warmed_up():
 
 def test_an_inverted_phase_2_is_reported_not_silently_shipped(caplog):
     """The demo run once selected a phase-2 epoch with validation AUC 0.22: the run must say so."""
-    from utils.pipeline import warn_if_inverted
+    from utils.training.readout import warn_if_inverted
 
     inverted = {"val_auc": [0.77, 0.25, 0.22], "best_epoch": 3}
     with caplog.at_level("WARNING"):

@@ -20,12 +20,13 @@ from utils.data.discovery import CLASS_NAMES, ScanRecord, data_line, discover_sc
 from utils.data.medmnist import MedMNISTDataset, is_medmnist_file, load_medmnist, official_splits
 from utils.data.phantoms import SIDECAR as PHANTOM_SIDECAR
 from utils.data.splits import load_or_create_splits
+from utils.distributed import SINGLE, DistContext, describe
 from utils.errors import DataError
 from utils.log import get_logger
 from utils.paths import (CHECKPOINTS_DIR, MAIN_CHECKPOINT, SPLITS_CSV, TRAIN_CONFIG_JSON,
                          default_cache_dir, display_path)
 from utils.prepare_data import run_data_dir, split_summary, volume_caches
-from utils.provenance import record as record_provenance
+from utils.provenance import rank_device, record as record_provenance
 from utils.seeding import pick_device, seed_everything
 from utils.training.profiles import TrainConfig
 
@@ -64,6 +65,7 @@ class Experiment:
     hires_cache: Optional[VolumeCache]
     datasets: dict[str, CTDataset]
     meta: dict
+    context: DistContext = SINGLE  # this process's rank in a distributed run (utils.distributed)
 
     def checkpoint(self, stage: str) -> Path:
         """Resumable checkpoint of ``stage`` (``'dcg'``, ``'diffusion'``, a baseline's name, ...)."""
@@ -74,26 +76,31 @@ class Experiment:
         return self.output_dir / MAIN_CHECKPOINT
 
 
-def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
-    """Record the run's configuration, or refuse to mix two configurations in one folder."""
+def check_output_dir(output_dir: Path, config: TrainConfig, distributed: Optional[dict] = None) -> None:
+    """Record the run's configuration, or refuse to mix two configurations in one folder;
+    ``distributed``: how this start splits the batch over its processes
+    (``utils.distributed.describe``), recorded under ``"distributed"`` (not compared: a
+    resumed stage checks its own world size)."""
     path = output_dir / TRAIN_CONFIG_JSON
     current = config.to_dict()
     if path.is_file():
         saved = json.loads(path.read_text())
         # a field added after the run was written counts as the value the run had in effect
-        saved = {**_BEFORE_FIELD, **saved}
+        saved = {**_BEFORE_FIELD, **{k: v for k, v in saved.items() if k != "distributed"}}
         differ = sorted(k for k in set(saved) | set(current)
                         if k not in _IGNORED_FOR_RESUME and saved.get(k) != current.get(k))
         if differ:
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
             raise DataError(output_dir, f"holds a run with another configuration ({changes}); "
                                         "use another output folder or delete this one")
+    if distributed is not None:
+        current["distributed"] = distributed
     atomic_write_text(path, json.dumps(current, indent=2) + "\n")
 
 
 def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Optional[str | Path] = None,
-                       cache_dir: Optional[str | Path] = None, device: Optional[str] = None,
-                       verbose: bool = True) -> Experiment:
+                       cache_dir: Optional[str | Path] = None, device: Optional[str | torch.device] = None,
+                       verbose: bool = True, context: DistContext = SINGLE) -> Experiment:
     """Find (or generate) the data, freeze the split, fill the preprocessing cache.
 
     Data: ``data_dir``; else ``$MEDISCOPE_DATA_DIR`` or a MosMedData copy under
@@ -105,17 +112,33 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
     Seeds every generator from ``config.seed``; ``device`` None picks CUDA when available.
     The first line logged, whatever ``verbose``, says which data the run uses
     (``utils.data.discovery.data_line``: real or synthetic, where, how many scans per class).
+    ``context``: in a distributed run rank 0 does all of this first, writing what the folder
+    needs, and the other ranks then only read it (they write nothing).
     """
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    rank_devices = context.all_gather(rank_device(device)) if context.enabled else None
+    if not context.is_main:
+        context.barrier("data prepared by rank 0")
+        return _prepare(config, output_dir, data_dir, cache_dir, device, False, context, rank_devices)
+    exp = _prepare(config, output_dir, data_dir, cache_dir, device, verbose, context, rank_devices)
+    context.barrier("data prepared by rank 0")
+    return exp
+
+
+def _prepare(config: TrainConfig, output_dir: str | Path, data_dir: Optional[str | Path],
+             cache_dir: Optional[str | Path], device: torch.device, verbose: bool,
+             context: DistContext, rank_devices: Optional[list]) -> Experiment:
+    """:func:`prepare_experiment` in one process (rank 0 writes, the others only read)."""
     seed_everything(config.seed)
-    device = pick_device(device)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    check_output_dir(output_dir, config)
-    record_provenance(output_dir, device)
-    for stale in output_dir.rglob(".*.tmp*"):  # half-written files of a killed run (utils.atomic)
-        stale.unlink()
+    if context.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(output_dir, config, describe(context, config.batch_size, device) if context.enabled else None)
+        record_provenance(output_dir, device, rank_devices)
+        for stale in output_dir.rglob(".*.tmp*"):  # half-written files of a killed run (utils.atomic)
+            stale.unlink()
     if data_dir is not None and is_medmnist_file(data_dir):
-        exp = _prepare_medmnist(config, output_dir, Path(data_dir), device)
+        exp = _prepare_medmnist(config, output_dir, Path(data_dir), device, context)
         log.info(f"data: MedMNIST {exp.meta['data_source']['name']} at {display_path(exp.data_root)} "
                  f"({len(exp.records)} volumes of {tuple(exp.meta['data_source']['source_shape'])}, official split)")
         if verbose:
@@ -148,14 +171,15 @@ def prepare_experiment(config: TrainConfig, output_dir: str | Path, data_dir: Op
                      records=records, splits=splits, class_names=class_names, num_classes=config.num_classes,
                      cache=cache, hires_cache=hires_cache,
                      datasets={"train": dataset("train", True), "train_plain": dataset("train"),
-                               "val": dataset("val"), "test": dataset("test")}, meta=meta)
+                               "val": dataset("val"), "test": dataset("test")}, meta=meta, context=context)
     if verbose:
         log.info(f"profile {config.profile}, device {device}, seed {config.seed}, input {config.input_shape}\n"
                  f"{split_summary(splits, config.label_mode)}")
     return exp
 
 
-def _prepare_medmnist(config: TrainConfig, output_dir: Path, path: Path, device: torch.device) -> Experiment:
+def _prepare_medmnist(config: TrainConfig, output_dir: Path, path: Path, device: torch.device,
+                      context: DistContext) -> Experiment:
     """``prepare_experiment`` for a MedMNIST 3D ``.npz`` (official split, in-memory volumes)."""
     if config.roi_scale > 1:
         raise DataError(path, f"roi_scale={config.roi_scale} needs full-resolution scans, but MedMNIST volumes "
@@ -176,4 +200,4 @@ def _prepare_medmnist(config: TrainConfig, output_dir: Path, path: Path, device:
                       records=data.records, splits=splits, class_names=data.class_names,
                       num_classes=data.num_classes, cache=data.volumes, hires_cache=None,
                       datasets={"train": dataset("train", True), "train_plain": dataset("train"),
-                                "val": dataset("val"), "test": dataset("test")}, meta=meta)
+                                "val": dataset("val"), "test": dataset("test")}, meta=meta, context=context)

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
-from torch.utils.data import Subset
 
 from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D
@@ -40,6 +39,7 @@ from utils.evaluation.evaluate import (Predictions, evaluate_experiment, predict
 from utils.evaluation.gradcam import write_baseline_gradcam
 from utils.evaluation.ood import fit_feature_stats
 from utils.evaluation.showcase import lesion_masks, showcase_indices
+from utils.data.dataset import EpochSubset
 from utils.experiment import Experiment
 from utils.log import get_logger
 from utils.paths import CHECKPOINTS_DIR, HISTORY_JSON
@@ -48,7 +48,7 @@ from utils.training.baselines import DISPLAY_NAMES, baseline_from_checkpoint, ru
 from utils.training.checkpoint import load_checkpoint, save_checkpoint
 from utils.training.dcg import cache_guidance, train_dcg
 from utils.training.diffusion import predict_dataset, train_diffusion
-from utils.training.readout import calibrate_readout
+from utils.training.readout import calibrate_readout, warn_if_inverted
 from utils.training.loop import FitResult, epoch_seed, stage_complete
 from utils.training.stage import eval_loader
 
@@ -97,7 +97,7 @@ def build_model(exp: Experiment) -> DiffMIC3D:
 def train_phase1(exp: Experiment, model: DiffMIC3D) -> FitResult:
     """Phase 1 (DCG pre-training), resumed or just loaded when its checkpoint is complete."""
     return train_dcg(model, exp.datasets["train"], exp.datasets["val"], exp.config, exp.device,
-                     exp.checkpoint("dcg"), exp.meta)
+                     exp.checkpoint("dcg"), exp.meta, context=exp.context)
 
 
 def load_dcg(exp: Experiment, run_first: str = "notebook 03_dcg_model") -> tuple[DiffMIC3D, FitResult]:
@@ -118,7 +118,7 @@ def cache_split_guidance(exp: Experiment, model: DiffMIC3D,
     model.freeze_dcg()
     names = {"train": "train_plain"}
     return {split: cache_guidance(model, exp.datasets[names.get(split, split)], exp.device, exp.config.batch_size,
-                                  exp.config.num_workers, exp.config.progress, member=member)
+                                  exp.config.num_workers, exp.config.progress, member=member, context=exp.context)
             for split in splits}
 
 
@@ -134,18 +134,6 @@ def cache_member_guidance(exp: Experiment, model: DiffMIC3D, split: str,
 # -- phase 2 ------------------------------------------------------------------------------
 
 
-class _Subset(Subset):
-    """A Subset that forwards ``set_epoch`` (augmentation draw) and exposes ``labels``."""
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.asarray(self.dataset.labels)[self.indices]
-
-
 def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> DCGOutput:
     """Guidance for the TRAINING scans from DCGs that did not train on them.
 
@@ -158,23 +146,38 @@ def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> DCGOutput:
     (``PriorConfig.fold_dcgs``), fold i's weights are copied into ``model.fold_dcgs[i]``: they
     give the test-time priors too. Returns a cache like ``cache_guidance`` (rows in
     ``train_plain`` order).
+
+    In a distributed run the folds are independent fits: fold ``i`` is trained by rank
+    ``i mod world`` alone (one process, the same seeds, hence the same weights as one after
+    another), the ranks wait for each other, then every rank loads every fold and the
+    guidance of each is computed sharded (``cache_guidance``).
     """
-    config, device = exp.config, exp.device
+    config, device, context = exp.config, exp.device, exp.context
     labels = exp.datasets["train_plain"].labels
-    folds = StratifiedKFold(n_splits=config.oof_folds, shuffle=True, random_state=config.seed)
-    held_rows, parts = [], []
-    for i, (rest, held) in enumerate(folds.split(np.zeros(len(labels)), labels)):
+    folds = list(StratifiedKFold(n_splits=config.oof_folds, shuffle=True,
+                                 random_state=config.seed).split(np.zeros(len(labels)), labels))
+
+    def fold_dcg(i: int) -> DiffMIC3D:  # trains fold i, or loads it once finished
         torch.manual_seed(epoch_seed(config.seed, 100 + i, stream=2))
         fold_model = DiffMIC3D(model.config).to(device)
-        train_dcg(fold_model, _Subset(exp.datasets["train"], rest.tolist()), exp.datasets["val"], config, device,
-                  exp.output_dir / CHECKPOINTS_DIR / f"dcg_fold{i}.pth", exp.meta,
+        train_dcg(fold_model, EpochSubset(exp.datasets["train"], folds[i][0].tolist()), exp.datasets["val"], config,
+                  device, exp.output_dir / CHECKPOINTS_DIR / f"dcg_fold{i}.pth", exp.meta,
                   name=f"dcg fold {i + 1}/{config.oof_folds}")
+        return fold_model
+
+    if context.enabled:
+        for i in range(context.rank, config.oof_folds, context.world_size):
+            fold_dcg(i)
+        context.barrier("out-of-fold DCGs trained")
+    held_rows, parts = [], []
+    for i, (_, held) in enumerate(folds):
+        fold_model = fold_dcg(i)
         fold_model.freeze_dcg()
         if len(model.fold_dcgs):
             model.fold_dcgs[i].load_state_dict(fold_model.dcg.state_dict())
         held = torch.as_tensor(held)
         parts.append(cache_guidance(fold_model, exp.datasets["train_plain"], device, config.batch_size,
-                                    config.num_workers, config.progress).index(held))
+                                    config.num_workers, config.progress, context=context).index(held))
         held_rows.append(held)
     return DCGOutput.cat(parts).index(torch.argsort(torch.cat(held_rows)))  # back to dataset order
 
@@ -194,7 +197,7 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, DCGOutpu
     val_members = cache_member_guidance(exp, model, "val", guidance["val"])
     reseed_stage(exp, "diffusion")
     result = train_diffusion(model, exp.datasets["train"], train_guidance, exp.datasets["val"], val_members,
-                             config, exp.device, exp.checkpoint("diffusion"), exp.meta)
+                             config, exp.device, exp.checkpoint("diffusion"), exp.meta, context=exp.context)
     readout = calibrate_readout(model, exp.datasets["val"], val_members, config, exp.device)
     decision = (f"decision threshold {readout['decision_threshold']:.3f}" if len(readout["bias"]) == 2
                 else "decisions: the most probable class")
@@ -205,30 +208,13 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, DCGOutpu
     return result
 
 
-def warn_if_inverted(history: dict) -> Optional[str]:
-    """A warning (logged and returned) when the selected phase-2 epoch ranks the validation
-    scans below chance: the model is then inverted, its readout nearly flat, and its test
-    figures mean little (README, "The denoiser corrects its prior": DiffMIC-v2's label-dependent
-    loss weights on weak priors); None otherwise."""
-    best = history.get("best_epoch")
-    if not best:
-        return None
-    auc = history["val_auc"][best - 1]
-    if auc is None or not math.isfinite(auc) or auc >= 0.5:
-        return None
-    message = (f"phase 2 selected epoch {best}, whose validation AUC is {auc:.3f} (below chance): DiffMIC-3D ranks "
-               "the scans against its prior. Known cause: weak, overconfident out-of-fold priors under DiffMIC-v2's "
-               "label-dependent loss weights (error_weighting='label'; the default 'uncertainty' keeps the sign); "
-               "otherwise too few validation scans to select on (README, Model)")
-    log.warning(message)
-    return message
-
-
 def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict, train_guidance: DCGOutput) -> Path:
     """Write ``OUTPUT_DIR/diffmic3d_enhanced_model.pth`` (what ``utils.predict`` loads): the
     finished model with its preprocessing, history, and the training scans' DCG feature
     statistics for the out-of-distribution flag (``utils.evaluation.ood``), from the final
-    DCG's ``train_guidance``."""
+    DCG's ``train_guidance``. Written by rank 0 only in a distributed run."""
+    if not exp.context.is_main:
+        return exp.main_checkpoint
     features = train_guidance.global_features  # (N, F)
     return save_checkpoint(exp.main_checkpoint, model_config=model.config.to_dict(),
                            model_state_dict=model.state_dict(), **exp.meta, history=history,
@@ -258,7 +244,8 @@ def train_baselines(exp: Experiment, timer: Optional[StageTimer] = None) -> dict
         with _timed(timer, DISPLAY_NAMES[name]):
             reseed_stage(exp, name)
             out[name] = train_baseline(name, exp.datasets["train"], exp.datasets["val"], exp.config, exp.device,
-                                       exp.checkpoint(name), exp.meta, num_classes=exp.num_classes)
+                                       exp.checkpoint(name), exp.meta, num_classes=exp.num_classes,
+                                       context=exp.context)
     return out
 
 
@@ -279,9 +266,11 @@ def history_entry(result: FitResult) -> dict:
 
 def write_history(exp: Experiment, results: dict[str, FitResult]) -> Path:
     """``OUTPUT_DIR/history.json`` (per stage: per-epoch series, best epoch) and the
-    learning-curve figure."""
+    learning-curve figure (rank 0 only in a distributed run)."""
     history = {name: history_entry(result) for name, result in results.items()}
     path = exp.output_dir / HISTORY_JSON
+    if not exp.context.is_main:
+        return path
     atomic_write_text(path, json.dumps(history, indent=2) + "\n")
     write_learning_curves(path, exp.output_dir)
     return path
@@ -378,6 +367,9 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
     maps of the same scans (``utils.evaluation.gradcam``). DiffMIC-3D samples with the model's
     own settings (``DiffusionConfig.num_samples``, ``ddim_steps``), its chains spread over its
     prior members. Returns the evaluation rows (``model, metric, value, ci_low, ci_high``).
+    A distributed run calls it on rank 0 alone (with a one-process ``exp``): DiffMIC-3D's
+    chains draw from one seeded generator in scan order, so sharding the test split would make
+    its numbers depend on the number of GPUs.
     """
     config, test = exp.config, exp.datasets["test"]
     model.eval()

@@ -3,7 +3,8 @@
 Every start of a run (``utils.pipeline.prepare_experiment``: ``utils.run``, each notebook, a
 resume) appends one entry with the library versions (python, torch, monai, numpy), the git
 commit of the code (and whether it had uncommitted changes), the device and the CPU/GPU model,
-the command line and the time. A run resumed on another machine therefore says so.
+the command line and the time. A run resumed on another machine therefore says so. A
+distributed start (``utils.distributed``) adds its world size and every rank's device.
 """
 from __future__ import annotations
 
@@ -68,10 +69,21 @@ def collect(device: torch.device | str) -> dict:
     }
 
 
-def record(output_dir: str | Path, device: torch.device | str) -> Path:
-    """Append this start's :func:`collect` to ``OUTPUT_DIR/provenance.json`` (atomically)."""
+def record(output_dir: str | Path, device: torch.device | str, rank_devices: list | None = None) -> Path:
+    """Append this start's :func:`collect` to ``OUTPUT_DIR/provenance.json`` (atomically);
+    ``rank_devices`` (a distributed start, written by rank 0: :func:`rank_device` of every rank,
+    in rank order) adds ``world_size`` and ``rank_devices``."""
+    entry = collect(device)
+    if rank_devices:
+        entry.update(world_size=len(rank_devices), rank_devices=rank_devices)
     path = Path(output_dir) / PROVENANCE_JSON
     starts = json.loads(path.read_text()).get("starts", []) if path.is_file() else []
-    starts.append(collect(device))
+    starts.append(entry)
     atomic_write_text(path, json.dumps({"starts": starts}, indent=2) + "\n")
     return path
+
+
+def rank_device(device: torch.device | str) -> dict:
+    """This process's device and GPU name, for :func:`record`'s ``rank_devices``."""
+    device = torch.device(device)
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}

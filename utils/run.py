@@ -2,7 +2,8 @@
 
     python -m utils.run --profile demo [--data-dir DIR] [--output-dir outputs] [--seed N]
                         [--cache-dir data/processed] [--device cpu|cuda|auto] [--label-mode binary|severity]
-                        [--set key=value ...]          # any TrainConfig field (utils.training.profiles)
+                        [--gpus auto|N] [--set key=value ...]   # any TrainConfig field (utils.training.profiles)
+    torchrun --standalone --nproc_per_node=N -m utils.run ...   # the same, started by hand
 
 A bad option or ``--set`` value (checked against the field's type and range) is a one-line
 error and exit status 2, before anything is run.
@@ -26,6 +27,12 @@ Steps, each resumable:
    ``evaluation_results.csv``, ``predictions.csv`` and the figures (``utils.evaluation.evaluate``); the
    results table and the wall time are printed.
 
+Several GPUs (``--gpus``, default ``auto``: every visible GPU when there are two or more): the
+run restarts itself under ``torchrun`` with one process per GPU (``utils.launch``); every
+training stage is data-parallel, the out-of-fold DCGs are spread over the ranks, rank 0 writes
+every file and evaluates the test split (``utils.distributed``; README, "Several GPUs"). One
+GPU or the CPU: one process, exactly as without the option.
+
 A run killed at any point continues from its last checkpoint when started again with the
 same arguments and ends with the same metrics as an uninterrupted run: every stage re-seeds
 torch's global generator from (seed, stage) before building its model, and ``utils.training.loop``
@@ -36,14 +43,17 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from utils.atomic import atomic_write_text
 from utils.cli import add_run_options, make_parser, run_config
+from utils.distributed import SINGLE, DistContext, check_batch_size, init_from_env, shutdown, world_from_env
 from utils.errors import DataError
 from utils.evaluation.evaluate import format_results_table
 from utils.experiment import prepare_experiment
+from utils.launch import launch, resolve_gpus
 from utils.paths import TIMINGS_JSON, display_path
 from utils.pipeline import evaluate_test, train_all
 from utils.training.profiles import TrainConfig
@@ -52,14 +62,18 @@ from utils.stage_timer import StageTimer
 
 
 def run_experiment(config: TrainConfig, output_dir: Path, data_dir: Optional[Path] = None,
-                   cache_dir: Optional[Path] = None, device: Optional[str] = None) -> list[dict]:
-    """Run (or resume) the whole experiment; returns the evaluation rows (see the module docstring)."""
+                   cache_dir: Optional[Path] = None, device: Optional[str] = None,
+                   context: DistContext = SINGLE) -> list[dict]:
+    """Run (or resume) the whole experiment; returns the evaluation rows (see the module docstring).
+    ``context``: this process's rank of a distributed run; ranks other than 0 train and return []."""
     timer = StageTimer(pick_device(device))
     with timer.stage("data"):
-        exp = prepare_experiment(config, output_dir, data_dir, cache_dir, device)
+        exp = prepare_experiment(config, output_dir, data_dir, cache_dir, device, context=context)
     model, _, baselines = train_all(exp, timer)
-    with timer.stage("test evaluation"):
-        rows = evaluate_test(exp, model, baselines)
+    if not context.is_main:
+        return []
+    with timer.stage("test evaluation"):  # once, by rank 0 alone (utils.pipeline.evaluate_test)
+        rows = evaluate_test(replace(exp, context=SINGLE), model, baselines)
     atomic_write_text(exp.output_dir / TIMINGS_JSON, json.dumps(timer.as_dict(), indent=2) + "\n")
     test = exp.datasets["test"]
     print(f"\nTest split ({len(test)} scans), 95% stratified bootstrap CIs ({config.n_resamples} resamples):")
@@ -72,7 +86,29 @@ def run_experiment(config: TrainConfig, output_dir: Path, data_dir: Optional[Pat
 def build_parser():
     parser = make_parser("utils.run", __doc__)
     add_run_options(parser)
+    add_gpus_option(parser)
     return parser
+
+
+def add_gpus_option(parser) -> None:
+    """--gpus, for ``utils.run`` and ``utils.run_notebooks``."""
+    parser.add_argument("--gpus", default="auto",
+                        help="processes, one per GPU: auto (every visible GPU when there are two or more, else one) "
+                             "or N; N > 1 restarts the run under torchrun (on a machine without CUDA: N CPU "
+                             "processes with gloo, which checks the distributed path but is not faster)")
+
+
+def without_gpus(argv: list[str]) -> list[str]:
+    """``argv`` less its --gpus option (the processes torchrun starts must not start it again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            out.append(arg)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -80,14 +116,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = run_config(args)
-        pick_device(args.device)  # fail early, with the reason, on an unavailable device
+        device = pick_device(args.device)  # fail early, with the reason, on an unavailable device
+        world = world_from_env() if world_from_env() > 1 else resolve_gpus(args.gpus, device)
+        check_batch_size(config.batch_size, world)
     except ValueError as exc:
         parser.error(str(exc))
+    if world > 1 and world_from_env() == 1:  # start the processes; each runs this again
+        return launch("utils.run", without_gpus(list(sys.argv[1:] if argv is None else argv)), world)
+    context, device = init_from_env(device)
     try:
-        run_experiment(config, args.output_dir, args.data_dir, args.cache_dir, args.device)
+        run_experiment(config, args.output_dir, args.data_dir, args.cache_dir, str(device), context)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown(context)
     return 0
 
 

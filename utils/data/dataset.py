@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from utils.data.cache import VolumeCache
 from utils.data.discovery import ScanRecord
@@ -98,3 +98,15 @@ class CTDataset(Dataset):
         if self.hires_cache is not None:
             item["image_hires"] = self._apply(self.hires_cache.get(record.path), augmentation)
         return item
+
+
+class EpochSubset(Subset):
+    """A Subset that forwards ``set_epoch`` (augmentation draw) and exposes ``labels``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.dataset.labels)[self.indices]

@@ -40,11 +40,12 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import Dataset
 
+from utils.distributed import SINGLE, DistContext
 from utils.log import get_logger
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.training.profiles import BASELINE_NAMES, TrainConfig
 from utils.training.loop import FitResult, fit, make_epoch_loader
-from utils.training.stage import batch_inputs, eval_loader, fit_config, validation_metrics
+from utils.training.stage import batch_inputs, fit_config, sharded_validation
 
 DISPLAY_NAMES = {"resnet18": "3D ResNet-18", "densenet121": "3D DenseNet-121"}
 
@@ -105,12 +106,13 @@ def baseline_from_checkpoint(checkpoint: Mapping) -> nn.Module:
 
 def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: TrainConfig, device: torch.device,
                    checkpoint_path: str | Path, meta: Optional[Mapping] = None, num_classes: Optional[int] = None,
-                   stats_set: Optional[Dataset] = None) -> tuple[nn.Module, FitResult]:
+                   stats_set: Optional[Dataset] = None, context: DistContext = SINGLE) -> tuple[nn.Module, FitResult]:
     """Build and train baseline ``name`` (see the module docstring); returns (best model, result).
 
     ``stats_set``: the split the BatchNorm statistics are recomputed over before each
     evaluation (default ``train_set``; the pipeline may pass its un-augmented training split,
-    ``train_plain``), always read in the shuffled order of :func:`bn_stats_loader`.
+    ``train_plain``), always read in the shuffled order of :func:`bn_stats_loader`. ``context``:
+    this process's rank (``utils.distributed``; default: one process).
     """
     if name == "densenet121" and min(config.input_shape) < 32:
         raise ValueError(f"densenet121 needs every input side >= 32 (its stride is 32), got {config.input_shape}")
@@ -127,19 +129,19 @@ def train_baseline(name: str, train_set: Dataset, val_set: Dataset, config: Trai
         stats = train_set if stats_set is None else stats_set
         recompute_batchnorm_stats(model, bn_stats_loader(stats, config.batch_size, config.seed, config.num_workers),
                                   lambda b: model(b["image"].to(device)))
-        loss, probs, labels = 0.0, [], []
-        for batch in eval_loader(val_set, config):
+
+        def score(batch):
             x, _, y = batch_inputs(batch, device)
             logits = model(x)
-            loss += F.cross_entropy(logits, y, label_smoothing=config.label_smoothing).item() * len(y)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
-            labels.append(y.cpu())
-        labels = torch.cat(labels).numpy()
-        return validation_metrics(labels, torch.cat(probs).numpy(), loss / len(labels))
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing).item() * len(y)
+            return loss, torch.softmax(logits.float(), dim=1)
+
+        return sharded_validation(val_set, config, device, score, context)
 
     result = fit(model, optimizer, scheduler, train_step=train_step, evaluate=evaluate,
                  train_batches=lambda epoch: make_epoch_loader(train_set, config.batch_size, config.seed, epoch,
-                                                               config.num_workers),
+                                                               config.num_workers, context=context),
                  config=fit_config(config, name, config.baseline_epochs, device), checkpoint_path=checkpoint_path,
-                 model_config=baseline_config(name, num_classes or config.num_classes), meta=meta, device=device)
+                 model_config=baseline_config(name, num_classes or config.num_classes), meta=meta, device=device,
+                 context=context)
     return model, result

@@ -22,15 +22,16 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D
+from utils.distributed import SINGLE, DistContext, steps_per_epoch
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.training.profiles import TrainConfig
 from utils.training.loop import FitResult, fit, make_epoch_loader
-from utils.training.stage import batch_inputs, eval_loader, fit_config, validation_metrics
+from utils.training.stage import batch_inputs, fit_config, sharded_validation
 
 
 # ------------------------------------------------------------------------------------------
@@ -51,14 +52,16 @@ def dcg_lr_factor(step: int, total_steps: int, warmup: float) -> float:
     return float(0.5 * (1.0 + np.cos(np.pi * min(step - warm, span) / span)))
 
 
-def dcg_steps_per_epoch(n_train: int, batch_size: int) -> int:
+def dcg_steps_per_epoch(n_train: int, batch_size: int, world_size: int = 1) -> int:
     """Optimiser steps per epoch of :func:`utils.training.loop.make_epoch_loader` (which drops a
-    last batch of a single volume); phase 2's schedule counts its steps with it too."""
-    return n_train // batch_size if n_train % batch_size == 1 else -(-n_train // batch_size)
+    last batch of a single volume, and with ``world_size`` ranks one smaller than the world:
+    ``utils.distributed.steps_per_epoch``); phase 2's schedule counts its steps with it too."""
+    return steps_per_epoch(n_train, batch_size, world_size)
 
 
 def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: TrainConfig, device: torch.device,
-              checkpoint_path: str | Path, meta: Optional[Mapping] = None, name: str = "dcg") -> FitResult:
+              checkpoint_path: str | Path, meta: Optional[Mapping] = None, name: str = "dcg",
+              context: DistContext = SINGLE) -> FitResult:
     """Phase 1: train ``model.dcg`` (see the module docstring); ``model`` ends with the best DCG.
 
     Schedule, set per optimiser step from (epoch, batch index) alone, so a resumed run follows
@@ -78,9 +81,10 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         checkpoint_path: resumable checkpoint of this phase (e.g. ``checkpoints/dcg.pth``).
         meta: plain data stored with the checkpoint (preprocess config, class names, ...).
         name: the stage's name in log lines and progress bars (an out-of-fold DCG: ``'dcg fold 2/3'``).
+        context: this process's rank (``utils.distributed``; default: one process).
     """
     optimizer = torch.optim.AdamW(model.dcg.parameters(), lr=config.lr_dcg, weight_decay=config.weight_decay)
-    steps_per_epoch = dcg_steps_per_epoch(len(train_set), config.batch_size)
+    steps_per_epoch = dcg_steps_per_epoch(len(train_set), config.batch_size, context.world_size)
     total_steps = max(config.dcg_epochs * steps_per_epoch, 1)
     dcg_lr_factor(0, total_steps, config.dcg_lr_warmup)  # validate the knobs before training
     curriculum = dict(pool_warmup=config.dcg_pool_warmup, local_start=config.dcg_local_start,
@@ -88,7 +92,8 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
     position = {"epoch": 0, "batch": 0}  # set by train_batches, advanced by train_step
 
     def train_batches(epoch):
-        loader = make_epoch_loader(train_set, config.batch_size, config.seed, epoch, config.num_workers)
+        loader = make_epoch_loader(train_set, config.batch_size, config.seed, epoch, config.num_workers,
+                                   context=context)
         if len(loader) != steps_per_epoch:
             raise RuntimeError(f"train_dcg: {len(loader)} batches per epoch, expected {steps_per_epoch}")
         position.update(epoch=epoch, batch=0)
@@ -108,20 +113,20 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
         recompute_batchnorm_stats(model.dcg,
                                   bn_stats_loader(train_set, config.batch_size, config.seed, config.num_workers),
                                   lambda batch: model.dcg(*batch_inputs(batch, device)[:2]))
-        losses, probs, labels = [], [], []
-        for batch in eval_loader(val_set, config):
+
+        def score(batch):
             x, x_hires, y = batch_inputs(batch, device)
             out = model.dcg_loss(x, y, x_hires, label_smoothing=config.label_smoothing)
-            losses.append(out["loss"].item() * len(y))
-            probs.append(out["output"].fused_probs.float().cpu())
-            labels.append(y.cpu())
-        labels = torch.cat(labels).numpy()
-        return validation_metrics(labels, torch.cat(probs).numpy(), sum(losses) / len(labels))
+            return out["loss"].item() * len(y), out["output"].fused_probs
+
+        return sharded_validation(val_set, config, device, score, context)
 
     return fit(model, optimizer, None, train_step=train_step, evaluate=evaluate, train_batches=train_batches,
-               config=fit_config(config, name, config.dcg_epochs, device, config.dcg_first_selectable_epoch()),
+               config=fit_config(config, name, config.dcg_epochs, device, config.dcg_first_selectable_epoch(),
+                                 ddp_find_unused=True),  # the rest of the model; the curriculum's branches
                checkpoint_path=checkpoint_path, model_config=model.config.to_dict(), meta=meta, device=device,
-               checkpoint_keys=lambda key: key.startswith("dcg."))  # the rest of the model is untrained here
+               checkpoint_keys=lambda key: key.startswith("dcg."),  # the rest of the model is untrained here
+               context=context)
 
 
 # ------------------------------------------------------------------------------------------
@@ -130,11 +135,13 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
 
 @torch.no_grad()
 def cache_guidance(model: DiffMIC3D, dataset: Dataset, device: torch.device, batch_size: int = 4,
-                   num_workers: int = 0, progress: bool = True, member: int = 0) -> DCGOutput:
+                   num_workers: int = 0, progress: bool = True, member: int = 0,
+                   context: DistContext = SINGLE) -> DCGOutput:
     """Run the frozen DCG once per volume of ``dataset``; stack its outputs by dataset index.
 
     ``member``: which of the model's prior members (``DiffMIC3D.member_guidance`` order: 0 is
-    the final DCG, 1.. the out-of-fold DCGs).
+    the final DCG, 1.. the out-of-fold DCGs). ``context``: with several ranks each runs its
+    round-robin shard and every rank gets the whole cache, gathered back into dataset order.
 
     Returns:
         one :class:`DCGOutput` over the whole dataset, on CPU (floats in float32), row ``i`` =
@@ -145,14 +152,20 @@ def cache_guidance(model: DiffMIC3D, dataset: Dataset, device: torch.device, bat
     model.eval()
     dcg = (model.dcg, *model.fold_dcgs)[member]
     parts: list[DCGOutput] = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    part = Subset(dataset, context.shard(len(dataset))) if context.enabled else dataset
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     seen = []
-    for batch in tqdm(loader, desc="cache DCG guidance", leave=False, disable=not progress):
+    for batch in tqdm(loader, desc="cache DCG guidance", leave=False, disable=not (progress and context.is_main)):
         x, x_hires, _ = batch_inputs(batch, device)
         out = dcg(x, x_hires).as_dict()
         parts.append(DCGOutput(**{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}))
         seen.append(torch.as_tensor(batch["index"]))
-    order = torch.cat(seen)
+    order, cache = torch.cat(seen), DCGOutput.cat(parts)
+    if context.enabled:  # every rank's shard, back into dataset order
+        shards = context.all_gather((order, cache))
+        order, cache = torch.cat([o for o, _ in shards]), DCGOutput.cat([c for _, c in shards])
+        ranked = torch.argsort(order)
+        order, cache = order[ranked], cache.index(ranked)
     if not torch.equal(order, torch.arange(len(dataset))):
         raise RuntimeError("cache_guidance: the loader did not visit the dataset in index order")
-    return DCGOutput.cat(parts)
+    return cache

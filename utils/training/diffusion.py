@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D
+from utils.distributed import SINGLE, DistContext
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.training.profiles import ERROR_WEIGHTINGS, TrainConfig
 from utils.training.loop import FitResult, fit, make_epoch_loader
@@ -190,7 +191,7 @@ def recompute_encoder_bn(model: DiffMIC3D, train_set: Dataset, config: TrainConf
 def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOutput,
                     val_set: Dataset, val_guidance: DCGOutput | Sequence[DCGOutput], config: TrainConfig,
                     device: torch.device, checkpoint_path: str | Path,
-                    meta: Optional[Mapping] = None) -> FitResult:
+                    meta: Optional[Mapping] = None, context: DistContext = SINGLE) -> FitResult:
     """Phase 2 (module docstring); ``model`` ends with the selected EMA weights.
 
     Args:
@@ -199,13 +200,17 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
         val_set / val_guidance: the validation split, unaugmented, and its guidance (one cache,
             or one per member as ``predict_dataset`` takes it; the first is the final DCG's).
         checkpoint_path: resumable checkpoint of this phase.
+        context: this process's rank (``utils.distributed``): training is data-parallel; the
+            validation (a few DDIM chains from one seeded generator) runs whole on every rank,
+            so its metrics are exact and identical everywhere (sharding would change the noise).
     """
     model.freeze_dcg()
     params = list(model.prior_generator.parameters()) + list(model.denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr_diffusion, weight_decay=config.weight_decay)
     wrapper = _Phase2(model, config.ema_decay).to(device)
     # the loader drops a last batch of one volume: count steps the way it batches
-    total_steps = max(1, dcg_steps_per_epoch(len(train_set), config.batch_size) * config.diffusion_epochs)
+    total_steps = max(1, dcg_steps_per_epoch(len(train_set), config.batch_size, context.world_size)
+                      * config.diffusion_epochs)
     val_labels = np.asarray(val_set.labels)
 
     def train_step(batch, generator):
@@ -243,11 +248,12 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
 
     result = fit(wrapper, optimizer, None, train_step=train_step, evaluate=evaluate,
                  train_batches=lambda epoch: make_epoch_loader(train_set, config.batch_size, config.seed, epoch,
-                                                               config.num_workers),
+                                                               config.num_workers, context=context),
                  config=fit_config(config, "diffusion", config.diffusion_epochs, device,
-                                    config.diffusion_first_selectable_epoch()),
+                                    config.diffusion_first_selectable_epoch(),
+                                    ddp_find_unused=True),  # e.g. the prior generator's parts that a step skips
                  checkpoint_path=checkpoint_path, model_config=model.config.to_dict(), meta=meta, device=device,
-                 checkpoint_keys=_trained_in_phase2)
+                 checkpoint_keys=_trained_in_phase2, context=context)
     model.load_state_dict(wrapper.ema.module.state_dict())  # the selected EMA weights
     model.freeze_dcg()
     return result

@@ -19,11 +19,10 @@ the checkpoint:
   the end of each epoch; the best weights when they differ from the current ones (below).
 
 A run killed at any point therefore restarts from its last finished epoch and ends with the
-weights and metrics of an uninterrupted run (on the same device and thread count).
+weights and metrics of an uninterrupted run (same device, thread count and number of processes).
 
-A finished stage rewrites its checkpoint with ``fit.complete = True`` and the BEST weights as
-``model_state_dict`` (optimizer state dropped, the best-weights file deleted); calling
-:func:`fit` again then only loads it.
+A finished stage rewrites its checkpoint with ``fit.complete = True`` and the BEST weights
+(optimizer state and best-weights file dropped); calling :func:`fit` again only loads it.
 
 Lean files. Each file holds each thing once:
 
@@ -38,15 +37,14 @@ Lean files. Each file holds each thing once:
   rest is rebuilt by the caller (the frozen DCGs come from their own stage's file). Files
   written before this rule, holding every entry, still load.
 
-``fit.disk`` of the finished file records the bytes of the largest resume and best-weights
-files the stage wrote and the bytes written in all (the benchmark's checkpoint table).
+``fit.disk`` of the finished file: the largest resume / best-weights files and the bytes written.
 
 Checkpoint layout (``utils.training.checkpoint.save_checkpoint``, loads with ``weights_only=True``)::
 
     {model_config, model_state_dict, **meta,            # meta: e.g. preprocess_config
      "fit": {"name", "epoch" (epochs done), "complete", "stopped_early", "history",
-             "best": {"epoch", "val_auc", "val_loss", "val_acc"}, "bad_epochs", "disk",
-             [while training:] "optimizer", "scheduler", "scaler", "rng",
+             "best": {"epoch", "val_auc", "val_loss", "val_acc"}, "bad_epochs", "disk", "world_size",
+             [while training:] "optimizer", "scheduler", "scaler", "rng", "rank_rng" (or None),
              "best_in" ("model_state_dict" or the best-weights file's name)}}
     STAGE.best.pth: {model_config, model_state_dict, "best_of": {"name", "epoch"}}
 """
@@ -67,12 +65,13 @@ from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, ReduceLROnPlat
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from utils.distributed import SINGLE, DistContext, RankBatchSampler, data_parallel_step, loss_weight
 from utils.training.checkpoint import (best_weights_path, check_config_matches, kept_entries, load_checkpoint,
                                        load_kept, rng_state, save_checkpoint, set_rng_state)
 from utils.errors import DataError
 from utils.log import get_logger
 from utils.training import epoch_log
-from utils.training.nonfinite import first_nonfinite_module
+from utils.training.nonfinite import nonfinite_message
 
 HISTORY_KEYS = ("train_loss", "val_loss", "val_auc", "val_acc", "lr")
 
@@ -99,6 +98,7 @@ class FitConfig:
         min_epochs: no epoch before this one (1-based) can be selected, and the early-stopping
             counter starts only there (e.g. a curriculum or an EMA that has not yet run its
             course); capped at ``epochs`` so a short run still selects its last epoch.
+        ddp_find_unused: some parameters may get no gradient (``utils.distributed.data_parallel_step``).
     """
 
     name: str
@@ -111,6 +111,7 @@ class FitConfig:
     progress: bool = True
     min_epochs: int = 0
     log_every: int = 5
+    ddp_find_unused: bool = False
 
 
 @dataclass
@@ -135,21 +136,29 @@ class FitResult:
 STEP_STREAM, ORDER_STREAM = 0, 1  # epoch_seed streams: noise drawn by the loss, data order
 
 
-def epoch_seed(seed: int, epoch: int, stream: int = STEP_STREAM) -> int:
+def epoch_seed(seed: int, epoch: int, stream: int = STEP_STREAM, rank: int = 0) -> int:
     """A 63-bit seed for ``stream`` in epoch ``epoch`` of a run seeded with ``seed``;
-    different (seed, epoch, stream) give statistically independent streams (SeedSequence)."""
-    state = np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(1, np.uint64)[0]
+    different (seed, epoch, stream, rank) give statistically independent streams (SeedSequence);
+    rank 0's is the single-process seed."""
+    entropy = [int(seed), int(epoch), int(stream)] + ([int(rank)] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return int(state >> np.uint64(1))
 
 
 def make_epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
-                      pin_memory: bool = False) -> DataLoader:
+                      pin_memory: bool = False, context: DistContext = SINGLE) -> DataLoader:
     """A shuffling DataLoader for one epoch: order from ``epoch_seed(seed, epoch, ORDER_STREAM)``, and
     ``dataset.set_epoch(epoch)`` (augmentation draw) when the dataset has it. A last batch of
-    a single volume is dropped (BatchNorm, in the baselines, cannot train on it)."""
+    a single volume is dropped (BatchNorm, in the baselines, cannot train on it). With several
+    ranks (``context``): the same order and global batches, this rank's part of each
+    (``utils.distributed.RankBatchSampler``)."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, ORDER_STREAM))
+    if context.enabled:  # the permutation RandomSampler would draw from this generator
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        return DataLoader(dataset, batch_sampler=RankBatchSampler(order, batch_size, context),
+                          num_workers=num_workers, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=len(dataset) % batch_size == 1)
 
@@ -165,32 +174,12 @@ def _cpu_state(state: Mapping) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
-def _is_complete_checkpoint(path: Path) -> bool:
-    """Whether ``path`` holds a stage that :func:`fit` finished."""
-    try:
-        return bool(load_checkpoint(path)["fit"]["complete"])
-    except (DataError, KeyError, TypeError):
-        return False
-
-
 def stage_complete(path: str | Path) -> bool:
     """Whether the checkpoint at ``path`` exists and its stage finished."""
-    return Path(path).is_file() and _is_complete_checkpoint(Path(path))
-
-
-def _nonfinite_message(config: FitConfig, epoch: int, batch: int, loss: torch.Tensor, model: nn.Module,
-                       replay: Callable[[], object], autocast: Callable) -> str:
-    """The error text for a non-finite loss: where, and the first module whose output was
-    non-finite when the same batch is replayed with the same noise under the same ``autocast``
-    (``utils.training.nonfinite``)."""
-    with torch.no_grad(), autocast():
-        culprit = first_nonfinite_module(model, replay)
-    precision = f"{config.amp_dtype} autocast" if config.amp else "float32"
-    where = (f"first non-finite output: {culprit}" if culprit else
-             "every module output was finite (the loss arithmetic overflowed)")
-    hint = "; retry with --set amp=False" if config.amp else "; lower the learning rate or check the inputs"
-    return (f"[{config.name}] epoch {epoch + 1} batch {batch}: loss is {loss.item()} under {precision}; "
-            f"{where}{hint}")
+    try:
+        return Path(path).is_file() and bool(load_checkpoint(path)["fit"]["complete"])
+    except (DataError, KeyError, TypeError):
+        return False
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
@@ -199,7 +188,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         train_batches: Callable[[int], Iterable],
         config: FitConfig, checkpoint_path: str | Path, model_config: Mapping,
         meta: Optional[Mapping] = None, device: Optional[torch.device] = None,
-        checkpoint_keys: Optional[Callable[[str], bool]] = None) -> FitResult:
+        checkpoint_keys: Optional[Callable[[str], bool]] = None, context: DistContext = SINGLE) -> FitResult:
     """Train ``model`` with early stopping on validation; resume from ``checkpoint_path``.
 
     Args:
@@ -223,6 +212,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         checkpoint_keys: ``state-dict key -> bool``, the entries this stage trains and
             stores (None: all); the others must already hold their final values when
             :func:`fit` is called (module docstring, "Lean files").
+        context: this process's rank (``utils.distributed``): with several, ``train_step`` runs under
+            DDP on this rank's part of each batch (``make_epoch_loader(..., context=context)``),
+            ``evaluate`` must return the whole split's metrics on every rank, rank 0 alone writes
+            the checkpoints (with every rank's generator state); a resume with another world size is refused.
 
     Returns:
         a :class:`FitResult`; ``model`` holds the best weights on return.
@@ -239,6 +232,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if config.amp else nullcontext
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    step_fn = data_parallel_step(model, train_step, context, device, config.ddp_find_unused)
     history = {key: [] for key in HISTORY_KEYS}
     best = {"epoch": 0, "val_auc": -math.inf, "val_loss": math.inf, "val_acc": float("nan")}
     best_state = _cpu_state(kept_entries(model.state_dict(), checkpoint_keys))
@@ -248,6 +242,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
     disk = {"resume_file_bytes": 0, "best_file_bytes": 0, "bytes_written": 0}
 
     def write(path: Path, **payload) -> int:
+        if not context.is_main:  # rank 0 owns the files
+            return 0
         save_checkpoint(path, model_config=model_config, **payload)
         size = path.stat().st_size
         disk["bytes_written"] += size
@@ -256,7 +252,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
     def snapshot(complete: bool) -> None:
         nonlocal best_on_disk
         fit_state = {"name": config.name, "config": asdict(config), "epoch": epoch_done, "complete": complete,
-                     "stopped_early": stopped_early, "history": history, "best": best, "bad_epochs": bad_epochs}
+                     "stopped_early": stopped_early, "history": history, "best": best, "bad_epochs": bad_epochs,
+                     "world_size": context.world_size}
         if complete:
             write(checkpoint_path, model_state_dict=best_state, **meta, fit={**fit_state, "disk": dict(disk)})
             best_path.unlink(missing_ok=True)
@@ -266,8 +263,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             size = write(best_path, model_state_dict=best_state, best_of={"name": config.name, "epoch": best["epoch"]})
             disk["best_file_bytes"] = max(disk["best_file_bytes"], size)
             best_on_disk = best["epoch"]
+        rngs = context.all_gather(rng_state())  # every rank's generators, for an exact resume
         fit_state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                         scheduler=None if scheduler is None else scheduler.state_dict(), rng=rng_state(),
+                         scheduler=None if scheduler is None else scheduler.state_dict(), rng=rngs[0],
+                         rank_rng=rngs if context.enabled else None,
                          best_in="model_state_dict" if best_is_current else best_path.name, disk=dict(disk))
         size = write(checkpoint_path, model_state_dict=kept_entries(model.state_dict(), checkpoint_keys), **meta,
                      fit=fit_state)
@@ -306,13 +305,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             best_path.unlink(missing_ok=True)  # left by a kill between the last two writes
             log.info(epoch_log.loaded_line(config.name, start_epoch, best))
             return FitResult(history, best, start_epoch, stopped_early, resumed_from=start_epoch)
+        if state.get("world_size", 1) != context.world_size:
+            raise DataError(checkpoint_path, f"was written by {state.get('world_size', 1)} process(es), this run has "
+                                             f"{context.world_size}: resume with --gpus {state.get('world_size', 1)}, "
+                                             "or delete the file to retrain the stage")
         load_kept(model, ckpt["model_state_dict"], checkpoint_keys, checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         best_state = _cpu_state(kept_entries(saved_best(state), checkpoint_keys))
-        set_rng_state(state["rng"])
+        set_rng_state(state["rank_rng"][context.rank] if state.get("rank_rng") else state["rng"])
         log.info(f"[{config.name}] resuming after epoch {start_epoch} from {checkpoint_path}")
 
     started = time.perf_counter()
@@ -321,23 +324,27 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
         if bad_epochs >= config.patience:
             break
         tic = time.perf_counter()
-        generator = torch.Generator(device).manual_seed(epoch_seed(config.seed, epoch))
+        generator = torch.Generator(device).manual_seed(epoch_seed(config.seed, epoch, rank=context.rank))
         batches = train_batches(epoch)
         n_batches = len(batches) if hasattr(batches, "__len__") else None
         model.train()
         total, count = 0.0, 0
         bar = tqdm(batches, total=n_batches, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}",
-                   leave=False, disable=not config.progress)
+                   leave=False, disable=not (config.progress and context.is_main))
         for i, batch in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
             generator_state = generator.get_state()
             with autocast():
-                loss = train_step(batch, generator)
+                loss = step_fn(batch, generator)
             if not torch.isfinite(loss):
                 generator.set_state(generator_state)
-                raise FloatingPointError(_nonfinite_message(config, epoch, i, loss, model, lambda: train_step(
-                    batch, generator), autocast))
-            scaler.scale(loss).backward()
+                raise FloatingPointError(nonfinite_message(config.name, config.amp, config.amp_dtype, epoch, i, loss,
+                                                           model, lambda: train_step(batch, generator), autocast))
+            weight = 1.0
+            if context.enabled:  # DDP averages the ranks' gradients: weight by each rank's share
+                n_rank = len(batch["label"])
+                weight = loss_weight(n_rank, context.all_sum([n_rank], device)[0], context.world_size)
+            scaler.scale(loss * weight).backward()
             if config.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -345,10 +352,11 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
             scaler.update()
             if isinstance(scheduler, CosineAnnealingWarmRestarts):
                 scheduler.step(epoch + (i + 1) / n_batches)
-            total += loss.item()
+            total += loss.item() * weight / context.world_size  # the global batch's mean loss
             count += 1
             bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
+        total = context.all_sum([total], device)[0]
         lr = optimizer.param_groups[0]["lr"]
         model.eval()
         with torch.no_grad():
@@ -384,6 +392,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
 
     load_kept(model, best_state, checkpoint_keys, checkpoint_path)
     snapshot(complete=True)
+    context.barrier(f"{config.name} finished")  # every rank sees the finished file
     seconds = time.perf_counter() - started
     log.info(epoch_log.summary_line(config.name, epoch_done, config.epochs, best, seconds, stopped_early,
                                     config.patience, start_epoch))

@@ -59,3 +59,17 @@ def first_nonfinite_module(model: nn.Module, run: Callable[[], object]) -> Optio
         for h in handles:
             h.remove()
     return found[0] if found else None
+
+
+def nonfinite_message(stage: str, amp: bool, amp_dtype: str, epoch: int, batch: int, loss: torch.Tensor,
+                      model: nn.Module, replay: Callable[[], object], autocast: Callable) -> str:
+    """The trainer's error text for a non-finite loss of ``stage``: where, and the first module
+    whose output was non-finite when the same batch is replayed with the same noise under the
+    same ``autocast`` (:func:`first_nonfinite_module`)."""
+    with torch.no_grad(), autocast():
+        culprit = first_nonfinite_module(model, replay)
+    precision = f"{amp_dtype} autocast" if amp else "float32"
+    where = (f"first non-finite output: {culprit}" if culprit else
+             "every module output was finite (the loss arithmetic overflowed)")
+    hint = "; retry with --set amp=False" if amp else "; lower the learning rate or check the inputs"
+    return f"[{stage}] epoch {epoch + 1} batch {batch}: loss is {loss.item()} under {precision}; {where}{hint}"

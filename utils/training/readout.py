@@ -26,8 +26,11 @@ from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D, log_simplex
 from utils.evaluation.thresholds import youden_threshold
 from utils.evaluation import uncertainty as u
+from utils.log import get_logger
 from utils.training.diffusion import predict_dataset
 from utils.training.profiles import TrainConfig
+
+log = get_logger(__name__)
 
 SCALE_BOUND = 3.0  # log a lies in [-3, 3]: a in [0.05, 20]
 BIAS_BOUND = 5.0  # each bias in [-5, 5]
@@ -113,3 +116,22 @@ def calibrate_readout(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutpu
     refer = u.refer_threshold(diffmic_uncertainty(calibrated, decision), config.refer_coverage)
     model.set_thresholds(decision=decision, refer=refer if math.isfinite(refer) else math.inf)
     return {"scale": scale, "bias": bias, "decision_threshold": decision, "refer_threshold": refer}
+
+
+def warn_if_inverted(history: dict) -> Optional[str]:
+    """A warning (logged and returned) when the selected phase-2 epoch ranks the validation
+    scans below chance: the model is then inverted, its readout nearly flat, and its test
+    figures mean little (README, "The denoiser corrects its prior": DiffMIC-v2's label-dependent
+    loss weights on weak priors); None otherwise."""
+    best = history.get("best_epoch")
+    if not best:
+        return None
+    auc = history["val_auc"][best - 1]
+    if auc is None or not math.isfinite(auc) or auc >= 0.5:
+        return None
+    message = (f"phase 2 selected epoch {best}, whose validation AUC is {auc:.3f} (below chance): DiffMIC-3D ranks "
+               "the scans against its prior. Known cause: weak, overconfident out-of-fold priors under DiffMIC-v2's "
+               "label-dependent loss weights (error_weighting='label'; the default 'uncertainty' keeps the sign); "
+               "otherwise too few validation scans to select on (README, Model)")
+    log.warning(message)
+    return message
