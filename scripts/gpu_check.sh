@@ -10,6 +10,7 @@
 #      as an A100/H100 would pick bfloat16 on its own): data, DCG, diffusion, baselines, test
 #   3. the seven notebooks via papermill at --profile full on the same run folder: they load the
 #      finished stages and run every cell on the GPU (figures, ROI checks, evaluation)
+#   4. with two or more GPUs: scripts/gpu_scaling.py, each training stage's time on 1 vs N GPUs
 # and prints each stage's wall time and peak GPU memory: the device's used memory sampled
 # every 0.5 s by nvidia-smi (all processes, CUDA context included) and, for utils.run, torch's
 # own per-stage peak (timings.json). Stages run even when an earlier one failed; the exit
@@ -67,6 +68,12 @@ grep -A7 "| stage | weights + grads" "$OUT/benchmark/benchmark.md" | tee -a "$SU
 stage run_fp16 "$PY" -m utils.run --profile full --output-dir "$RUN" --set amp=True --set amp_dtype=float16 \
   --set progress=False
 stage notebooks "$PY" -m utils.run_notebooks --profile full --output-dir "$RUN"
+if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then  # several GPUs: 1 vs N
+  stage scaling "$PY" scripts/gpu_scaling.py --profile full --output-dir "$OUT/scaling"
+  cat "$OUT/scaling/scaling.md" 2>/dev/null | tee -a "$SUMMARY"
+else
+  echo "scaling: one GPU visible, 1 vs N GPUs not measured (scripts/gpu_scaling.py)" | tee -a "$SUMMARY"
+fi
 
 if [ -f "$RUN/timings.json" ]; then
   echo "utils.run --profile full (float16 AMP), per stage (seconds; torch's peak allocated GiB):" | tee -a "$SUMMARY"

@@ -31,5 +31,5 @@ else:
     os.environ.setdefault("MEDISCOPE_CACHE_DIR", str(scratch / "mediscope-cache"))  # not saved with the notebook
     os.environ.setdefault("MEDISCOPE_SET", '{"phantom_dir": "%s"}' % (scratch / "mediscope-phantoms"))
     print(f"code in {REPO}; cache and phantoms in {scratch}; outputs in {KAGGLE / 'working' / 'outputs'}")
-    if os.environ.get("MEDISCOPE_SETUP_ONLY") != "1":
+    if os.environ.get("MEDISCOPE_SETUP_ONLY") != "1":  # --gpus auto (default): on T4 x2, notebook 06 uses both GPUs
         subprocess.run([sys.executable, "-m", "utils.run_notebooks", "--profile", "full"], cwd=REPO, check=True)

@@ -9,7 +9,9 @@ import re
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import numpy as np
@@ -171,3 +173,136 @@ def test_committed_notebook_names_no_machine_paths(name, nb):
     for marker in (str(REPO_ROOT), "/home/", "/tmp/", "/work/", "/root/", f"{socket.gethostname()}:"):
         assert marker not in text, f"{name} contains {marker!r}"
     assert "widget-view" not in text  # no progress-bar widgets
+
+
+# ------------------------------------------------------------------------------------------
+# several GPUs: the runner's GPUS parameter, notebook 06's training step (utils.notebook_launch)
+# ------------------------------------------------------------------------------------------
+
+def test_gpus_reaches_only_the_notebooks_that_declare_it():
+    from utils.run_notebooks import declared_parameters, notebook_parameters
+
+    notebooks = dict(committed())
+    assert {name for name, nb in notebooks.items() if "GPUS" in declared_parameters(nb)} == {"06_training"}
+    given = {"DATA_DIR": None, "OUTPUT_DIR": "../outputs", "PROFILE": "demo", "SEED": 0, "GPUS": 2}
+    assert notebook_parameters(notebooks["06_training"], given) == given
+    assert notebook_parameters(notebooks["03_dcg_model"], given) == {k: v for k, v in given.items() if k != "GPUS"}
+
+
+def test_a_bad_gpus_or_a_batch_too_small_for_them_stops_the_runner_before_any_notebook(tmp_path, capsys):
+    from utils.run_notebooks import main, run_notebooks
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--profile", "smoke", "--gpus", "two", "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert "--gpus 'two': expected auto or a positive integer" in capsys.readouterr().err.splitlines()[-1]
+    with pytest.raises(ValueError, match=r"batch_size=4 is the global batch and must be >= the number of processes"):
+        run_notebooks("smoke", data_dir=tmp_path, output_dir=tmp_path / "run", names=(), gpus=8)
+    assert not (tmp_path / "run").exists()
+
+
+def notebook_params(**overrides):
+    """A notebook's run at the smoke profile, its folders relative (as a kernel sees them)."""
+    from utils.notebook import NotebookParameters
+
+    return NotebookParameters(Path("data"), Path("out"), "smoke", 3, True, overrides)
+
+
+def test_the_torchrun_subprocess_gets_the_notebooks_own_run(tmp_path, monkeypatch):
+    """utils.run's options built from a notebook's parameters give the very TrainConfig the
+    notebook trains with (what the output folder checks), absolute paths, training only."""
+    from utils.cli import run_config
+    from utils.notebook_launch import run_options
+    from utils.paths import CACHE_DIR_ENV
+    from utils.run import build_parser
+
+    monkeypatch.chdir(tmp_path)  # a kernel's working directory is notebooks/, the subprocess's the repository
+    monkeypatch.setenv(CACHE_DIR_ENV, "cache")
+    overrides = {"input_shape": (48, 48, 32), "amp": False, "lr_dcg": 3e-4, "grad_clip": None, "baselines": (),
+                 "label_mode": "severity", "n_phantoms": 20, "diffusion.ddim_steps": 3,
+                 "model_overrides": {"denoiser": {"head_kernel": 3}}, "seed": 9, "progress": True}
+    params = notebook_params(**overrides)
+    options = run_options(params, "cpu")
+    args = build_parser().parse_args(options)
+    assert run_config(args) == replace(params.config(), progress=False)  # --set seed=9 dropped: the notebook's 3 wins
+    assert (args.output_dir, args.data_dir, args.cache_dir) == (tmp_path / "out", tmp_path / "data", tmp_path / "cache")
+    assert args.device == "cpu" and args.train_only and "--gpus" not in options  # torchrun's ranks do not relaunch
+
+
+def test_one_process_trains_in_the_kernel_several_start_torchrun_and_a_failure_is_one_line(monkeypatch):
+    import torch
+
+    import utils.notebook_launch as notebook_launch
+
+    calls = []
+    monkeypatch.setattr(notebook_launch, "finish_training", lambda *a: calls.append(("kernel", a)) or ({}, {}))
+
+    def launcher(module, args, nproc, env=None):
+        calls.append(("torchrun", (module, list(args), nproc, env)))
+        return 1
+
+    params = notebook_params()
+    exp = SimpleNamespace(device=torch.device("cpu"), config=params.config())
+    model = torch.nn.Linear(2, 2)
+    for gpus in ("auto", 1, "1"):  # no CUDA here: auto is one process, today's path
+        assert notebook_launch.complete_training(params, exp, model, "dcg", gpus, launcher) == ({}, {})
+    assert calls == [("kernel", (exp, model, "dcg"))] * 3
+    calls.clear()
+    with pytest.raises(RuntimeError) as info:
+        notebook_launch.complete_training(params, exp, model, "dcg", 2, launcher)
+    assert calls == [("torchrun", ("utils.run", notebook_launch.run_options(params, "cpu"), 2,
+                                   {"PYTHONUNBUFFERED": "1"}))]
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("training on 2 processes failed (exit status 1")
+    with pytest.raises(ValueError, match="must be >= the number of processes"):  # smoke: batch 4
+        notebook_launch.complete_training(params, exp, model, "dcg", 5, launcher)
+    assert len(calls) == 1  # refused before starting anything
+
+
+def test_after_the_torchrun_run_the_kernel_loads_what_it_wrote(tmp_path):
+    """The files a finished run leaves (stage checkpoints, the main checkpoint) become what
+    finish_training returns: the model holds the main checkpoint's weights, each stage's result
+    is what fit returns when it only loads that stage, the baselines are the checkpoints'."""
+    pytest.importorskip("monai")
+    import torch
+
+    from models.diffmic3d import DiffMIC3D
+    from utils.experiment import Experiment
+    from utils.notebook_launch import complete_training
+    from utils.training.baselines import baseline_config, build_baseline, train_baseline
+    from utils.training.checkpoint import save_checkpoint
+
+    params = notebook_params(baselines=("densenet121",))
+    config = params.config()
+    exp = Experiment(config=config, output_dir=tmp_path, device=torch.device("cpu"), data_root=tmp_path,
+                     layout="ct0_ct23", records=[], splits={}, class_names=["Normal", "COVID-19"], num_classes=2,
+                     cache=None, hires_cache=None, datasets={}, meta={})
+    model_config = config.model_config("cpu", num_classes=2)
+    model, trained = DiffMIC3D(model_config), DiffMIC3D(model_config)  # two initialisations
+    history = {k: [0.5, 0.25] for k in ("train_loss", "val_loss", "val_auc", "val_acc", "lr")}
+    fit = {"complete": True, "epoch": 2, "history": history, "best": {"epoch": 1, "val_auc": 0.75, "val_loss": 0.5,
+                                                                      "val_acc": 0.5}, "stopped_early": True,
+           "bad_epochs": 1}
+    readout = {"scale": 2.0, "bias": [0.1, -0.1], "decision_threshold": 0.4, "refer_threshold": 0.2}
+    save_checkpoint(exp.checkpoint("diffusion"), model_config=model_config.to_dict(), model_state_dict={}, fit=fit)
+    save_checkpoint(exp.main_checkpoint, model_config=model_config.to_dict(), model_state_dict=trained.state_dict(),
+                    history={"diffusion": {**history, "readout": readout}})
+    save_checkpoint(exp.checkpoint("densenet121"), model_config=baseline_config("densenet121", 2),
+                    model_state_dict=build_baseline("densenet121", 2).state_dict(), fit={**fit, "stopped_early": False})
+
+    def launcher(module, args, nproc, env=None):  # the run has finished: nothing left to do
+        return 0
+
+    expected = trained.state_dict()
+    assert not all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    results, baselines = complete_training(params, exp, model, "dcg result", 2, launcher)
+    assert list(results) == ["dcg", "diffusion", "densenet121"] and results["dcg"] == "dcg result"
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    diffusion = results["diffusion"]
+    assert diffusion.history["readout"] == readout and diffusion.history["val_auc"] == [0.5, 0.25]
+    assert (diffusion.epochs_run, diffusion.best["val_auc"], diffusion.stopped_early) == (2, 0.75, True)
+    net, loaded = train_baseline("densenet121", None, None, config, exp.device, exp.checkpoint("densenet121"),
+                                 num_classes=2)
+    assert results["densenet121"] == loaded and not baselines["densenet121"].training  # as fit loads a finished stage
+    expected = net.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in baselines["densenet121"].state_dict().items())

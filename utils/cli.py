@@ -86,6 +86,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:N or auto (default: $MEDISCOPE_DEVICE, else CUDA when available)")
 
 
+def add_gpus_option(parser: argparse.ArgumentParser) -> None:
+    """--gpus, for ``utils.run`` and ``utils.run_notebooks``."""
+    parser.add_argument("--gpus", default="auto",
+                        help="processes, one per GPU: auto (every visible GPU when there are two or more, else one) "
+                             "or N; N > 1 restarts the run under torchrun (on a machine without CUDA: N CPU "
+                             "processes with gloo, which checks the distributed path but is not faster)")
+
+
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig overrides of parsed config options: the --set values, --seed, --label-mode.
 

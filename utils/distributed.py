@@ -11,8 +11,9 @@ What is sharded, and how (README, "Several GPUs"):
   number of optimiser steps, the learning-rate schedule and the learning rate are those of one
   device (rule: the learning rate belongs to the global batch; raise both together if you
   raise the batch). Each epoch's order is still the pure function of (seed, epoch) of
-  ``utils.training.loop.make_epoch_loader``; :func:`global_batches` cuts it into the same
-  batches as one process would, and each rank takes a contiguous part of every batch
+  ``utils.training.loop.make_epoch_loader``, drawn the way its one-process DataLoader draws it
+  (:class:`RankBatchSampler`); :func:`global_batches` cuts it into the same batches as one
+  process would, and each rank takes a contiguous part of every batch
   (:func:`rank_part`, sizes differing by at most one). DDP averages the gradients and each
   rank's loss is weighted by ``world * n_rank / n_batch`` (:func:`loss_weight`), so a step is
   the step of the whole batch.
@@ -194,18 +195,26 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
 
 
 class RankBatchSampler(Sampler[list[int]]):
-    """This rank's part of each global batch of one epoch's ``order`` (a DataLoader ``batch_sampler``)."""
+    """This rank's part of each global batch of one epoch (a DataLoader ``batch_sampler``).
 
-    def __init__(self, order: Sequence[int], batch_size: int, context: DistContext):
+    The epoch's order is drawn exactly as ``DataLoader(shuffle=True, generator=generator)``
+    draws it, lazily, at the first batch: ``torch.randperm(n, generator=generator)``. Given
+    the same generator as the loader (``make_epoch_loader`` passes it to both), every draw the
+    loader makes from it first (one per ``iter``: e.g. ``fit``'s progress bar) happens in the
+    same sequence, so the ranks split the very batches one process visits.
+    """
+
+    def __init__(self, n: int, batch_size: int, context: DistContext, generator: torch.Generator):
         check_batch_size(batch_size, context.world_size)
-        self.batches = [rank_part(b, context.rank, context.world_size)
-                        for b in global_batches(order, batch_size, context.world_size)]
+        self.n, self.batch_size, self.context, self.generator = n, batch_size, context, generator
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        for batch in global_batches(order, self.batch_size, self.context.world_size):
+            yield rank_part(batch, self.context.rank, self.context.world_size)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return steps_per_epoch(self.n, self.batch_size, self.context.world_size)
 
 
 def loss_weight(n_rank: int, n_batch: int, world_size: int) -> float:

@@ -80,7 +80,7 @@ def check_output_dir(output_dir: Path, config: TrainConfig, distributed: Optiona
     """Record the run's configuration, or refuse to mix two configurations in one folder;
     ``distributed``: how this start splits the batch over its processes
     (``utils.distributed.describe``), recorded under ``"distributed"`` (not compared: a
-    resumed stage checks its own world size)."""
+    resumed stage checks its own world size); a one-process start keeps the last record."""
     path = output_dir / TRAIN_CONFIG_JSON
     current = config.to_dict()
     if path.is_file():
@@ -93,6 +93,8 @@ def check_output_dir(output_dir: Path, config: TrainConfig, distributed: Optiona
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
             raise DataError(output_dir, f"holds a run with another configuration ({changes}); "
                                         "use another output folder or delete this one")
+    if distributed is None and path.is_file():  # a one-process start (e.g. notebook 07) keeps the record
+        distributed = json.loads(path.read_text()).get("distributed")
     if distributed is not None:
         current["distributed"] = distributed
     atomic_write_text(path, json.dumps(current, indent=2) + "\n")

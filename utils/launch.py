@@ -3,7 +3,8 @@
 ``python -m utils.run --gpus N`` and notebook 06 (a notebook kernel cannot host DDP itself)
 both call :func:`launch`: it starts ``torchrun --standalone --nproc_per_node N -m MODULE ARGS``,
 copies every line it prints to this process's standard output as it comes (so a notebook
-cell shows the run's progress), and returns its exit status. ``torchrun`` ends every process
+cell shows the run's progress), and returns its exit status; interrupted (a notebook's stop
+button), it ends the processes before it re-raises. ``torchrun`` ends every process
 when one dies and names the failed rank in its report; :func:`launch` then adds one line
 saying so. :func:`resolve_gpus` turns ``--gpus`` into a process count.
 """
@@ -59,10 +60,15 @@ def launch(module: str, args: Sequence[str], nproc: int, env: Optional[dict] = N
     process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert process.stdout is not None
-    for line in process.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-    code = process.wait()
+    try:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        code = process.wait()
+    except BaseException:  # e.g. an interrupted notebook cell: never leave the ranks training behind
+        process.terminate()  # torchrun passes it on to every rank
+        process.wait()
+        raise
     if code:
         print(f"error: the {nproc}-process run of {module} failed (exit status {code}); torchrun's report above "
               "names the failed rank", file=sys.stderr)

@@ -166,6 +166,8 @@ def out_of_fold_guidance(exp: Experiment, model: DiffMIC3D) -> DCGOutput:
         return fold_model
 
     if context.enabled:
+        log.info(f"out-of-fold DCGs side by side: fold k on rank (k - 1) mod {context.world_size}; then each rank "
+                 "loads all of them")
         for i in range(context.rank, config.oof_folds, context.world_size):
             fold_dcg(i)
         context.barrier("out-of-fold DCGs trained")

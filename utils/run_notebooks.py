@@ -2,16 +2,22 @@
 
     python -m utils.run_notebooks [--profile demo] [--data-dir DIR] [--output-dir DIR] [--seed N]
                                   [--cache-dir DIR] [--device cpu|cuda] [--label-mode binary|severity]
-                                  [--set key=value ...] [--update-notebooks]
+                                  [--gpus auto|N] [--set key=value ...] [--update-notebooks]
 
 (the same run options as ``python -m utils.run``)
 
 Each notebook ``notebooks/NN_name.ipynb`` runs with the ``python3`` kernel, its working
 directory set to ``notebooks/`` and its ``parameters`` cell given DATA_DIR, OUTPUT_DIR, PROFILE
-and SEED; the executed copy goes to ``OUTPUT_DIR/notebooks/``. The notebooks pass state through
-files in OUTPUT_DIR only (``utils.pipeline``), so a run stopped at any point continues where it
-stopped when started again (finished training stages are loaded, not redone). On a fresh
-machine the embedded phantoms are generated first when no dataset is found.
+and SEED, and GPUS where the cell declares it (notebook 06); the executed copy goes to
+``OUTPUT_DIR/notebooks/``. ``--gpus`` (default ``auto``: every visible GPU when there are two
+or more, else one) is resolved once, here, into a process count: with two or more, notebook 06
+trains phase 2 and the baselines as a ``torchrun`` subprocess on that many GPUs
+(``utils.notebook_launch``); with one, in its own kernel, exactly as without the option.
+
+The notebooks pass state through files in OUTPUT_DIR only (``utils.pipeline``), so a run
+stopped at any point continues where it stopped when started again (finished training stages
+are loaded, not redone). On a fresh machine the embedded phantoms are generated first when no
+dataset is found.
 
 A failing notebook stops the run: its name, the cell (execution count and first line) and the
 error are printed, and the exit status is 1. ``--update-notebooks`` copies the executed
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -33,8 +40,10 @@ from typing import Optional, Sequence
 
 import nbformat
 
-from utils.cli import add_run_options, make_parser, run_overrides
+from utils.cli import add_gpus_option, add_run_options, make_parser, run_overrides
+from utils.distributed import check_batch_size
 from utils.errors import DataError
+from utils.launch import resolve_gpus
 from utils.notebook import NOTEBOOKS, PROGRESS_ENV, SET_ENV, resolve_parameters
 from utils.atomic import atomic_write_text
 from utils.paths import CACHE_DIR_ENV, MAIN_JOB_TIMINGS_JSON, REPO_ROOT
@@ -45,6 +54,7 @@ from utils.seeding import DEVICE_ENV_VAR, pick_device
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 KERNEL = "python3"
+OPTIONAL_PARAMETERS = ("GPUS",)  # passed only to the notebooks whose parameters cell declares them
 
 
 class NotebookFailed(RuntimeError):
@@ -84,8 +94,22 @@ def strip_injected_parameters(notebook_path: Path) -> None:
     nbformat.write(nb, notebook_path)
 
 
+def declared_parameters(notebook: nbformat.NotebookNode) -> set[str]:
+    """The names its ``parameters`` cell assigns (``NAME = ...`` at the start of a line)."""
+    return {m.group(1) for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])
+            for m in re.finditer(r"^([A-Za-z_]\w*)\s*=", cell.source, flags=re.M)}
+
+
+def notebook_parameters(notebook: nbformat.NotebookNode, parameters: dict) -> dict:
+    """``parameters`` less each of :data:`OPTIONAL_PARAMETERS` that ``notebook`` does not declare
+    (papermill would inject it anyway, with a warning)."""
+    declared = declared_parameters(notebook)
+    return {k: v for k, v in parameters.items() if k not in OPTIONAL_PARAMETERS or k in declared}
+
+
 def execute(name: str, notebook_dir: Path, out_dir: Path, parameters: dict, progress: bool = True) -> Path:
-    """Run one notebook with papermill; returns the executed copy's path.
+    """Run one notebook with papermill (:func:`notebook_parameters` of ``parameters``); returns
+    the executed copy's path.
 
     Raises:
         NotebookFailed: the notebook raised (the executed copy, with the error, is kept).
@@ -97,6 +121,7 @@ def execute(name: str, notebook_dir: Path, out_dir: Path, parameters: dict, prog
     if not source.is_file():
         raise NotebookFailed(f"{name}: notebook not found at {source}")
     target = out_dir / f"{name}.ipynb"
+    parameters = notebook_parameters(nbformat.read(source, as_version=4), parameters)
     try:
         papermill.execute_notebook(str(source), str(target), parameters=parameters, kernel_name=KERNEL,
                                    cwd=str(notebook_dir), progress_bar=progress)
@@ -113,7 +138,8 @@ def execute(name: str, notebook_dir: Path, out_dir: Path, parameters: dict, prog
 def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output_dir: Optional[Path] = None,
                   seed: Optional[int] = None, notebook_dir: Path = NOTEBOOK_DIR, names: Sequence[str] = NOTEBOOKS,
                   progress: bool = True, cache_dir: Optional[Path] = None, device: Optional[str] = None,
-                  overrides: Optional[dict] = None, timer: Optional[StageTimer] = None) -> list[Path]:
+                  overrides: Optional[dict] = None, timer: Optional[StageTimer] = None,
+                  gpus: str | int = 1) -> list[Path]:
     """Execute ``names`` in order (see the module docstring); returns the executed copies.
     Each notebook is a stage of ``timer`` (a new one when None), and so is the phantom
     generation; a whole main job (all seven notebooks) writes the times to
@@ -124,10 +150,13 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
     ``overrides`` (TrainConfig fields) reach the kernels through ``$MEDISCOPE_CACHE_DIR``,
     ``$MEDISCOPE_DEVICE`` and ``$MEDISCOPE_SET``, which every notebook reads (``label_mode`` too:
     severity phantoms are generated here into their own folder, ``utils.prepare_data.phantom_folder``).
+    ``gpus``: the GPUS parameter of the notebooks that declare it: a process count, or text
+    (``auto``, ``'2'``) resolved here by ``utils.launch.resolve_gpus`` on ``device``; the default,
+    1, is one process (the command line's default is ``auto``, resolved by :func:`main`).
 
     Raises:
         NotebookFailed: at the first notebook that raises.
-        ValueError: an unknown profile or override.
+        ValueError: an unknown profile or override, a bad ``gpus`` or a batch too small for it.
         DataError: the phantoms cannot be generated (e.g. too few for the five severity grades).
     """
     resolved = resolve_parameters(profile=profile)  # what the notebooks will see of the environment
@@ -135,6 +164,11 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
     if seed is not None:
         overrides["seed"] = int(seed)
     config = get_profile(profile, **overrides)
+    if not isinstance(gpus, int):
+        gpus = resolve_gpus(gpus, pick_device(device))
+    if gpus < 1:
+        raise ValueError(f"gpus={gpus}: expected a positive number of processes")
+    check_batch_size(config.batch_size, gpus)
     output_dir = Path(output_dir) if output_dir is not None else resolved.output_dir
     out_dir = output_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +181,7 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
     else:
         data_param = relative_to(Path(data_dir), notebook_dir)
     parameters = {"DATA_DIR": data_param, "OUTPUT_DIR": relative_to(output_dir, notebook_dir),
-                  "PROFILE": profile, "SEED": int(config.seed)}
+                  "PROFILE": profile, "SEED": int(config.seed), "GPUS": gpus}
     if cache_dir is not None:
         os.environ[CACHE_DIR_ENV] = str(Path(cache_dir).resolve())
     if device is not None:
@@ -172,6 +206,7 @@ def run_notebooks(profile: str = "demo", data_dir: Optional[Path] = None, output
 def build_parser():
     parser = make_parser("utils.run_notebooks", __doc__)
     add_run_options(parser)
+    add_gpus_option(parser)
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--update-notebooks", action="store_true",
                         help="copy the executed notebooks back over notebooks/ (their committed outputs)")
@@ -183,17 +218,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     timer = StageTimer()
-    try:  # fail early, with the reason, on a bad --set, $MEDISCOPE_SET (what the notebooks merge) or device
+    try:  # fail early, with the reason, on a bad --set, $MEDISCOPE_SET (what the notebooks merge), device or --gpus
         overrides = run_overrides(args)
-        get_profile(args.profile, **{**resolve_parameters(profile=args.profile).overrides, **overrides})
-        pick_device(args.device)
+        config = get_profile(args.profile, **{**resolve_parameters(profile=args.profile).overrides, **overrides})
+        gpus = resolve_gpus(args.gpus, pick_device(args.device))  # once: the notebooks get the count
+        check_batch_size(config.batch_size, gpus)
     except ValueError as exc:
         parser.error(str(exc))
     output_dir = args.output_dir
     try:
         executed = run_notebooks(args.profile, args.data_dir, output_dir, None, args.notebooks_dir,
                                  progress=not args.no_progress, cache_dir=args.cache_dir, device=args.device,
-                                 overrides=overrides, timer=timer)
+                                 overrides=overrides, timer=timer, gpus=gpus)
     except DataError as exc:  # e.g. the phantoms cannot be generated
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -155,10 +155,9 @@ def make_epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, 
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, ORDER_STREAM))
-    if context.enabled:  # the permutation RandomSampler would draw from this generator
-        order = torch.randperm(len(dataset), generator=generator).tolist()
-        return DataLoader(dataset, batch_sampler=RankBatchSampler(order, batch_size, context),
-                          num_workers=num_workers, pin_memory=pin_memory)
+    if context.enabled:  # the same draws from the same generator as the one-process loader below
+        return DataLoader(dataset, batch_sampler=RankBatchSampler(len(dataset), batch_size, context, generator),
+                          generator=generator, num_workers=num_workers, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=len(dataset) % batch_size == 1)
 
