@@ -451,3 +451,31 @@ def test_out_of_fold_dcgs_on_two_ranks_equal_one_process(smoke_run, tmp_path, mo
         for key, value in one.items():
             assert torch.equal(two[key], value), (k, key)
             assert torch.equal(main[f"fold_dcgs.{k}.{key.removeprefix('dcg.')}"], value), (k, key)
+
+
+# -- 7. a rank that dies ---------------------------------------------------------------------
+
+DIES_ON_RANK_1 = '''
+import torch
+from utils.distributed import init_from_env
+
+context, _ = init_from_env(torch.device("cpu"), timeout_s=120)
+if context.rank == 1:
+    raise SystemExit("rank 1 fails on purpose")
+context.barrier("waiting for rank 1")  # would wait 120 s: torchrun must end it first
+'''
+
+
+def test_a_dying_rank_ends_the_job_at_once_naming_it(tmp_path, capsys):
+    from utils.launch import launch
+
+    (tmp_path / "dies_on_rank_1.py").write_text(DIES_ON_RANK_1)
+    env = {**run_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    tic = time.monotonic()
+    code = launch("dies_on_rank_1", [], 2, env=env)
+    seconds = time.monotonic() - tic
+    out, err = capsys.readouterr()
+    assert code != 0 and seconds < 60, (code, seconds)  # not the barrier's 120 s: no hang
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", out), out[-2000:]  # torchrun's report names it
+    assert "rank 1 fails on purpose" in out
+    assert err.strip().splitlines()[-1].startswith("error: the 2-process run of dies_on_rank_1 failed")
