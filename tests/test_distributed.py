@@ -382,6 +382,9 @@ def run_env() -> dict:
     return env
 
 
+ONE_EPOCH = ("dcg_epochs=1", "diffusion_epochs=1", "baseline_epochs=1")  # the smoke profile, one epoch per stage
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """A finished 2-process smoke run (``--gpus 2``: utils.run starts torchrun): (dirs, stdout)."""
@@ -389,7 +392,7 @@ def smoke_run(tmp_path_factory):
     dirs = {"out": root / "out", "cache": root / "cache", "phantoms": root / "phantoms"}
     command = [sys.executable, "-m", "utils.run", "--profile", "smoke", "--device", "cpu", "--gpus", "2",
                "--output-dir", str(dirs["out"]), "--cache-dir", str(dirs["cache"]),
-               "--set", f"phantom_dir={dirs['phantoms']}"]
+               "--set", f"phantom_dir={dirs['phantoms']}", *(a for s in ONE_EPOCH for a in ("--set", s))]
     run = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     return dirs, run.stdout
@@ -419,8 +422,19 @@ def test_two_process_run_writes_one_set_of_outputs(smoke_run):
     for model in models:
         assert [row["path"] for row in rows if row["model"] == model] == test_paths, model
 
+    for name in ("splits.csv", "predictions.csv"):  # paths relative to the data folder
+        paths = [row["path"] for row in read_csv(out / name)]
+        assert paths and not any(p.startswith("/") for p in paths), name
+        assert all((dirs["phantoms"] / p).is_file() for p in paths), name
+    figures = out / "figures"  # every figure once, as PNG and PDF
+    expected = {"confusion_matrix", "confusion_matrices", "roc_curves", "reliability_diagram", "learning_curves",
+                "saliency_rois", "denoising_trajectory", "baseline_gradcam"}
+    for stem in expected:
+        assert (figures / f"{stem}.png").stat().st_size > 1000 and (figures / f"{stem}.pdf").is_file(), stem
+    assert {p.stem for p in figures.glob("*.png")} == {p.stem for p in figures.glob("*.pdf")}
+
     starts = json.loads((out / "provenance.json").read_text())["starts"]
-    assert len(starts) == 1 and starts[0]["world_size"] == 2
+    assert len(starts) == 1 and starts[0]["world_size"] == 2 and starts[0]["device"] == "cpu"
     assert [d["device"] for d in starts[0]["rank_devices"]] == ["cpu", "cpu"]
     config = json.loads((out / "train_config.json").read_text())
     block = config["distributed"]
@@ -439,7 +453,7 @@ def test_out_of_fold_dcgs_on_two_ranks_equal_one_process(smoke_run, tmp_path, mo
 
     dirs, _ = smoke_run
     monkeypatch.delenv("MEDISCOPE_DATA_DIR", raising=False)
-    config = get_profile("smoke", phantom_dir=str(dirs["phantoms"]))
+    config = get_profile("smoke", phantom_dir=str(dirs["phantoms"]), **dict(s.split("=") for s in ONE_EPOCH))
     exp = prepare_experiment(config, tmp_path / "out", cache_dir=dirs["cache"], device="cpu", verbose=False)
     assert (tmp_path / "out" / "splits.csv").read_text() == (dirs["out"] / "splits.csv").read_text()
     guidance = out_of_fold_guidance(exp, build_model(exp))
