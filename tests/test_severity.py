@@ -21,13 +21,13 @@ def test_five_class_severity_run_end_to_end(tmp_path, monkeypatch):
     phantoms, run = tmp_path / "phantoms", tmp_path / "run"
     assert main(["--profile", "smoke", "--label-mode", "severity", "--set", "n_phantoms=20",
                  "--set", f"phantom_dir={phantoms}", "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache"),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--set", "baselines=resnet18"]) == 0  # DenseNet-121: the same code path
     studies = tmp_path / "phantoms_severity" / "studies"  # the five-grade set beside the binary set's folder
     assert sorted(p.name for p in studies.iterdir()) == list(CLASSES) and not phantoms.exists()
     rows = pd.read_csv(run / "evaluation_results.csv").to_dict("records")
     aucs = {r["model"]: r["value"] for r in rows if r["metric"] == "roc_auc"}
-    # DiffMIC-3D, the DCG's global prior, fused prediction and ensemble, two baselines
-    assert len(aucs) == 6 and all(np.isnan(a) or 0.0 <= a <= 1.0 for a in aucs.values())
+    # DiffMIC-3D, the DCG's global prior, fused prediction and ensemble, the baseline
+    assert len(aucs) == 5 and all(np.isnan(a) or 0.0 <= a <= 1.0 for a in aucs.values())
     assert not any(r["metric"].endswith("@val_threshold") for r in rows)  # thresholds are binary only
     assert {r["model"] for r in rows if r["metric"] == "ece"} == set(aucs)
     confusion = [r for r in rows if r["model"] == "DiffMIC-3D" and r["metric"].startswith("confusion_")]
