@@ -83,18 +83,18 @@ def check_output_dir(output_dir: Path, config: TrainConfig, distributed: Optiona
     resumed stage checks its own world size); a one-process start keeps the last record."""
     path = output_dir / TRAIN_CONFIG_JSON
     current = config.to_dict()
-    if path.is_file():
-        saved = json.loads(path.read_text())
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    if previous is not None:
         # a field added after the run was written counts as the value the run had in effect
-        saved = {**_BEFORE_FIELD, **{k: v for k, v in saved.items() if k != "distributed"}}
+        saved = {**_BEFORE_FIELD, **{k: v for k, v in previous.items() if k != "distributed"}}
         differ = sorted(k for k in set(saved) | set(current)
                         if k not in _IGNORED_FOR_RESUME and saved.get(k) != current.get(k))
         if differ:
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
             raise DataError(output_dir, f"holds a run with another configuration ({changes}); "
                                         "use another output folder or delete this one")
-    if distributed is None and path.is_file():  # a one-process start (e.g. notebook 07) keeps the record
-        distributed = json.loads(path.read_text()).get("distributed")
+    if distributed is None and previous is not None:  # a one-process start (e.g. notebook 07) keeps the record
+        distributed = previous.get("distributed")
     if distributed is not None:
         current["distributed"] = distributed
     atomic_write_text(path, json.dumps(current, indent=2) + "\n")

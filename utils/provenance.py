@@ -64,8 +64,7 @@ def collect(device: torch.device | str) -> dict:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        **rank_device(device),
     }
 
 

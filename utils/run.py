@@ -109,19 +109,6 @@ def data_step_args(args) -> list[str]:
     return out + [a for item in args.set for a in ("--set", item)]
 
 
-def without_gpus(argv: list[str]) -> list[str]:
-    """``argv`` less its --gpus option (the processes torchrun starts must not start it again)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--gpus":
-            skip = True
-        elif not arg.startswith("--gpus="):
-            out.append(arg)
-    return out
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -134,7 +121,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(str(exc))
     if world > 1 and world_from_env() == 1:  # the data step here, then the processes; each runs this again
         code = prepare_data_main(data_step_args(args))  # one process fills the cache; the ranks only read it
-        return code or launch("utils.run", without_gpus(list(sys.argv[1:] if argv is None else argv)), world)
+        # the ranks take the same options: under torchrun the world size comes from it, not from --gpus
+        return code or launch("utils.run", list(sys.argv[1:] if argv is None else argv), world)
     context, device = init_from_env(device)
     try:
         run_experiment(config, args.output_dir, args.data_dir, args.cache_dir, str(device), context, args.train_only)
