@@ -65,6 +65,11 @@ class DenoiserConfig(PlainConfig):
             one variant is never loaded into the other.
         prior_residual: ``y0_hat = M + correction`` with a zero-initialised last layer (the
             design), or False: the head predicts y0_hat directly (the earlier head, ablation).
+        image_ce_weight: deep supervision of the own image encoder: a linear classifier on its
+            grid-mean features (``classify_image``) adds ``image_ce_weight * CE`` to the phase-2
+            loss, so the encoder learns the classes from the scan itself instead of only through
+            the small correction of the prior; 0: no classifier (the earlier denoiser; checkpoints
+            written before the field load with 0, ``models.model_config.ADDED_LATER``).
     """
 
     num_classes: int = 2
@@ -84,6 +89,7 @@ class DenoiserConfig(PlainConfig):
     head_kernel: int = 1
     film: str = "bounded"
     prior_residual: bool = True
+    image_ce_weight: float = 0.5
 
     def __post_init__(self):
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -96,6 +102,8 @@ class DenoiserConfig(PlainConfig):
                              f"{self.num_classes}, {self.time_dim}")
         if self.film not in ("bounded", "unbounded"):
             raise ValueError(f"DenoiserConfig.film must be 'bounded' or 'unbounded', got {self.film!r}")
+        if not self.image_ce_weight >= 0:
+            raise ValueError(f"DenoiserConfig.image_ce_weight must be >= 0, got {self.image_ce_weight}")
         if self.head_kernel not in (1, 3):
             raise ValueError(f"DenoiserConfig.head_kernel must be 1 or 3, got {self.head_kernel}")
         self.unet_config()  # validates widths and grid
@@ -172,6 +180,8 @@ class ConditionalDenoiser(nn.Module):
         self.unet = UNet3D(c.unet_config())
         self.head = PointHead(c.num_classes, c.cond_dim, c.time_dim, c.head_kernel, bounded=c.film == "bounded",
                               prior_residual=c.prior_residual)
+        # deep supervision of the image encoder (phase-2 training only; image_ce_weight)
+        self.image_classifier = nn.Linear(c.image_dim, c.num_classes) if c.image_ce_weight > 0 else None
 
     def encode_image(self, scan: torch.Tensor) -> torch.Tensor:
         """The own image encoder on the grid: scan (B, 1, H, W, D) -> (B, E_img, Np, Np, Np)
@@ -183,6 +193,13 @@ class ConditionalDenoiser(nn.Module):
             return scan.new_zeros(scan.shape[0], c.image_dim, *grid)
         feats = self.image_encoder(scan)  # (B, ch, H/16, W/16, D/16)
         return self.image_proj(F.interpolate(feats, size=grid, mode="trilinear", align_corners=False))
+
+    def classify_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, C) of the encoded scan ``image`` (B, E_img, Np, Np, Np) alone: the
+        deep-supervision classifier on its grid mean (needs ``image_ce_weight > 0``)."""
+        if self.image_classifier is None:
+            raise ValueError("classify_image needs DenoiserConfig.image_ce_weight > 0 (no image classifier)")
+        return self.image_classifier(image.float().mean(dim=(-3, -2, -1)))
 
     def condition(self, scan: torch.Tensor, M: torch.Tensor, F_prior: torch.Tensor) -> torch.Tensor:
         """scan (B, 1, H, W, D), M (B, C, Np, Np, Np), F_prior (B, feature_dim) -> cond (B, E, Np, Np, Np)."""

@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.dcg_model import DCG, DCGOutput, dcg_objective
@@ -157,7 +158,9 @@ class DiffMIC3D(nn.Module):
     def diffusion_loss(self, scan: torch.Tensor, guidance: DCGOutput, labels: torch.Tensor,
                        prior_dropout: float = 0.0, generator: Optional[torch.Generator] = None,
                        weights: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """Phase-2 objective: dict(loss, mse, ce) of ``PriorShiftedDiffusion.training_loss``.
+        """Phase-2 objective: dict(loss, mse, ce) of ``PriorShiftedDiffusion.training_loss``, plus
+        ``image_ce`` (added to ``loss`` with ``DenoiserConfig.image_ce_weight``) when the own image
+        encoder is deeply supervised.
 
         Args:
             scan: (B, 1, H, W, D) the volumes (the denoiser's own encoder reads them).
@@ -171,9 +174,16 @@ class DiffMIC3D(nn.Module):
             drop = torch.rand(labels.shape[0], generator=generator,
                               device=generator.device if generator is not None else "cpu") < prior_dropout
             drop = drop.to(scan.device)
-        M, cond = self.condition(scan, guidance, drop)
-        return self.diffusion.training_loss(lambda y_t, t: self.denoiser(y_t, M, t, cond), M, labels,
-                                            generator=generator, weights=weights)
+        M, F_prior = self._prior_tensors(guidance, drop)
+        image = self.denoiser.encode_image(scan)  # (B, E_img, Np, Np, Np)
+        cond = self.denoiser.condition_from(image, M, F_prior)
+        out = self.diffusion.training_loss(lambda y_t, t: self.denoiser(y_t, M, t, cond), M, labels,
+                                           generator=generator, weights=weights)
+        weight = self.config.denoiser.image_ce_weight
+        if weight > 0:  # deep supervision of the own image encoder (unweighted mean over volumes)
+            out["image_ce"] = F.cross_entropy(self.denoiser.classify_image(image), labels.to(scan.device).long())
+            out["loss"] = out["loss"] + weight * out["image_ce"]
+        return out
 
     def probabilities(self, y: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities (..., C) of class maps (..., C, Np, Np, Np):
@@ -303,7 +313,7 @@ class DiffMIC3D(nn.Module):
             "dcg_global": dcg["global_encoder"] + dcg["saliency_head"],
             "dcg_local": dcg["local_encoder"] + dcg["attention"] + dcg["local_classifier"],
             "prior_generator": _count(self.prior_generator),
-            "image_encoder": _count(d.image_encoder) + _count(d.image_proj),
+            "image_encoder": _count(d.image_encoder) + _count(d.image_proj) + _count(d.image_classifier),
             "condition_unet": _count(d.unet) + _count(d.prior_norm) + _count(d.prior_proj),
             "point_head": _count(d.head),
         }
@@ -323,8 +333,8 @@ class DiffMIC3D(nn.Module):
         return "\n".join(rows)
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _count(module: Optional[nn.Module]) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
 def _human(n: int) -> str:

@@ -17,6 +17,9 @@ from models.prior_generator import PriorConfig
 
 PRESETS = ("tiny", "small", "full")  # ModelConfig.<name>(): the named model sizes
 MODEL_SECTIONS = ("dcg", "denoiser", "diffusion")  # what ModelConfig.with_changes may change, by section
+# fields added after checkpoints were written, with the value those checkpoints had in effect
+# (from_dict fills them in; any other missing field is an error)
+ADDED_LATER = {"denoiser": {"image_ce_weight": 0.0}}
 # fields of a section that ModelConfig.create sets from its shared sizes (never overridden per section)
 SHARED_FIELDS = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"},
                  "diffusion": set()}
@@ -159,10 +162,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: Mapping) -> "ModelConfig":
         """Inverse of ``to_dict``; missing or unknown sections or fields are an error (a config
-        written by another version of the model must not load with defaults filled in)."""
+        written by another version of the model must not load with defaults filled in), except
+        the fields of ``ADDED_LATER``, which take the value that older checkpoints had in effect."""
         expected = {"dcg": DCGConfig, "prior": PriorConfig, "denoiser": DenoiserConfig, "diffusion": DiffusionConfig}
         if set(data) != set(expected):
             raise ValueError(f"ModelConfig.from_dict needs exactly the sections {sorted(expected)}, got {sorted(data)}")
+        data = {name: {**ADDED_LATER.get(name, {}), **data[name]} for name in expected}
         for name, kind in expected.items():
             missing = sorted({f.name for f in fields(kind)} - set(data[name]))
             if missing:

@@ -166,6 +166,17 @@ def test_config_mismatch_lists_the_differing_keys():
     check_config_matches(saved, saved)
 
 
+def test_a_stage_compares_only_the_sections_it_names():
+    # the DCG stage names {"dcg": ...}: a checkpoint written with the whole model config still
+    # matches when only another section (the denoiser) changed, and not when its own did
+    saved = {"dcg": {"width": 8}, "denoiser": {"image_ce_weight": 0.0}, "flat": 1}
+    check_config_matches(saved, {"dcg": {"width": 8}, "flat": 1})
+    with pytest.raises(ValueError, match="dcg.width"):
+        check_config_matches(saved, {"dcg": {"width": 16}, "flat": 1})
+    with pytest.raises(ValueError, match="flat \\(only in checkpoint"):  # a plain field is never skipped
+        check_config_matches(saved, {"dcg": {"width": 8}})
+
+
 def test_rng_state_restore_reproduces_random_numbers():
     gen = np.random.default_rng(11)
     tgen = torch.Generator().manual_seed(3)

@@ -204,11 +204,12 @@ def test_training_loss_is_differentiable_and_reaches_denoiser_and_priors_not_the
     model = tiny_model(num_classes).train().freeze_dcg()
     x, labels = scans(3), torch.arange(3) % num_classes
     out = model.diffusion_loss(x, model.guidance(x), labels, generator=gen())
-    assert set(out) == {"loss", "mse", "ce"} and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert set(out) == {"loss", "mse", "ce", "image_ce"} and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
     den = model.denoiser
     for name, module in (("image encoder", den.image_encoder), ("condition U-Net", den.unet),
-                         ("point head", den.head), ("prior generator", model.prior_generator)):
+                         ("point head", den.head), ("prior generator", model.prior_generator),
+                         ("image classifier", den.image_classifier)):
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
     assert model.prior_generator.gate_logits.grad.abs().sum() > 0
@@ -386,3 +387,66 @@ def test_a_config_of_another_version_is_refused_not_filled_with_defaults():
         ModelConfig.tiny().with_changes(fold_dcgs=1)
     with pytest.raises(ValueError, match="prior_residual=True needs"):
         ModelConfig.tiny().with_changes(diffusion={"parameterization": "eps", "zero_terminal_snr": False})
+
+
+# deep supervision of the own image encoder --------------------------------------------------
+
+
+def test_the_image_classifiers_cross_entropy_is_added_with_its_weight():
+    model = tiny_model().train().freeze_dcg()
+    x, labels = scans(4), torch.tensor([0, 1, 1, 0])
+    weight = model.config.denoiser.image_ce_weight
+    assert weight > 0
+    out = model.diffusion_loss(x, model.guidance(x), labels, generator=gen())
+    expected = torch.nn.functional.cross_entropy(model.denoiser.classify_image(model.denoiser.encode_image(x)), labels)
+    torch.testing.assert_close(out["image_ce"], expected)
+    model.config.denoiser.image_ce_weight = 0.0  # the same draws without the term
+    plain = model.diffusion_loss(x, model.guidance(x), labels, generator=gen())
+    assert "image_ce" not in plain
+    torch.testing.assert_close(out["loss"] - plain["loss"], weight * expected)
+
+
+def test_without_the_weight_there_is_no_image_classifier():
+    cfg = ModelConfig.tiny(input_shape=SHAPE).with_changes(denoiser={"image_ce_weight": 0.0})
+    model = DiffMIC3D(cfg)
+    assert model.denoiser.image_classifier is None
+    assert not any(k.startswith("denoiser.image_classifier") for k in model.state_dict())
+    with pytest.raises(ValueError, match="image_ce_weight > 0"):
+        model.denoiser.classify_image(torch.zeros(1, cfg.denoiser.image_dim, 4, 4, 4))
+    with pytest.raises(ValueError, match="image_ce_weight"):
+        ModelConfig.tiny(input_shape=SHAPE).with_changes(denoiser={"image_ce_weight": -1.0})
+
+
+def test_a_config_written_before_the_image_classifier_loads_with_it_off():
+    data = ModelConfig.tiny(input_shape=SHAPE).to_dict()
+    del data["denoiser"]["image_ce_weight"]
+    old = ModelConfig.from_dict(data)
+    assert old.denoiser.image_ce_weight == 0.0 and DiffMIC3D(old).denoiser.image_classifier is None
+    del data["denoiser"]["film"]  # any other missing field is still refused
+    with pytest.raises(ValueError, match="lacks \\['film'\\]"):
+        ModelConfig.from_dict(data)
+
+
+def test_deep_supervision_teaches_the_own_encoder_the_classes_of_a_tiny_problem():
+    # bright blob = class 1; the DCG is untrained, so its priors carry nothing: what the
+    # image classifier learns comes from the scan through the encoder that phase 2 trains
+    torch.manual_seed(0)
+    model = DiffMIC3D(ModelConfig.tiny(input_shape=SHAPE)).train().freeze_dcg()
+    train, test = BlobVolumes(32, seed=1), BlobVolumes(32, seed=2)
+    x, y = torch.stack([train[i]["image"] for i in range(32)]), torch.as_tensor(train.labels)
+    guidance = model.guidance(x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    g = gen()
+    for _ in range(30):
+        opt.zero_grad()
+        model.diffusion_loss(x, guidance, y, generator=g)["loss"].backward()
+        opt.step()
+    encoder = model.denoiser.image_encoder  # precise BatchNorm statistics, as phase 2 does before validating
+    recompute_batchnorm_stats(encoder, [x], lambda batch: encoder(batch))
+    model.eval()
+    with torch.no_grad():
+        xt = torch.stack([test[i]["image"] for i in range(32)])
+        logits = model.denoiser.classify_image(model.denoiser.encode_image(xt))
+    accuracy = (logits.argmax(1).numpy() == test.labels).mean()
+    assert accuracy >= 0.8, accuracy

@@ -196,11 +196,15 @@ def check_config_matches(saved: Mapping, current: Mapping, path: str | Path | No
     ``ValueError``.
 
     Nested dicts are compared key by key (named ``a.b.c``); tuples and lists compare equal
-    when their items do (a config saved from a tuple field may come back as a list).
+    when their items do (a config saved from a tuple field may come back as a list). A section
+    (a top-level dict) of the checkpoint that ``current`` does not have is not compared: a stage
+    names the sections it depends on (the DCG stage: ``dcg``), so a change elsewhere in the
+    model (e.g. the denoiser) does not invalidate a trained DCG.
     """
     def normalise(value):
         return [normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
+    saved = {k: v for k, v in saved.items() if k in current or not isinstance(v, Mapping)}
     ours, theirs = _flatten(saved), _flatten(current)
     problems = []
     for key in sorted(set(ours) | set(theirs)):

@@ -124,8 +124,8 @@ def train_dcg(model: DiffMIC3D, train_set: Dataset, val_set: Dataset, config: Tr
     return fit(model, optimizer, None, train_step=train_step, evaluate=evaluate, train_batches=train_batches,
                config=fit_config(config, name, config.dcg_epochs, device, config.dcg_first_selectable_epoch(),
                                  ddp_find_unused=True),  # the rest of the model; the curriculum's branches
-               checkpoint_path=checkpoint_path, model_config=model.config.to_dict(), meta=meta, device=device,
-               checkpoint_keys=lambda key: key.startswith("dcg."),  # the rest of the model is untrained here
+               checkpoint_path=checkpoint_path, model_config={"dcg": model.config.dcg.to_dict()}, meta=meta,
+               device=device, checkpoint_keys=lambda key: key.startswith("dcg."),  # the rest of the model is untrained here
                context=context)
 
 
