@@ -18,7 +18,7 @@ from models.prior_generator import PriorConfig
 PRESETS = ("tiny", "small", "full")  # ModelConfig.<name>(): the named model sizes
 MODEL_SECTIONS = ("dcg", "denoiser", "diffusion")  # what ModelConfig.with_changes may change, by section
 # fields added after checkpoints were written, with the value those checkpoints had in effect
-# (from_dict fills them in; any other missing field is an error)
+# (from_dict fills them in; any other missing field is an error; the default may differ)
 ADDED_LATER = {"denoiser": {"image_ce_weight": 0.0}}
 # fields of a section that ModelConfig.create sets from its shared sizes (never overridden per section)
 SHARED_FIELDS = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"},

@@ -177,6 +177,17 @@ def test_a_stage_compares_only_the_sections_it_names():
         check_config_matches(saved, {"dcg": {"width": 8}})
 
 
+def test_a_field_added_later_matches_an_older_checkpoint_at_its_old_value():
+    from models.model_config import ADDED_LATER
+
+    section, values = next(iter(ADDED_LATER.items()))
+    field, old_value = next(iter(values.items()))
+    saved = {section: {"width": 8}}  # written before the field existed
+    check_config_matches(saved, {section: {"width": 8, field: old_value}})
+    with pytest.raises(ValueError, match=f"{section}.{field}"):
+        check_config_matches(saved, {section: {"width": 8, field: old_value + 0.5}})
+
+
 def test_rng_state_restore_reproduces_random_numbers():
     gen = np.random.default_rng(11)
     tgen = torch.Generator().manual_seed(3)

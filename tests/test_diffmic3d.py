@@ -204,12 +204,11 @@ def test_training_loss_is_differentiable_and_reaches_denoiser_and_priors_not_the
     model = tiny_model(num_classes).train().freeze_dcg()
     x, labels = scans(3), torch.arange(3) % num_classes
     out = model.diffusion_loss(x, model.guidance(x), labels, generator=gen())
-    assert set(out) == {"loss", "mse", "ce", "image_ce"} and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert set(out) == {"loss", "mse", "ce"} and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
     den = model.denoiser
     for name, module in (("image encoder", den.image_encoder), ("condition U-Net", den.unet),
-                         ("point head", den.head), ("prior generator", model.prior_generator),
-                         ("image classifier", den.image_classifier)):
+                         ("point head", den.head), ("prior generator", model.prior_generator)):
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
     assert model.prior_generator.gate_logits.grad.abs().sum() > 0
@@ -392,8 +391,15 @@ def test_a_config_of_another_version_is_refused_not_filled_with_defaults():
 # deep supervision of the own image encoder --------------------------------------------------
 
 
+def supervised(model_seed=0):
+    """A tiny model whose own image encoder is deeply supervised (image_ce_weight 0.5)."""
+    torch.manual_seed(model_seed)
+    cfg = ModelConfig.tiny(input_shape=SHAPE).with_changes(denoiser={"image_ce_weight": 0.5})
+    return DiffMIC3D(cfg)
+
+
 def test_the_image_classifiers_cross_entropy_is_added_with_its_weight():
-    model = tiny_model().train().freeze_dcg()
+    model = supervised().train().freeze_dcg()
     x, labels = scans(4), torch.tensor([0, 1, 1, 0])
     weight = model.config.denoiser.image_ce_weight
     assert weight > 0
@@ -407,7 +413,7 @@ def test_the_image_classifiers_cross_entropy_is_added_with_its_weight():
 
 
 def test_without_the_weight_there_is_no_image_classifier():
-    cfg = ModelConfig.tiny(input_shape=SHAPE).with_changes(denoiser={"image_ce_weight": 0.0})
+    cfg = ModelConfig.tiny(input_shape=SHAPE)  # the default: off
     model = DiffMIC3D(cfg)
     assert model.denoiser.image_classifier is None
     assert not any(k.startswith("denoiser.image_classifier") for k in model.state_dict())
@@ -418,7 +424,7 @@ def test_without_the_weight_there_is_no_image_classifier():
 
 
 def test_a_config_written_before_the_image_classifier_loads_with_it_off():
-    data = ModelConfig.tiny(input_shape=SHAPE).to_dict()
+    data = supervised().config.to_dict()
     del data["denoiser"]["image_ce_weight"]
     old = ModelConfig.from_dict(data)
     assert old.denoiser.image_ce_weight == 0.0 and DiffMIC3D(old).denoiser.image_classifier is None
@@ -430,8 +436,7 @@ def test_a_config_written_before_the_image_classifier_loads_with_it_off():
 def test_deep_supervision_teaches_the_own_encoder_the_classes_of_a_tiny_problem():
     # bright blob = class 1; the DCG is untrained, so its priors carry nothing: what the
     # image classifier learns comes from the scan through the encoder that phase 2 trains
-    torch.manual_seed(0)
-    model = DiffMIC3D(ModelConfig.tiny(input_shape=SHAPE)).train().freeze_dcg()
+    model = supervised().train().freeze_dcg()
     train, test = BlobVolumes(32, seed=1), BlobVolumes(32, seed=2)
     x, y = torch.stack([train[i]["image"] for i in range(32)]), torch.as_tensor(train.labels)
     guidance = model.guidance(x)

@@ -5,7 +5,8 @@ Inference-only (the seed's trained model, nothing retrained): its priors replace
 uninformative ones, its own image encoder zeroed, one denoiser pass instead of the sampler,
 the final DCG's prior only. Retrained (phase 2 only, on the seed's DCGs and out-of-fold
 priors): the denoiser predicting y_0 directly instead of a correction of its prior, no loss
-weighting, and DiffMIC-v2's label-dependent weights (``TrainConfig.error_weighting``). Each
+weighting, DiffMIC-v2's label-dependent weights (``TrainConfig.error_weighting``), and the own
+image encoder deeply supervised by a classifier of its own (``DenoiserConfig.image_ce_weight``). Each
 variant is scored once on the test split; its predictions are kept in
 ``OUT/ablations_<name>/seed<s>.npz`` so a rerun only reads them, and a report pools every
 variant over the seeds that have it (retrained variants may have been run on fewer seeds: the
@@ -37,6 +38,7 @@ RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "denoiser predicts y_0 directly (no correction of its prior)": ({}, {"denoiser": {"prior_residual": False}}),
     "no loss weighting": ({"error_weight": 0.0}, {}),
     "DiffMIC-v2's label-dependent weights 1 + 10 (1 - p_DCG(true class))": ({"error_weighting": "label"}, {}),
+    "own image encoder deeply supervised (image_ce_weight 0.5)": ({}, {"denoiser": {"image_ce_weight": 0.5}}),
 }
 
 

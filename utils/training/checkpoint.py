@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.model_config import ADDED_LATER
+
 from utils.atomic import atomic_path
 from utils.errors import DataError
 
@@ -199,12 +201,17 @@ def check_config_matches(saved: Mapping, current: Mapping, path: str | Path | No
     when their items do (a config saved from a tuple field may come back as a list). A section
     (a top-level dict) of the checkpoint that ``current`` does not have is not compared: a stage
     names the sections it depends on (the DCG stage: ``dcg``), so a change elsewhere in the
-    model (e.g. the denoiser) does not invalidate a trained DCG.
+    model (e.g. the denoiser) does not invalidate a trained DCG. Fields added to the model
+    after a checkpoint was written (``models.model_config.ADDED_LATER``) are compared with the
+    value that checkpoint had in effect.
     """
     def normalise(value):
         return [normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
     saved = {k: v for k, v in saved.items() if k in current or not isinstance(v, Mapping)}
+    # a model field added later counts, in an older checkpoint, as the value it had in effect
+    saved = {k: {**ADDED_LATER[k], **v} if k in ADDED_LATER and isinstance(v, Mapping) else v
+             for k, v in saved.items()}
     ours, theirs = _flatten(saved), _flatten(current)
     problems = []
     for key in sorted(set(ours) | set(theirs)):
