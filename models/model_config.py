@@ -20,6 +20,14 @@ MODEL_SECTIONS = ("dcg", "denoiser", "diffusion")  # what ModelConfig.with_chang
 # fields added after checkpoints were written, with the value those checkpoints had in effect
 # (from_dict fills them in; any other missing field is an error; the default may differ)
 ADDED_LATER = {"denoiser": {"image_ce_weight": 0.0}}
+
+
+def with_added_later(sections: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config as plain data (section -> fields) with the fields of ``ADDED_LATER`` that
+    a section lacks filled in; other sections and non-dict values are kept as they are."""
+    return {name: {**ADDED_LATER[name], **value} if name in ADDED_LATER and isinstance(value, Mapping) else value
+            for name, value in sections.items()}
+
 # fields of a section that ModelConfig.create sets from its shared sizes (never overridden per section)
 SHARED_FIELDS = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"},
                  "diffusion": set()}
@@ -167,7 +175,7 @@ class ModelConfig:
         expected = {"dcg": DCGConfig, "prior": PriorConfig, "denoiser": DenoiserConfig, "diffusion": DiffusionConfig}
         if set(data) != set(expected):
             raise ValueError(f"ModelConfig.from_dict needs exactly the sections {sorted(expected)}, got {sorted(data)}")
-        data = {name: {**ADDED_LATER.get(name, {}), **data[name]} for name in expected}
+        data = with_added_later(data)
         for name, kind in expected.items():
             missing = sorted({f.name for f in fields(kind)} - set(data[name]))
             if missing:

@@ -46,11 +46,12 @@ def seed_runs(folder: Path, data: str = "") -> dict[str, Path]:
 def compare(new_dir: Path, old_dir: Path, model: str = OURS, n_resamples: int = 2000, data: str = "") -> str:
     """The report (Markdown lines) of ``model``'s validation AUC, new vs old."""
     new, old = seed_runs(new_dir, data), seed_runs(old_dir, data)
-    seeds = sorted(set(new) & set(old))
-    if not seeds:
+    names = sorted(set(new) & set(old))
+    if not names:
         raise SystemExit(f"no run has val_predictions.csv in both {new_dir} and {old_dir}")
-    labels, a, b, paths, lines = [], [], [], [], ["| run | new | old | new - old |", "|---|---:|---:|---:|"]
-    for s in seeds:
+    labels, a, b, paths, aucs = [], [], [], [], []
+    lines = ["| run | new | old | new - old |", "|---|---:|---:|---:|"]
+    for s in names:
         split_new, split_old = read_split(new[s], "val_predictions.csv"), read_split(old[s], "val_predictions.csv")
         if split_new.paths != split_old.paths:
             raise SystemExit(f"{s}: the two runs scored different validation scans")
@@ -61,8 +62,8 @@ def compare(new_dir: Path, old_dir: Path, model: str = OURS, n_resamples: int = 
         auc_b = classification_metrics(split_old.labels, pb)["roc_auc"]
         lines.append(f"| {s} | {auc_a:.4f} | {auc_b:.4f} | {auc_a - auc_b:+.4f} |")
         labels.append(split_new.labels), a.append(pa), b.append(pb), paths.append(split_new.paths)
-    mean_a = np.mean([classification_metrics(y, p)["roc_auc"] for y, p in zip(labels, a)])
-    mean_b = np.mean([classification_metrics(y, p)["roc_auc"] for y, p in zip(labels, b)])
+        aucs.append((auc_a, auc_b))
+    mean_a, mean_b = np.mean(aucs, axis=0)
     lines.append(f"| mean | {mean_a:.4f} | {mean_b:.4f} | {mean_a - mean_b:+.4f} |")
     pooled = pooled_comparison(labels, a, b, paths=paths, n_resamples=n_resamples)
     lines.append("")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.model_config import ADDED_LATER
+from models.model_config import with_added_later
 
 from utils.atomic import atomic_path
 from utils.errors import DataError
@@ -208,10 +208,8 @@ def check_config_matches(saved: Mapping, current: Mapping, path: str | Path | No
     def normalise(value):
         return [normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
-    saved = {k: v for k, v in saved.items() if k in current or not isinstance(v, Mapping)}
     # a model field added later counts, in an older checkpoint, as the value it had in effect
-    saved = {k: {**ADDED_LATER[k], **v} if k in ADDED_LATER and isinstance(v, Mapping) else v
-             for k, v in saved.items()}
+    saved = with_added_later({k: v for k, v in saved.items() if k in current or not isinstance(v, Mapping)})
     ours, theirs = _flatten(saved), _flatten(current)
     problems = []
     for key in sorted(set(ours) | set(theirs)):
