@@ -10,6 +10,20 @@ every profile, so the committed ``demo`` outputs are what the smoke run must rep
 import os
 import tempfile
 
+import pytest
+
 os.environ["MEDISCOPE_PROFILE"] = "smoke"
 os.environ["MEDISCOPE_PROGRESS"] = "0"
 os.environ.setdefault("MEDISCOPE_OUTPUT_DIR", tempfile.mkdtemp(prefix="mediscope-nbval-"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (``pyproject.toml``) means one process here: the notebooks run in order, each
+    reading what the previous ones wrote, so they cannot be spread over pytest-xdist's workers."""
+    return 0
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker
+        raise pytest.UsageError("the notebooks run in one process, in order: pass -n 0")

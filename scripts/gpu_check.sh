@@ -2,7 +2,7 @@
 # The GPU path end to end, on a CUDA machine, in one command. On one H100 its parts were measured
 # separately (tests 42 s; utils.run reached DenseNet-121 epoch 8 of 15 in 5 min; notebooks 01-05
 # took 2.5 min): about 10 min in all, estimated, over the 8-minute goal (README, "GPU").
-#   1. the CUDA-marked tests                 (pytest -m cuda tests/; skipped with GPU_CHECK_TESTS=0)
+#   1. the CUDA-marked tests, one process    (pytest -m cuda tests/; skipped with GPU_CHECK_TESTS=0)
 #   1b. the benchmark's memory section on the GPU: each full stage's measured peak CUDA memory
 #      beside the estimate made without a GPU (the check of the T4 answer; benchmark.md in
 #      $GPU_CHECK_DIR/benchmark)
@@ -60,7 +60,7 @@ stage() {  # stage NAME COMMAND...: run it, log to $OUT/NAME.log, print time, pe
 
 RUN="$OUT/run_full"
 if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
-  stage tests "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/
+  stage tests "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra -m cuda tests/
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1 | sed 's/^/  tests: /' | tee -a "$SUMMARY"
 fi
 stage memory "$PY" -m utils.benchmark --sections memory --output-dir "$OUT/benchmark" --device cuda
