@@ -6,7 +6,9 @@
 (b) condition: on a learnable problem, shuffling the condition across the batch drops the
     accuracy to chance (the prediction comes from the scan, not from the noisy label);
 (c) phase 2 learns: ``train_diffusion`` on that problem reaches a high validation AUC and moves
-    the denoiser's weights; the same run with the loss multiplied by 0 does neither.
+    the denoiser's weights; the same run with the loss multiplied by 0 does neither;
+(d) the prior carries the prediction where the scan holds nothing; (e) one pass is the first
+    DDIM step; (f) a correction learned against its prior is switched off on validation.
 """
 import math
 
@@ -129,9 +131,10 @@ def test_a_a_point_output_depends_on_its_own_y_t_only():
 
 
 def blob_config(**overrides):
-    return get_profile("smoke", input_shape=(32, 32, 32), batch_size=8, diffusion_epochs=6, patience=10,
-                       lr_diffusion=3e-3, ema_decay=0.9, prior_dropout=0.0, val_num_samples=4, val_ddim_steps=5,
-                       model_overrides={"diffusion": {"num_samples": 4, "ddim_steps": 5}}, **overrides)
+    settings = dict(input_shape=(32, 32, 32), batch_size=8, diffusion_epochs=6, patience=10, lr_diffusion=3e-3,
+                    ema_decay=0.9, prior_dropout=0.0, val_num_samples=4, val_ddim_steps=5,
+                    model_overrides={"diffusion": {"num_samples": 4, "ddim_steps": 5}})
+    return get_profile("smoke", **{**settings, **overrides})
 
 
 def blob_model():
@@ -162,6 +165,7 @@ def test_c_phase2_learns_and_b_the_condition_carries_the_prediction(tmp_path):
     model, guidance, val, auc, moved = run_phase2(tmp_path)
     assert auc >= 0.9, f"phase 2 did not learn the blob problem: validation AUC {auc:.3f}"
     assert moved > 1e-3
+    assert float(model.denoiser.head.out.weight.abs().max()) > 0  # a correction that helps is kept
 
     # (b) the same weights with the condition shuffled across the batch: chance
     x = torch.stack([val[i]["image"] for i in range(len(val))])
@@ -195,12 +199,14 @@ class NoiseVolumes(BlobVolumes):
         self.images = np.random.default_rng(seed + 100).normal(0.3, 0.05, size=self.images.shape).astype(np.float32)
 
 
-def informative_guidance(model, data, seed):
+def informative_guidance(model, data, seed, inverted=False):
     """The untrained DCG's cache with its class probabilities replaced by a noisy version of the
-    label (p(true class) ~ 0.75): the prior carries the signal the scans do not."""
+    label (p(true class) ~ 0.75): the prior carries the signal the scans do not. ``inverted``:
+    of the other label (p(true class) ~ 0.25), priors that rank the scans against their labels."""
     guidance = cache_guidance(model, data, torch.device("cpu"), progress=False)
     g = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(data.labels)
+    labels = 1 - labels if inverted else labels
     logit = 2.0 * (2.0 * labels.float() - 1.0) + 1.5 * torch.randn(len(labels), generator=g)
     p1 = torch.sigmoid(logit)
     probs = torch.stack([1 - p1, p1], dim=1)
@@ -222,6 +228,36 @@ def test_d_the_prior_carries_the_prediction_where_the_scan_holds_nothing(tmp_pat
     with_prior, without = auc(guidance["val"]), auc(uninformative(guidance["val"]))
     assert with_prior >= prior_auc - 0.05, (with_prior, prior_auc)  # it keeps what its prior knows
     assert without <= 0.7, without  # and that was all it knew: replaced by an uninformative prior, chance
+
+
+def test_f_a_correction_learned_against_its_prior_is_switched_off_on_validation(tmp_path, caplog):
+    """The demo run's failure: out-of-fold training priors that rank the training scans against
+    their labels (AUC 0.43) teach phase 2 to invert its prior, while the priors of new scans are
+    right. Here the training priors are inverted, the validation priors are not, and the scans
+    hold nothing: the trained correction inverts the validation ranking, and check_correction
+    must switch it off, leaving the prior ensemble (what the priors alone score)."""
+    train, val = NoiseVolumes(48, 0), NoiseVolumes(48, 1)
+    model = blob_model()
+    train_guidance = informative_guidance(model, train, 0, inverted=True)
+    val_guidance = informative_guidance(model, val, 1)
+    config = blob_config(diffusion_epochs=10, lr_diffusion=1e-2)
+    with caplog.at_level("WARNING"):
+        result = train_diffusion(model, train, train_guidance, val, val_guidance, config, torch.device("cpu"),
+                                 tmp_path / "diffusion.pth")
+    check = result.history["correction_check"]
+    prior_auc = roc_auc_score(val.labels, val_guidance.fused_probs[:, 1])
+    assert check["val_auc_trained"] < 0.5, check  # phase 2 did learn against its prior
+    assert not check["kept"] and check["val_auc_prior_only"] >= prior_auc - 0.05, (check, prior_auc)
+    assert "switched off" in caplog.text
+    assert float(model.denoiser.head.out.weight.abs().max()) == 0.0
+    probs = predict_dataset(model, val, val_guidance, torch.device("cpu"), 8, 0)["probs"][:, 1]
+    torch.testing.assert_close(probs, val_guidance.fused_probs[:, 1].float(), atol=1e-5, rtol=0)  # M exactly
+
+    # a finished run loaded again makes the same decision
+    again = blob_model()
+    loaded = train_diffusion(again, train, train_guidance, val, val_guidance, config, torch.device("cpu"),
+                             tmp_path / "diffusion.pth")
+    assert loaded.history["correction_check"] == check
 
 
 def test_e_one_pass_is_the_denoisers_first_prediction():

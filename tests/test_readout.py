@@ -165,3 +165,24 @@ def test_an_inverted_phase_2_is_reported_not_silently_shipped(caplog):
     assert "error_weighting='label'" in caplog.text
     assert warn_if_inverted({"val_auc": [0.77, 0.8], "best_epoch": 2}) is None
     assert warn_if_inverted({"val_auc": [float("nan")], "best_epoch": 1}) is None  # one class in val
+
+
+def test_the_inversion_warning_reads_the_model_kept(caplog):
+    """After check_correction the model kept is the prior ensemble where the correction was
+    switched off; the pipeline passes phase 2's history.json entry (it once passed the bare
+    per-epoch series, without the selected epoch, so the warning never fired)."""
+    from utils.pipeline import history_entry
+    from utils.training.loop import FitResult
+    from utils.training.readout import warn_if_inverted
+
+    switched_off = {"val_auc_trained": 0.27, "val_auc_prior_only": 0.75, "kept": False}
+    series = {"val_auc": [0.75, 0.27], "correction_check": switched_off}
+    assert warn_if_inverted({**series, "best_epoch": 2}) is None  # the prior ensemble, 0.75, is kept
+    bad_prior = {**switched_off, "val_auc_prior_only": 0.3}
+    with caplog.at_level("WARNING"):
+        message = warn_if_inverted({**series, "correction_check": bad_prior, "best_epoch": 2})
+    assert message is not None and "prior ensemble" in message and "0.300" in message
+    kept = {"val_auc_trained": 0.27, "val_auc_prior_only": 0.2, "kept": True}
+    result = FitResult(history={"val_auc": [0.75, 0.27], "correction_check": kept},
+                       best={"epoch": 2, "val_auc": 0.27}, epochs_run=2, stopped_early=False)
+    assert "selected epoch 2" in warn_if_inverted(history_entry(result))

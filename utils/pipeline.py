@@ -206,7 +206,7 @@ def train_phase2(exp: Experiment, model: DiffMIC3D, guidance: dict[str, DCGOutpu
     log.info(f"readout fitted on the validation split: scale {readout['scale']:.3f}, bias "
              f"{[round(b, 3) for b in readout['bias']]}, {decision}, referral threshold {readout['refer_threshold']:.3f}")
     result.history["readout"] = readout
-    warn_if_inverted(result.history)
+    warn_if_inverted(history_entry(result))
     return result
 
 

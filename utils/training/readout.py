@@ -119,19 +119,24 @@ def calibrate_readout(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutpu
 
 
 def warn_if_inverted(history: dict) -> Optional[str]:
-    """A warning (logged and returned) when the selected phase-2 epoch ranks the validation
-    scans below chance: the model is then inverted, its readout nearly flat, and its test
-    figures mean little (README, "The denoiser corrects its prior": DiffMIC-v2's label-dependent
-    loss weights on weak priors); None otherwise."""
+    """A warning (logged and returned) when the phase-2 model kept ranks the validation scans
+    below chance: its test figures then mean little. ``history``: phase 2's ``history.json``
+    entry (per-epoch series, ``best_epoch`` and, from runs that validate the correction,
+    ``correction_check``: ``utils.training.diffusion.check_correction``). The model kept is the
+    selected epoch, or its prior ensemble where the correction was switched off; None otherwise."""
     best = history.get("best_epoch")
     if not best:
         return None
-    auc = history["val_auc"][best - 1]
+    check = history.get("correction_check")
+    if check is not None and not check["kept"]:
+        auc, what = check["val_auc_prior_only"], "its prior ensemble (the correction switched off)"
+    else:
+        auc, what = history["val_auc"][best - 1], f"the selected epoch {best}"
     if auc is None or not math.isfinite(auc) or auc >= 0.5:
         return None
-    message = (f"phase 2 selected epoch {best}, whose validation AUC is {auc:.3f} (below chance): DiffMIC-3D ranks "
-               "the scans against its prior. Known cause: weak, overconfident out-of-fold priors under DiffMIC-v2's "
-               "label-dependent loss weights (error_weighting='label'; the default 'uncertainty' keeps the sign); "
-               "otherwise too few validation scans to select on (README, Model)")
+    message = (f"phase 2 kept {what}, whose validation AUC is {auc:.3f} (below chance): DiffMIC-3D ranks the "
+               "scans against the labels. Known causes: weak, overconfident out-of-fold priors under DiffMIC-v2's "
+               "label-dependent loss weights (error_weighting='label'), DCGs that rank validation below chance, "
+               "or too few validation scans to select on (README, Model)")
     log.warning(message)
     return message
