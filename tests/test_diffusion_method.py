@@ -165,7 +165,7 @@ def test_c_phase2_learns_and_b_the_condition_carries_the_prediction(tmp_path):
     model, guidance, val, auc, moved = run_phase2(tmp_path)
     assert auc >= 0.9, f"phase 2 did not learn the blob problem: validation AUC {auc:.3f}"
     assert moved > 1e-3
-    assert float(model.denoiser.head.out.weight.abs().max()) > 0  # a correction that helps is kept
+    assert float(model.denoiser.head.out.weight.detach().abs().max()) > 0  # a correction that helps is kept
 
     # (b) the same weights with the condition shuffled across the batch: chance
     x = torch.stack([val[i]["image"] for i in range(len(val))])
@@ -249,7 +249,7 @@ def test_f_a_correction_learned_against_its_prior_is_switched_off_on_validation(
     assert check["val_auc_trained"] < 0.5, check  # phase 2 did learn against its prior
     assert not check["kept"] and check["val_auc_prior_only"] >= prior_auc - 0.05, (check, prior_auc)
     assert "switched off" in caplog.text
-    assert float(model.denoiser.head.out.weight.abs().max()) == 0.0
+    assert float(model.denoiser.head.out.weight.detach().abs().max()) == 0.0
     probs = predict_dataset(model, val, val_guidance, torch.device("cpu"), 8, 0)["probs"][:, 1]
     torch.testing.assert_close(probs, val_guidance.fused_probs[:, 1].float(), atol=1e-5, rtol=0)  # M exactly
 
