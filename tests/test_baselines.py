@@ -94,11 +94,39 @@ def test_gradcam_maps_cover_the_input_and_follow_the_prediction(name):
     torch.manual_seed(0)
     net = build_baseline(name, 2).eval()
     x = torch.rand(2, 1, 48, 48, 32)
-    maps, predicted = gradcam_maps(net, name, x)
+    maps, probs = gradcam_maps(net, name, x)
     assert maps.shape == (2, 48, 48, 32) and np.isfinite(maps).all()
     assert maps.min() >= 0.0 and maps.max() <= 1.0 + 1e-6  # normalised per scan (an untrained DenseNet's
     # ReLU-ed Grad-CAM can be all zero, so "not constant" is checked on the ResNet only)
     if name == "resnet18":
         assert maps.reshape(2, -1).std(axis=1).min() > 0
     with torch.no_grad():
-        assert predicted.tolist() == net(x).argmax(1).tolist()
+        expected = torch.softmax(net(x), 1).numpy()
+    assert probs.shape == (2, 2) and np.allclose(probs, expected, atol=1e-5)
+
+
+def test_gradcam_figure_titles_give_the_true_class_the_prediction_and_its_probability(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    import utils.evaluation.gradcam as gradcam
+
+    titles = []
+
+    def overlay(volume, saliency, max_slices, title):
+        titles.append(title)
+        return plt.figure(figsize=(2, 1))
+
+    monkeypatch.setattr(gradcam, "plot_saliency_overlay", overlay)
+    torch.manual_seed(0)
+    net = build_baseline("resnet18", 2).eval()
+    volumes = [np.random.default_rng(i).random((1, 48, 48, 32), dtype=np.float32) for i in range(2)]
+    path = gradcam.write_baseline_gradcam({"resnet18": net}, {"resnet18": "3D ResNet-18"}, volumes,
+                                          ["a/scan0.nii.gz", "b/scan1.nii.gz"], tmp_path, ["Normal", "COVID-19"],
+                                          labels=[0, 1])
+    assert path is not None and path.is_file()
+    with torch.no_grad():
+        probs = torch.softmax(net(torch.from_numpy(np.stack(volumes))), 1).numpy()
+    for i, (title, truth) in enumerate(zip(titles, ["Normal", "COVID-19"])):
+        k = int(probs[i].argmax())
+        assert title.startswith(f"3D ResNet-18: scan{i}.nii.gz (true {truth}), ")
+        assert title.endswith(f"prediction {['Normal', 'COVID-19'][k]} (p = {probs[i, k]:.2f})")

@@ -383,10 +383,11 @@ def evaluate_test(exp: Experiment, model: DiffMIC3D, baselines: dict[str, nn.Mod
                                reference=ABLATION_FUSED)
     shown = showcase_indices(test.labels, predictions[ABLATION_FUSED].probs)  # showcase.SHOWCASE_RULE
     volumes, paths = [test[i]["image"].numpy() for i in shown], [test.records[i].path for i in shown]
+    labels = [int(test.records[i].label) for i in shown]
     write_model_figures(model, volumes, paths, exp.output_dir, seed=config.seed, class_names=exp.class_names,
-                        labels=[int(test.records[i].label) for i in shown],
+                        labels=labels,
                         hires_volumes=None if exp.hires_cache is None else [test[i]["image_hires"].numpy()
                                                                             for i in shown],
                         lesion_masks=lesion_masks(test, shown, getattr(exp.cache, "config", None)))
-    write_baseline_gradcam(baselines, DISPLAY_NAMES, volumes, paths, exp.output_dir, exp.class_names)
+    write_baseline_gradcam(baselines, DISPLAY_NAMES, volumes, paths, exp.output_dir, exp.class_names, labels)
     return rows
