@@ -185,6 +185,14 @@ def predict_dataset(model: DiffMIC3D, dataset: Dataset, guidance: DCGOutput | Se
     return result
 
 
+def validation_probs(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutput | Sequence[DCGOutput],
+                     config: TrainConfig, device: torch.device) -> np.ndarray:
+    """Class probabilities (N, C) of the validation split the way phase 2 validates: the
+    validation chains and DDIM steps of ``config`` (fewer than at test time), from its seed."""
+    return predict_dataset(model, val_set, val_guidance, device, config.batch_size, config.seed,
+                           config.val_num_samples, config.val_ddim_steps, config.num_workers)["probs"].numpy()
+
+
 def recompute_encoder_bn(model: DiffMIC3D, train_set: Dataset, config: TrainConfig, device: torch.device) -> None:
     """Precise BatchNorm statistics of the denoiser's image encoder over the training split
     (shuffled, fixed order: ``utils.training.precise_bn.bn_stats_loader``)."""
@@ -248,9 +256,8 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
                                      batch["label"].to(device), generator=generator)
             loss += out["loss"].item() * len(rows)
             n += len(rows)
-        probs = predict_dataset(ema, val_set, val_guidance, device, config.batch_size, config.seed,
-                                config.val_num_samples, config.val_ddim_steps, config.num_workers)["probs"]
-        return validation_metrics(val_labels, probs.numpy(), loss / max(n, 1))
+        return validation_metrics(val_labels, validation_probs(ema, val_set, val_guidance, config, device),
+                                  loss / max(n, 1))
 
     result = fit(wrapper, optimizer, None, train_step=train_step, evaluate=evaluate,
                  train_batches=lambda epoch: make_epoch_loader(train_set, config.batch_size, config.seed, epoch,
@@ -284,9 +291,8 @@ def check_correction(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutput
     labels = np.asarray(val_set.labels)
 
     def val_auc() -> float:
-        probs = predict_dataset(model, val_set, val_guidance, device, config.batch_size, config.seed,
-                                config.val_num_samples, config.val_ddim_steps, config.num_workers)["probs"]
-        return validation_metrics(labels, probs.numpy(), math.nan)["val_auc"]
+        return validation_metrics(labels, validation_probs(model, val_set, val_guidance, config, device),
+                                  math.nan)["val_auc"]
 
     trained = val_auc()
     if not head.prior_residual:
