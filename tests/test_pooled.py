@@ -130,6 +130,11 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
 
     timings = tmp_path / "benchmark_runs" / "quality_smoke_seed0" / "timings.json"
     written = timings.stat().st_mtime_ns
+    run_quality("smoke", (0,), tmp_path, ablations="no-weighting", device="cpu")  # one retrained variant, by name
+    ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
+    assert "| phase 2 retrained | no loss weighting |" in ablations and "--ablations no-weighting" in ablations
+    assert all(f"| {v} |" not in ablations for v in RETRAINED if v != "no loss weighting")
+    assert "not run here" in ablations
     run_quality("smoke", (0,), tmp_path, ablations="all", device="cpu")
     assert timings.stat().st_mtime_ns == written  # the finished run is read, its test split not scored again
     ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
@@ -139,3 +144,15 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
         assert set(saved.files) == {*INFERENCE, *RETRAINED}
     with pytest.raises(ValueError, match="ablations must be"):
         run_quality("smoke", (0,), tmp_path, ablations="some")
+
+
+def test_ablation_modes_name_each_retrained_variant_once():
+    from utils.benchmarking.ablations import RETRAINED, RETRAINED_KEYS, retrained_of
+    from utils.benchmarking.quality import ABLATION_MODES
+
+    assert retrained_of("all") == list(RETRAINED) and retrained_of("inference") == []
+    assert sorted(v for key in RETRAINED_KEYS for v in retrained_of(key)) == sorted(RETRAINED)
+    assert retrained_of("no-correction") == ["denoiser predicts y_0 directly (no correction of its prior)"]
+    assert set(ABLATION_MODES) == {"all", "inference", *RETRAINED_KEYS}
+    with pytest.raises(ValueError, match="no-weighting"):
+        retrained_of("no-weights")

@@ -40,6 +40,20 @@ RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "DiffMIC-v2's label-dependent weights 1 + 10 (1 - p_DCG(true class))": ({"error_weighting": "label"}, {}),
     "own image encoder deeply supervised (image_ce_weight 0.5)": ({}, {"denoiser": {"image_ce_weight": 0.5}}),
 }
+# the short names of the retrained variants (``--ablations NAME``), in RETRAINED's order
+RETRAINED_KEYS = dict(zip(("no-correction", "no-weighting", "label-weights", "image-ce"), RETRAINED))
+
+
+def retrained_of(mode: str) -> list[str]:
+    """The retrained variants an ablation mode runs: ``all``, none for ``inference``, or the one
+    its short name (``RETRAINED_KEYS``) names (with the inference-only variants, in every mode)."""
+    if mode == "all":
+        return list(RETRAINED)
+    if mode == "inference":
+        return []
+    if mode not in RETRAINED_KEYS:
+        raise ValueError(f"ablations must be all, inference or one of {list(RETRAINED_KEYS)}, got {mode!r}")
+    return [RETRAINED_KEYS[mode]]
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -124,12 +138,14 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
 
 def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: str, runs_dir: Path,
                     data_dir: Optional[Path], output_dir: Path, device: Optional[str] = None,
-                    retrained: bool = True) -> Path:
-    """Every seed's ablations, pooled: ``quality_<name>_ablations.md``. ``retrained=False``: the
-    inference-only variants are run on every seed and retrained ones are reported only where
-    cached (the report names their seeds, or says they were not run)."""
+                    mode: str = "all") -> Path:
+    """Every seed's ablations, pooled: ``quality_<name>_ablations.md``. ``mode`` (``retrained_of``):
+    the inference-only variants are run on every seed, with every retrained one (``all``), none
+    (``inference``) or the one named; retrained variants not asked for are reported where cached
+    (the report names their seeds, or says they were not run)."""
     from utils.benchmarking.quality import command
 
+    retrained = retrained_of(mode)
     splits, variants = {}, {}
     for seed in seeds:
         run_dir = runs_dir / f"quality_{name}_seed{seed}"
@@ -162,7 +178,7 @@ def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: 
                      pooled(on, ps, probs_of(DCG_FUSED, on))])
     missing = [v for v in RETRAINED if v not in variants]
     md = [f"### Ablations on {name} (seeds {', '.join(map(str, seeds))}; pooled over seeds and scans)\n",
-          f"Command: `{command(data, seeds, ablations='all' if retrained else 'inference')}`. "
+          f"Command: `{command(data, seeds, ablations=mode)}`. "
           "Inference-only variants change the trained model of each seed at test time; retrained variants rerun "
           "phase 2 on the seed's DCGs and out-of-fold priors"
           + (f" (not run here: {'; '.join(missing)})" if missing else "")

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from utils.atomic import atomic_write_text
+from utils.benchmarking.ablations import RETRAINED_KEYS, write_ablations
 from utils.benchmarking.pooled import ENSEMBLE, analyse, pooled_curves, read_split
 from utils.benchmarking.report import DCG_FUSED, OURS, RESNET, markdown_table
 from utils.evaluation.protocol import format_pooled
@@ -158,8 +159,8 @@ def _mean_sd(values) -> str:
 
 def command(data: str, seeds: tuple[int, ...], overrides: Optional[dict] = None,
             ablations: Optional[str] = None) -> str:
-    """The ``utils.benchmark_quality`` command line of a report (``ablations``: None, "all" or
-    "inference")."""
+    """The ``utils.benchmark_quality`` command line of a report (``ablations``: None or one of
+    ``ABLATION_MODES``)."""
     sets = "".join(f" --set {k}={','.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
                    for k, v in (overrides or {}).items())
     return (f"python -m utils.benchmark_quality --data {data} --seeds {' '.join(map(str, seeds))}{sets}"
@@ -244,7 +245,7 @@ def write_pooled_figure(runs: dict, result: dict, path: Path, name: str) -> Path
     return save_figure(figure, path)
 
 
-ABLATION_MODES = ("all", "inference")
+ABLATION_MODES = ("all", "inference", *RETRAINED_KEYS)  # utils.benchmarking.ablations.retrained_of
 
 
 def finished(run_dir: Path, config: TrainConfig) -> bool:
@@ -286,6 +287,5 @@ def run_quality(data: str, seeds: tuple[int, ...], output_dir: Path, overrides: 
     atomic_write_text(path.with_suffix(".csv"), csv_rows(result, goal_rows))
     write_pooled_figure(runs, result, output_dir / f"risk_coverage_{name}.png", name)
     if ablations is not None:
-        from utils.benchmarking.ablations import write_ablations
-        write_ablations(base, seeds, name, data, runs_dir, data_dir, output_dir, device, ablations == "all")
+        write_ablations(base, seeds, name, data, runs_dir, data_dir, output_dir, device, ablations)
     return path
