@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from utils.atomic import atomic_write_text
-from utils.benchmarking.ablations import RETRAINED_KEYS, write_ablations
+from utils.benchmarking.ablations import RETRAINED_KEYS, retrained_of, write_ablations
 from utils.benchmarking.pooled import ENSEMBLE, analyse, pooled_curves, read_split
 from utils.benchmarking.report import DCG_FUSED, OURS, RESNET, markdown_table
 from utils.evaluation.protocol import format_pooled
@@ -266,8 +266,8 @@ def run_quality(data: str, seeds: tuple[int, ...], output_dir: Path, overrides: 
     ``quality_<name>.md`` / ``.csv``; returns the .md path."""
     from utils.run import run_experiment
 
-    if ablations is not None and ablations not in ABLATION_MODES:
-        raise ValueError(f"ablations must be None or one of {ABLATION_MODES}, got {ablations!r}")
+    if ablations is not None:
+        retrained_of(ablations)  # a bad mode fails here, before any seed is trained
 
     name, base, data_dir = dataset_setup(data)
     base = replace(base, **(overrides or {}))
