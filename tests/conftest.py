@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest-xdist's workers
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))  # one of pytest-xdist's workers
+if XDIST_WORKER:
     # the workers share the cores: one thread each, here and in the processes they start
-    # (notebook kernels, torchrun ranks, utils.run), or OpenMP threads spin-wait on each other
+    # (notebook kernels, torchrun ranks, utils.run), or OpenMP threads spin-wait on each other;
+    # the variables must be set before torch is imported, its own thread count after
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if XDIST_WORKER:
     torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
