@@ -133,6 +133,7 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
     run_quality("smoke", (0,), tmp_path, ablations="no-weighting", device="cpu")  # one retrained variant, by name
     ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
     assert "| phase 2 retrained | no loss weighting |" in ablations and "--ablations no-weighting" in ablations
+    assert "mean validation AUC (selected epoch)" in ablations
     assert all(f"| {v} |" not in ablations for v in RETRAINED if v != "no loss weighting")
     assert "not run here" in ablations
     run_quality("smoke", (0,), tmp_path, ablations="all", device="cpu")
@@ -144,6 +145,31 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
         assert set(saved.files) == {*INFERENCE, *RETRAINED}
     with pytest.raises(ValueError, match="ablations must be"):
         run_quality("smoke", (0,), tmp_path, ablations="some")
+
+
+def test_selected_val_auc_reads_the_selected_epoch_of_the_run_and_of_each_retrained_variant(tmp_path):
+    """The validation column of the ablation report: the run's phase-2 history at its selected
+    epoch (not the last, not the maximum of another phase), a variant's own checkpoint, NaN where
+    a seed lacks either."""
+    import json
+    import math
+
+    import torch
+
+    from utils.benchmarking.ablations import RETRAINED, selected_val_auc
+
+    run = tmp_path / "quality_x_seed0"
+    run.mkdir()
+    (run / "history.json").write_text(json.dumps({"dcg": {"val_auc": [0.99], "best_epoch": 1},
+                                                  "diffusion": {"val_auc": [0.5, 0.7, 0.9], "best_epoch": 2}}))
+    variant = list(RETRAINED)[1]
+    folder = tmp_path / "ablations_x" / "seed0_variant1"
+    folder.mkdir(parents=True)
+    torch.save({"fit": {"best": {"epoch": 3, "val_auc": 0.8}}}, folder / "diffusion.pth")
+    assert selected_val_auc(tmp_path, "x", 0) == 0.7
+    assert selected_val_auc(tmp_path, "x", 0, variant) == 0.8
+    assert math.isnan(selected_val_auc(tmp_path, "x", 1)) and math.isnan(selected_val_auc(tmp_path, "x", 1, variant))
+    assert math.isnan(selected_val_auc(tmp_path, "x", 0, list(RETRAINED)[0]))
 
 
 def test_ablation_modes_name_each_retrained_variant_once():
