@@ -114,7 +114,7 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
     a tiny run, its report with its goals, the pooled figure, and every ablation (inference-only
     first, then completed with the retrained ones, the finished run read, not rerun); the pooling
     over seeds is tested above on synthetic runs."""
-    from utils.benchmarking.ablations import INFERENCE, RETRAINED
+    from utils.benchmarking.ablations import INFERENCE, RETRAINED, VALIDATION
     from utils.benchmarking.quality import run_quality
 
     path = run_quality("smoke", (0,), tmp_path, ablations="inference", device="cpu")
@@ -140,9 +140,26 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
     assert timings.stat().st_mtime_ns == written  # the finished run is read, its test split not scored again
     ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
     assert all(f"| {v} |" in ablations for v in (*INFERENCE, *RETRAINED)) and "not run here" not in ablations
+    assert "minus full method, validation" in ablations
     cache = tmp_path / "benchmark_runs" / "ablations_smoke" / "seed0.npz"
     with np.load(cache) as saved:  # kept: a rerun only reads
-        assert set(saved.files) == {*INFERENCE, *RETRAINED}
+        cached = {k: saved[k] for k in saved.files}
+    assert set(cached) == {*INFERENCE, *RETRAINED, *(v + VALIDATION for v in RETRAINED)}
+    val = read_split(tmp_path / "benchmark_runs" / "quality_smoke_seed0", "val_predictions.csv")
+    assert all(cached[v + VALIDATION].shape == val.models[OURS].probs.shape for v in RETRAINED)
+
+    # a variant cached before its validation predictions were kept: reloaded from its checkpoint, not
+    # retrained, its test predictions reproduced exactly, its validation ones added
+    name = "no loss weighting"
+    np.savez(cache, **{k: v for k, v in cached.items() if k != name + VALIDATION})
+    run_quality("smoke", (0,), tmp_path, ablations="no-weighting", device="cpu")
+    with np.load(cache) as saved:
+        np.testing.assert_allclose(saved[name], cached[name], atol=1e-6)
+        np.testing.assert_allclose(saved[name + VALIDATION], cached[name + VALIDATION], atol=1e-6)
+    # and one whose cached test predictions the reloaded model does not reproduce is an error, not a mix
+    np.savez(cache, **{**{k: v for k, v in cached.items() if k != name + VALIDATION}, name: cached[name][::-1]})
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        run_quality("smoke", (0,), tmp_path, ablations="no-weighting", device="cpu")
     with pytest.raises(ValueError, match="ablations must be"):
         run_quality("smoke", (0,), tmp_path, ablations="some")
 
