@@ -199,3 +199,20 @@ def test_ablation_modes_name_each_retrained_variant_once():
     assert set(ABLATION_MODES) == {"all", "inference", *RETRAINED_KEYS}
     with pytest.raises(ValueError, match="no-weighting"):
         retrained_of("no-weights")
+
+
+def test_uncertainty_copies_of_one_seed_on_the_same_scans_give_that_seeds_interval(tmp_path):
+    """The uncertainty comparisons pool like the AUC one: three runs that predicted identically
+    on one test split give the one run's AURC interval; on three different splits a narrower one."""
+    from dataclasses import replace
+
+    from utils.benchmarking.pooled import uncertainty_comparison
+
+    run = read_split(write_run(tmp_path, 0, 0.7, n=120))
+    one = uncertainty_comparison({0: run}, OURS, "margin", n_resamples=1000)["aurc"]
+    copies = uncertainty_comparison({s: run for s in range(3)}, OURS, "margin", n_resamples=1000)["aurc"]
+    assert (copies["diff"], copies["ci_low"], copies["ci_high"]) == pytest.approx(
+        (one["diff"], one["ci_low"], one["ci_high"]))
+    others = {s: replace(run, paths=[f"seed{s}/{p}" for p in run.paths]) for s in range(3)}
+    disjoint = uncertainty_comparison(others, OURS, "margin", n_resamples=1000)["aurc"]
+    assert disjoint["ci_high"] - disjoint["ci_low"] < 0.75 * (one["ci_high"] - one["ci_low"])  # ~ 1 / sqrt(3)

@@ -1,4 +1,4 @@
-"""Tests of utils.evaluation.protocol: the two-stage (seeds, scans) paired bootstrap, DeLong's test,
+"""Tests of utils.evaluation.protocol: the paired bootstrap over seeds and scans, DeLong's test,
 the seed ensemble and the report line, on cases with known answers."""
 import math
 import re
@@ -14,6 +14,7 @@ from utils.evaluation.protocol import (
     format_pooled,
     hierarchical_paired_auc,
     pooled_comparison,
+    scan_resample_counts,
     seed_averaged,
 )
 
@@ -141,22 +142,67 @@ def test_swapping_models_negates_and_a_seed_is_deterministic():
     assert hierarchical_paired_auc(ys, a_s, b_s, n_resamples=1000, seed=4) != ab
 
 
-def test_seed_level_is_an_index_draw_over_the_per_seed_resamples():
-    """Re-derive the bootstrap distribution by hand from the documented draw order."""
+def test_seed_level_is_an_index_draw_over_one_scan_draw():
+    """Re-derive the bootstrap distribution by hand from the documented draw order: the scans
+    drawn once over the union of the seeds' scans (here each seed its own), then S seeds with
+    replacement, every drawn seed read on the same scan resample."""
     rng = np.random.default_rng(7)
     ys, a_s, b_s = zip(*(correlated_pair(n, 1.0, 0.6, rng) for n in (10, 14, 18)))
     r, alpha = 1000, 0.1
     out = hierarchical_paired_auc(ys, a_s, b_s, n_resamples=r, seed=9, alpha=alpha)
     draw = np.random.default_rng(9)
-    diffs = []
-    for y, a, b in zip(ys, a_s, b_s):
-        counts = resample_counts(resample_indices(y, r, draw, True), y.size)
-        diffs.append(auc_from_counts(counts, y == 1, a) - auc_from_counts(counts, y == 1, b))
-    diffs = np.stack(diffs)  # (S, R)
+    union = np.concatenate(ys)
+    counts = resample_counts(resample_indices(union, r, draw, True), union.size)  # (R, 84)
+    edges = np.cumsum([0, *map(len, ys)])
+    diffs = np.stack([auc_from_counts(counts[:, lo:hi], y == 1, a) - auc_from_counts(counts[:, lo:hi], y == 1, b)
+                      for lo, hi, y, a, b in zip(edges[:-1], edges[1:], ys, a_s, b_s)])  # (S, R)
     seeds = draw.integers(0, 3, size=(r, 3))
-    columns = np.stack([np.arange(r), draw.permutation(r), draw.permutation(r)], axis=1)
-    boot = diffs[seeds, columns].mean(axis=1)
+    boot = diffs[seeds, np.arange(r)[:, None]]  # (R, S)
+    boot = np.array([row[~np.isnan(row)].mean() for row in boot])
     assert (out["ci_low"], out["ci_high"]) == pytest.approx(tuple(np.percentile(boot, [5, 95])))
+
+
+def test_copies_of_one_seed_on_the_same_scans_give_exactly_that_seeds_interval():
+    """Five training runs that predicted identically on one shared test split carry no more
+    evidence than one: the pooled interval is the single seed's, not sqrt(5) narrower. Were
+    their scans five different ones, the evidence would be five times larger."""
+    rng = np.random.default_rng(11)
+    y, a, b = correlated_pair(40, 1.0, 0.7, rng)
+    one = paired_auc_difference(y, a, b, n_resamples=1000, seed=5)
+    paths = [f"scan{i}" for i in range(y.size)]
+    shared = hierarchical_paired_auc([y] * 5, [a] * 5, [b] * 5, n_resamples=1000, seed=5, paths=[paths] * 5)
+    assert (shared["diff"], shared["ci_low"], shared["ci_high"]) == pytest.approx(
+        (one["diff"], one["ci_low"], one["ci_high"]))
+    assert hierarchical_paired_auc([y] * 5, [a] * 5, [b] * 5, n_resamples=1000, seed=5) == shared  # same labels: same scans
+    disjoint = hierarchical_paired_auc([y] * 5, [a] * 5, [b] * 5, n_resamples=1000, seed=5,
+                                       paths=[[f"seed{s}/{p}" for p in paths] for s in range(5)])
+    assert disjoint["diff"] == pytest.approx(one["diff"])
+    width = one["ci_high"] - one["ci_low"]
+    assert 0.3 * width < disjoint["ci_high"] - disjoint["ci_low"] < 0.65 * width  # ~ 1 / sqrt(5) = 0.45
+
+
+def test_scan_resample_counts_draws_a_shared_scan_once_for_every_seed_that_scored_it():
+    """Three seeds, overlapping test splits (as phantom splits drawn per seed overlap)."""
+    y = np.repeat([0, 1], 10)
+    ids = [f"scan{i}" for i in range(30)]
+    labels_of = dict(zip(ids, np.tile([0, 1], 15)))
+    paths = [ids[0:20], ids[10:30], ids[::3][:10] + ids[1::3][:10]]
+    labels = [np.array([labels_of[i] for i in p]) for p in paths]
+    counts = scan_resample_counts(labels, paths, 1000, np.random.default_rng(0))
+    assert [c.shape for c in counts] == [(1000, 20)] * 3
+    column = {}
+    for p, c in zip(paths, counts):
+        for j, scan in enumerate(p):
+            if scan in column:
+                np.testing.assert_array_equal(c[:, j], column[scan])  # the same count wherever it occurs
+            column[scan] = c[:, j]
+    union = np.stack([column[i] for i in sorted(column, key=ids.index)], axis=1)  # (R, 30)
+    is_pos = np.array([labels_of[i] for i in sorted(column, key=ids.index)]) == 1
+    assert np.all(union[:, is_pos].sum(1) == is_pos.sum()) and np.all(union[:, ~is_pos].sum(1) == (~is_pos).sum())
+    with pytest.raises(ValueError, match="scan 'scan0' has label 1 in seed 1 but 0"):
+        scan_resample_counts([y, 1 - y], [ids[:20], ids[:20]], 1000, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"paths\[0\] lists a scan more than once"):
+        scan_resample_counts([y], [["x"] * 20], 1000, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("call, match", [
@@ -282,7 +328,7 @@ def test_pooled_comparison_runs_delong_on_the_seed_ensemble_when_the_scans_are_s
     ys, a_s, b_s = shared_scan_seeds()
     paths = [[f"scan{i}.nii.gz" for i in range(60)]] * 5
     out = pooled_comparison(ys, a_s, b_s, paths=paths, n_resamples=1000, seed=2)
-    assert out["hierarchical"] == hierarchical_paired_auc(ys, a_s, b_s, n_resamples=1000, seed=2)
+    assert out["hierarchical"] == hierarchical_paired_auc(ys, a_s, b_s, n_resamples=1000, seed=2, paths=paths)
     assert out["delong_seed_averaged"] == delong_test(ys[0], seed_averaged(a_s), seed_averaged(b_s))
     assert out["delong_skipped"] is None
     line = format_pooled(out, "DiffMIC-3D vs ResNet")
@@ -296,7 +342,7 @@ def test_pooled_comparison_runs_delong_on_the_seed_ensemble_when_the_scans_are_s
 def test_pooled_comparison_skips_delong_when_the_seeds_scored_other_scans():
     ys, a_s, b_s = shared_scan_seeds()
     paths = [[f"scan{i}.nii.gz" for i in range(60)] for _ in range(5)]
-    paths[3] = paths[3][::-1]  # same labels by chance, but other scans (order)
+    paths[3] = [f"other{i}.nii.gz" for i in range(60)]  # same labels by chance, but other scans
     out = pooled_comparison(ys, a_s, b_s, paths=paths, n_resamples=1000)
     assert out["delong_seed_averaged"] is None and "seed 3" in out["delong_skipped"]
     assert "DeLong skipped: seed 3" in format_pooled(out, "m")
@@ -316,7 +362,7 @@ def test_pooled_comparison_skips_delong_for_multiclass_and_different_sizes():
     assert out["delong_seed_averaged"] is None
     assert "2 seeds, 90 scans in all" in format_pooled(out, "m")
     with pytest.raises(ValueError, match=r"paths\[1\] must hold 50 scan ids"):
-        pooled_comparison(ys, a_s, b_s, paths=[["x"] * 40, ["x"] * 3], n_resamples=1000)
+        pooled_comparison(ys, a_s, b_s, paths=[[f"x{i}" for i in range(40)], ["y"] * 3], n_resamples=1000)
 
 
 def test_pooled_comparison_skips_delong_when_a_class_has_one_scan():

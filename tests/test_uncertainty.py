@@ -14,6 +14,7 @@ from utils.evaluation.metrics import resample_indices
 from utils.evaluation.uncertainty import (
     accuracy_at_coverage,
     aurc,
+    boot_selective_metrics,
     chain_spread,
     decisions,
     entropy_of_mean,
@@ -198,6 +199,23 @@ def test_paired_equals_a_slow_loop_over_the_same_resamples(stratified):
         assert out[name]["p_value"] == pytest.approx(min(1.0, 2 * share))
     assert out["aurc"]["a"] == pytest.approx(aurc(errors_a, u_a))
     assert out["aurc"]["b"] == pytest.approx(aurc(errors_b, u_b))
+
+
+def test_resampled_metrics_equal_a_slow_loop_when_resamples_hold_different_numbers_of_scans():
+    """A seed's share of scans drawn over several seeds' splits varies between resamples (and may
+    be empty): every metric equals the one computed on that resample's scans, copies tied."""
+    errors, u = toy(24, seed=9, n_levels=6)
+    counts = np.random.default_rng(9).poisson(0.8, size=(300, 24))  # (R, N), totals vary
+    counts[0] = 0  # a resample without any of these scans
+    fast = boot_selective_metrics(counts, errors, u)
+    assert all(np.isnan(fast[name][0]) for name in NAMES)
+    for r in range(1, 300):
+        row = np.repeat(np.arange(24), counts[r])
+        slow = {"aurc": aurc(errors[row], u[row]),
+                "error_detection_auroc": error_detection_auroc(errors[row], u[row]),
+                "accuracy_at_80": accuracy_at_coverage(errors[row], u[row], (0.8,))[0.8]}
+        for name in NAMES:
+            assert fast[name][r] == pytest.approx(slow[name], abs=1e-12, nan_ok=True), (r, name)
 
 
 def test_paired_is_deterministic_for_a_seed():

@@ -16,7 +16,7 @@ Datasets (``--data``):
 Per seed the whole experiment runs (``utils.run.run_experiment``, resumable) and scores its test
 split ONCE; a finished run (its ``timings.json`` written, same configuration) is only read. The primary comparison, stated before any run, is
 DiffMIC-3D minus its DCG (fused prediction) in test ROC-AUC, pooled over seeds and scans
-(``utils.benchmarking.pooled``: a two-stage paired bootstrap, and DeLong's test on the
+(``utils.benchmarking.pooled``: a paired bootstrap over seeds and scans, and DeLong's test on the
 seed-averaged predictions where the seeds share their test scans), reported beside the per-seed
 paired intervals; the same for the matched DCG ensemble, the DCG's global prior and the
 baselines. Decisions at each model's validation threshold, calibration, and the uncertainty

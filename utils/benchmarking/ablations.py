@@ -204,7 +204,8 @@ def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: 
         return [splits[s].models[model].probs for s in on]
 
     def pooled(on: list[int], a: list, b: list, split=splits) -> str:
-        h = hierarchical_paired_auc([split[s].labels for s in on], a, b, base.n_resamples, 0)
+        h = hierarchical_paired_auc([split[s].labels for s in on], a, b, base.n_resamples, 0,
+                                    paths=[split[s].paths for s in on])
         return f"{h['diff']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}]"
 
     def auc(on: list[int], ps: list) -> str:
@@ -240,7 +241,8 @@ def write_ablations(base: TrainConfig, seeds: tuple[int, ...], name: str, data: 
           "phase 2 on the seed's DCGs and out-of-fold priors"
           + (f" (not run here: {'; '.join(missing)})" if missing else "")
           + ". Differences in test ROC-AUC, paired on the same scans, "
-          "pooled over the seeds listed with the two-stage bootstrap (95%). The validation columns decide whether "
+          "pooled over the seeds listed with the bootstrap over seeds and scans (95%; each scan drawn once for all "
+          "seeds). The validation columns decide whether "
           "a retrained candidate replaces the default: phase 2's validation AUC at its selected epoch (mean over "
           "the seeds; the rule: higher than the full method's), and beside it the finished models' validation "
           "predictions (the test-time sampler, after the readout) minus the full method's, pooled the same way; "

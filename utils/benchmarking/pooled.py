@@ -5,8 +5,8 @@ Every seed's run (``utils.run``) scored its test split once and wrote ``predicti
 scores). From them, with seeds and scans pooled (``utils.evaluation.protocol``):
 
 * the primary comparison, stated before the runs: **DiffMIC-3D minus its DCG (fused
-  prediction), test ROC-AUC**, per seed (paired bootstrap) and pooled (two-stage bootstrap over
-  seeds and scans; DeLong on the seed-averaged predictions where every seed scored the same
+  prediction), test ROC-AUC**, per seed (paired bootstrap) and pooled (bootstrap over seeds
+  and scans, a scan shared by seeds drawn once for all of them; DeLong on the seed-averaged predictions where every seed scored the same
   scans); the same for the matched DCG ensemble, the DCG's global prior and the baselines;
 * decisions: each model at 0.5 (argmax) and at its validation threshold, the best balanced
   accuracy any threshold reaches on the test scans (what its ranking allows) and the ECE;
@@ -24,9 +24,9 @@ import numpy as np
 from utils.benchmarking.report import DCG_FUSED, OURS, RESNET
 from utils.evaluation import uncertainty as u
 from utils.evaluation.calibration import expected_calibration_error
-from utils.evaluation.metrics import classification_metrics, resample_counts, resample_indices
+from utils.evaluation.metrics import classification_metrics
 from utils.evaluation.paired import paired_auc_difference
-from utils.evaluation.protocol import pooled_comparison, two_stage
+from utils.evaluation.protocol import pooled_comparison, scan_resample_counts, two_stage
 from utils.evaluation.selective import COVERAGES, errors_of
 from utils.evaluation.thresholds import best_balanced_accuracy, threshold_metrics
 from utils.pipeline import ABLATION_GLOBAL as DCG_GLOBAL, ENSEMBLE  # noqa: F401 (ENSEMBLE re-exported)
@@ -134,12 +134,14 @@ def uncertainty_comparison(runs: dict[int, SplitPredictions], model: str, score:
                            reference: tuple[str, str] = REFERENCE, n_resamples: int = 2000, seed: int = 0) -> dict | None:
     """``model``'s ``score`` against ``reference``'s, pooled over seeds and scans: for AURC,
     error-detection AUROC and accuracy at 80% coverage, ``{"a", "b" (means over seeds), "diff",
-    "ci_low", "ci_high", "p_value", "per_seed"}`` (two-stage bootstrap, paired on the scans),
-    plus ``accuracy_at`` (model's mean accuracy at each of ``COVERAGES``)."""
+    "ci_low", "ci_high", "p_value", "per_seed"}`` (bootstrap over seeds and scans, paired on the
+    scans, a scan several seeds scored drawn once: ``protocol.scan_resample_counts``), plus ``accuracy_at`` (model's mean accuracy at each of ``COVERAGES``)."""
     seeds = [s for s in _seeds_with(runs, model, reference[0]) if score in runs[s].models[model].scores]
     if not seeds:
         return None
     rng = np.random.default_rng(seed)
+    counts_of = dict(zip(seeds, scan_resample_counts([runs[s].labels for s in seeds], [runs[s].paths for s in seeds],
+                                                     n_resamples, rng)))
     points, boots, acc = {}, {}, {c: [] for c in COVERAGES}
     for s in seeds:
         run = runs[s]
@@ -150,8 +152,7 @@ def uncertainty_comparison(runs: dict[int, SplitPredictions], model: str, score:
               "accuracy_at_80": u.accuracy_at_coverage(ea, ua, (0.8,))[0.8]}
         pb = {"aurc": u.aurc(eb, ub), "error_detection_auroc": u.error_detection_auroc(eb, ub),
               "accuracy_at_80": u.accuracy_at_coverage(eb, ub, (0.8,))[0.8]}
-        counts = resample_counts(resample_indices(run.labels, n_resamples, rng, True), len(run.labels))
-        ba, bb = u.boot_selective_metrics(counts, ea, ua), u.boot_selective_metrics(counts, eb, ub)
+        ba, bb = u.boot_selective_metrics(counts_of[s], ea, ua), u.boot_selective_metrics(counts_of[s], eb, ub)
         for key in pa:
             points.setdefault(key, []).append((pa[key], pb[key]))
             boots.setdefault(key, []).append(ba[key] - bb[key])

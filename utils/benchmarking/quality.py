@@ -179,7 +179,8 @@ def render(name: str, data: str, seeds: tuple[int, ...], base: TrainConfig, n_te
           f"{base.patience}), {base.oof_folds} out-of-fold DCGs, {num_samples} chains per scan spread over the prior "
           "members. Selection and thresholds on the validation split; the test split is scored once per seed.\n",
           "**Primary comparison, stated before the runs: DiffMIC-3D minus its DCG (fused prediction), test ROC-AUC, "
-          "pooled over seeds and scans** (two-stage bootstrap, 2000 resamples; DeLong on the seed-averaged "
+          "pooled over seeds and scans** (bootstrap over seeds and scans, a scan drawn once for all the seeds "
+          "that scored it, 2000 resamples; DeLong on the seed-averaged "
           "predictions where every seed scored the same scans).\n",
           "### Goals\n", markdown_table(["goal", "measured", "status"],
                                         [[g["goal"], g["measured"], f"**{g['status']}**"] for g in goal_rows]), "",

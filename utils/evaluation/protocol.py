@@ -7,7 +7,9 @@ paired bootstrap (``paired.paired_auc_difference``) on ~300 scans cannot resolve
 difference, and it ignores the seed-to-seed spread of training. The functions here pool:
 
 * :func:`hierarchical_paired_auc`: the mean over seeds of the per-seed AUC difference, with a
-  two-stage (seeds, then scans) paired bootstrap; works whether or not the seeds share scans.
+  paired bootstrap over seeds and scans (:func:`scan_resample_counts`, :func:`two_stage`); a scan
+  that several seeds scored is drawn once for all of them, so a shared test split is not counted
+  as S independent ones.
 * :func:`delong_test`: DeLong, DeLong & Clarke-Pearson (1988) test of two correlated binary ROC
   AUCs on the same scans, with the fast midrank algorithm of Sun & Xu (2014).
 * :func:`seed_averaged`: the seed ensemble (mean prediction) when all seeds scored the same scans.
@@ -76,27 +78,83 @@ def _interval_and_p(boot: np.ndarray, diff: float, alpha: float) -> tuple[float,
 # seeds and scans: two-stage paired bootstrap
 # ----------------------------------------------------------------------------------------
 
-def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000, seed: int = 0,
-                            alpha: float = 0.05, positive_class: int = 1, stratified: bool = True) -> dict:
-    """Mean over training seeds of AUC(a) - AUC(b), with a two-stage (seeds, scans) paired bootstrap.
+def scan_resample_counts(labels, paths=None, n_resamples: int = 2000, rng: np.random.Generator | None = None,
+                         stratified: bool = True) -> list[np.ndarray]:
+    """The scan level of the bootstrap over seeds and scans: per seed, how often each of its scans
+    occurs in each of R resamples, drawn ONCE over the union of the scans the seeds scored.
 
-    This is the standard two-stage (cluster) bootstrap, resampling with replacement at both
-    levels (Davison & Hinkley 1997, section 3.8): each resample draws S seeds with replacement,
-    then, within each drawn seed, that seed's scans with replacement (within each class when
-    ``stratified``), scores BOTH models on the same drawn scans, and takes the mean over the
-    drawn seeds of the paired AUC differences. The interval therefore holds both the spread
-    between training runs and the test-set sampling noise. It is vectorised as follows: per seed
-    s, R scan resamples are drawn once (``metrics.resample_indices``) and their R paired
-    differences ``D[s]`` computed at once from count vectors (``metrics.auc_from_counts``, as
-    ``paired.paired_auc_difference`` does); the seed level is then an index draw over them:
-    resample r, position k takes ``D[j_rk, perm_k[r]]`` with ``j_rk`` a seed drawn with
-    replacement and ``perm_k`` a random permutation of the R scan resamples (``perm_0`` the
-    identity), so a seed drawn twice gets two different scan resamples. Resampling at both
-    levels counts the scan noise also in the seed-level spread, which makes the interval
-    slightly conservative; with few seeds (< 5) the seed level is coarse.
+    A scan scored by several seeds (a fixed official test split: every seed scores the same
+    scans; phantom splits drawn per seed: some scans shared) gets the same count in all of them,
+    so its sampling noise is counted once, not once per seed (independent per-seed draws would
+    average it over the seeds and make the interval too narrow by up to sqrt(S) when the scans
+    are shared). Scans are identified by ``paths``; without them, by position when every seed has
+    the same labels in the same order (taken as the same scans), else as distinct per seed.
+
+    Args:
+        labels: one (N_s,) integer label array per seed (validated by the caller).
+        paths: optional, one sequence of N_s scan ids per seed.
+        n_resamples: R. rng: the generator; its first draws are ``metrics.resample_indices`` on
+            the union's labels (so one seed draws exactly what ``paired.paired_auc_difference``
+            draws with the same generator).
+        stratified: resample within each class of the union.
+
+    Returns:
+        A list of S int arrays (R, N_s).
+
+    Raises:
+        ValueError: ``paths`` not one id per scan per seed, an id repeated within a seed, or a
+            scan with different labels in two seeds.
+    """
+    labels = [np.asarray(y) for y in labels]
+    if paths is None:
+        same = all(y.shape == labels[0].shape and np.array_equal(y, labels[0]) for y in labels)
+        paths = [list(range(len(y))) if same else [(s, i) for i in range(len(y))] for s, y in enumerate(labels)]
+    if isinstance(paths, (str, bytes)) or len(paths) != len(labels):
+        raise ValueError(f"paths must hold one sequence of scan ids per seed ({len(labels)})")
+    position: dict = {}  # scan id -> index in the union
+    union_labels: list[int] = []
+    members = []  # per seed: (N_s,) union indices
+    for s, (y, ids) in enumerate(zip(labels, paths)):
+        ids = list(ids) if not isinstance(ids, (str, bytes)) else None
+        if ids is None or len(ids) != len(y):
+            raise ValueError(f"paths[{s}] must hold {len(y)} scan ids (one per scan of seed {s})")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"paths[{s}] lists a scan more than once")
+        for scan, label in zip(ids, y.tolist()):
+            if scan not in position:
+                position[scan] = len(union_labels)
+                union_labels.append(label)
+            elif union_labels[position[scan]] != label:
+                raise ValueError(f"scan {scan!r} has label {label} in seed {s} but "
+                                 f"{union_labels[position[scan]]} in an earlier seed")
+        members.append(np.array([position[scan] for scan in ids], dtype=np.int64))
+    union = np.asarray(union_labels)
+    counts = resample_counts(resample_indices(union, int(n_resamples), rng, stratified), union.size)  # (R, U)
+    return [counts[:, m] for m in members]
+
+
+def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000, seed: int = 0,
+                            alpha: float = 0.05, positive_class: int = 1, stratified: bool = True,
+                            paths=None) -> dict:
+    """Mean over training seeds of AUC(a) - AUC(b), with a paired bootstrap over seeds and scans.
+
+    Both the training seeds and the test scans are random draws, and on a fixed test split the
+    seeds share their scans: a crossed design, bootstrapped by resampling both factors with
+    replacement, independently (the "pigeonhole" bootstrap, Owen 2007; McCullagh 2000 shows it
+    slightly conservative for crossed random effects). Each resample r draws the scans once over
+    all seeds (:func:`scan_resample_counts`; within each class when ``stratified``) and S seeds
+    with replacement; each drawn seed scores BOTH models on the drawn scans it has, and the
+    resample's value is the mean over the drawn seeds of the paired AUC differences. The
+    interval therefore holds the spread between training runs and the test-set sampling noise,
+    the latter counted once for a scan every seed scored. Vectorised: the R paired differences
+    ``D[s]`` of each seed come at once from count vectors (``metrics.auc_from_counts``, as
+    ``paired.paired_auc_difference`` does); the seed level is an index draw over them
+    (:func:`two_stage`). With few seeds (< 5) the seed level is coarse. Seeds that scored
+    disjoint test splits are resampled from the pool of all their scans.
 
     With one seed it reduces to the scans-only paired bootstrap: the same resamples, hence the
-    same numbers, as ``paired.paired_auc_difference`` with the same ``seed``.
+    same numbers, as ``paired.paired_auc_difference`` with the same ``seed``; S copies of one
+    seed on the same scans give exactly that one seed's interval.
 
     Args:
         labels: sequence, one entry per training seed: (N_s,) integer labels of that seed's
@@ -106,32 +164,32 @@ def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000,
             the order of ``labels[s]`` (paired within a seed). Every seed has the same C.
         n_resamples: bootstrap resamples, at least ``metrics.MIN_RESAMPLES`` (1000).
         seed: seed of the ``np.random.default_rng`` drawing every resample (first the scan
-            resamples of seed 0, 1, ..., then the seed level).
+            level, then the seed level).
         alpha: the interval covers ``1 - alpha``.
         positive_class: as in ``metrics.classification_metrics`` (binary only).
-        stratified: resample scans within each class (each resample keeps a seed's class counts).
+        stratified: resample scans within each class.
+        paths: optional, one sequence of scan ids per seed: which seeds scored the same scans
+            (:func:`scan_resample_counts`; pass them whenever they are known).
 
     Returns:
         ``{"diff": mean over seeds of the per-seed AUC(a) - AUC(b), "ci_low", "ci_high":
         percentile interval, "p_value": two-sided bootstrap p-value (convention of
         ``paired.paired_auc_difference``), "per_seed": [the S per-seed differences],
-        "n_seeds": S, "n_scans": sum of N_s, "n_scans_per_seed": [N_s]}``. A resample's mean
-        skips drawn seeds whose AUC is undefined (unstratified, one class drawn); resamples
-        where all are undefined are left out.
+        "n_seeds": S, "n_scans": sum of N_s, "n_scans_per_seed": [N_s]}``. A resample's mean skips drawn seeds whose AUC is undefined (a
+        class not drawn among its scans); resamples where all are undefined are left out.
 
     Raises:
         ValueError: no seed, lengths that differ, a seed with bad shapes or values or a single
-            class, seeds with different C, or bad ``n_resamples`` / ``alpha``.
+            class, seeds with different C, bad ``n_resamples`` / ``alpha``, or bad ``paths``.
     """
     seeds = _per_seed(labels, scores_a, scores_b, positive_class)
     check_bootstrap_settings(n_resamples, alpha)
-    r = int(n_resamples)
     rng = np.random.default_rng(seed)
+    counts_per_seed = scan_resample_counts([y for y, _, _ in seeds], paths, int(n_resamples), rng, stratified)
 
     per_seed, boot_per_seed = [], []
-    for y, a, b in seeds:
+    for (y, a, b), counts in zip(seeds, counts_per_seed):
         per_seed.append(float(_auc_rule(y, a, positive_class, binary_auc) - _auc_rule(y, b, positive_class, binary_auc)))
-        counts = resample_counts(resample_indices(y, r, rng, stratified), y.shape[0])  # (R, N_s), shared by a and b
 
         def boot_auc(scores, y=y, counts=counts):
             return _auc_rule(y, scores, positive_class, lambda is_pos, s: auc_from_counts(counts, is_pos, s))
@@ -143,19 +201,19 @@ def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000,
 
 
 def two_stage(per_seed, boot_per_seed: np.ndarray, rng: np.random.Generator, alpha: float = 0.05) -> dict:
-    """The seed level of the two-stage bootstrap (see :func:`hierarchical_paired_auc`) for any
-    paired statistic: ``per_seed`` (S,) its value per training seed on all scans,
-    ``boot_per_seed`` (S, R) its values on R scan resamples of each seed (paired: both models
-    scored on the same drawn scans). Returns ``{"diff": mean of per_seed, "ci_low", "ci_high",
-    "p_value", "per_seed", "n_seeds"}``."""
+    """The seed level of the bootstrap over seeds and scans (see :func:`hierarchical_paired_auc`)
+    for any paired statistic: ``per_seed`` (S,) its value per training seed on all its scans,
+    ``boot_per_seed`` (S, R) its values on the R scan resamples of :func:`scan_resample_counts`
+    (column r: every seed on the same drawn scans; paired: both models scored on them). Resample
+    r draws S seeds with replacement and averages their column-r values. Returns ``{"diff": mean
+    of per_seed, "ci_low", "ci_high", "p_value", "per_seed", "n_seeds"}``."""
     boot_diffs = np.asarray(boot_per_seed, dtype=np.float64)
     per_seed = [float(v) for v in per_seed]
     if boot_diffs.ndim != 2 or boot_diffs.shape[0] != len(per_seed) or not per_seed:
         raise ValueError(f"boot_per_seed must be (S, R) with S = {len(per_seed)} seeds, got {boot_diffs.shape}")
     n_seeds, r = boot_diffs.shape
     drawn = rng.integers(0, n_seeds, size=(r, n_seeds))  # (R, S) seed level, with replacement
-    columns = np.stack([np.arange(r)] + [rng.permutation(r) for _ in range(n_seeds - 1)], axis=1)  # (R, S)
-    boot = mean_without_nan(boot_diffs[drawn, columns], axis=1)  # (R,)
+    boot = mean_without_nan(boot_diffs[drawn, np.arange(r)[:, None]], axis=1)  # (R,)
     diff = float(np.mean(per_seed))
     low, high, p_value = _interval_and_p(boot, diff, alpha)
     return {"diff": diff, "ci_low": low, "ci_high": high, "p_value": p_value, "per_seed": per_seed,
@@ -280,8 +338,8 @@ def pooled_comparison(labels, scores_a, scores_b, paths=None, n_resamples: int =
 
     Args:
         labels, scores_a, scores_b: per-seed sequences as in :func:`hierarchical_paired_auc`.
-        paths: optional per-seed sequences of scan ids (paths), entry s of length N_s; used
-            only to decide whether the seeds scored the same scans.
+        paths: optional per-seed sequences of scan ids (paths), entry s of length N_s: which
+            scans the seeds share (the bootstrap draws each once; DeLong needs all shared).
         n_resamples, seed, alpha, positive_class: as in :func:`hierarchical_paired_auc`.
 
     Returns:
@@ -292,16 +350,10 @@ def pooled_comparison(labels, scores_a, scores_b, paths=None, n_resamples: int =
         ``paths``, the same paths in the same order), C = 2 and each class has 2 scans or more.
 
     Raises:
-        ValueError: as :func:`hierarchical_paired_auc`, or ``paths`` not one list of N_s ids per seed.
+        ValueError: as :func:`hierarchical_paired_auc` (bad ``paths`` included).
     """
     hierarchical = hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples=n_resamples, seed=seed,
-                                           alpha=alpha, positive_class=positive_class)
-    if paths is not None:
-        if isinstance(paths, (str, bytes)) or len(paths) != len(labels):
-            raise ValueError(f"paths must hold one sequence of scan ids per seed ({len(labels)})")
-        for s, (p, n) in enumerate(zip(paths, hierarchical["n_scans_per_seed"])):
-            if isinstance(p, (str, bytes)) or len(p) != n:
-                raise ValueError(f"paths[{s}] must hold {n} scan ids (one per scan of seed {s})")
+                                           alpha=alpha, positive_class=positive_class, paths=paths)
     first = np.asarray(scores_a[0])
     reason = None
     if first.ndim == 2 and first.shape[1] > 2:

@@ -120,31 +120,31 @@ def _grouped(counts: np.ndarray, errors: np.ndarray, uncertainty: np.ndarray) ->
 
 
 def _expected_errors(n: np.ndarray, e: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """(R, K) expected errors among the k most certain scans of each resample, for k (K,) in
-    [1, total]: the groups before the cut in full, plus the cut group's error rate times the
-    number kept from it."""
+    """(R, K) expected errors among the k most certain scans of each resample, for k (K,), or
+    (R, K) one row per resample, in [1, that resample's total]: the groups before the cut in
+    full, plus the cut group's error rate times the number kept from it."""
     r, g = n.shape
     end = np.cumsum(n, axis=1)  # (R, G)
-    total = int(end[0, -1])
-    offset = (total + 1) * np.arange(r)[:, None]  # one searchsorted over all rows at once
-    flat = np.searchsorted((end + offset).ravel(), (k[None, :] + offset).ravel(), side="left")
-    cut = flat.reshape(r, k.size) - g * np.arange(r)[:, None]  # (R, K) the group holding the k-th scan
+    k = np.broadcast_to(k, (r, np.shape(k)[-1]))  # (R, K)
+    offset = (int(end[:, -1].max()) + 1) * np.arange(r)[:, None]  # one searchsorted over all rows at once
+    flat = np.searchsorted((end + offset).ravel(), (k + offset).ravel(), side="left")
+    cut = flat.reshape(r, k.shape[1]) - g * np.arange(r)[:, None]  # (R, K) the group holding the k-th scan
     rows = np.arange(r)[:, None]
     before, errors_before = (end - n)[rows, cut], (np.cumsum(e, axis=1) - e)[rows, cut]
-    return errors_before + (k[None, :] - before) * e[rows, cut] / n[rows, cut]
+    return errors_before + (k - before) * e[rows, cut] / n[rows, cut]
 
 
 def _aurc_grouped(n: np.ndarray, e: np.ndarray) -> np.ndarray:
     """(R,) AURC = (1/N) sum_k errors(k) / k, in closed form per group: a group of n_g scans
     after s scans and E errors adds (E - q s)(H_{s+n_g} - H_s) + e_g, q = e_g / n_g, H the
-    harmonic numbers (empty groups add 0)."""
-    total = int(n[0].sum())
-    harmonic = np.r_[0.0, np.cumsum(1.0 / np.arange(1, total + 1))]  # (N + 1,)
+    harmonic numbers (empty groups add 0). N may differ between resamples (NaN where it is 0)."""
+    total = n.sum(axis=1)  # (R,)
+    harmonic = np.r_[0.0, np.cumsum(1.0 / np.arange(1, int(total.max()) + 1))]  # (max N + 1,)
     end = np.cumsum(n, axis=1)
     start, errors_before = end - n, np.cumsum(e, axis=1) - e
     rate = np.nan_to_num(safe_ratio(e, n))
     parts = (errors_before - rate * start) * (harmonic[end] - harmonic[start]) + e
-    return parts.sum(axis=1) / total
+    return safe_ratio(parts.sum(axis=1), total)
 
 
 # ----------------------------------------------------------------------------------------
@@ -220,12 +220,18 @@ def _interval(diff: float, boot: np.ndarray, alpha: float) -> dict:
 
 
 def boot_selective_metrics(counts: np.ndarray, errors: np.ndarray, uncertainty: np.ndarray) -> dict[str, np.ndarray]:
-    """Each of ``COMPARED`` (R,) on every resample given by ``counts`` (R, N)."""
+    """Each of ``COMPARED`` (R,) on every resample given by ``counts`` (R, N), whose totals may
+    differ (a seed's share of scans drawn over several seeds' splits); NaN where a resample
+    drew none of these scans."""
     n, err = _grouped(counts, errors, uncertainty)
-    k80 = np.array([_n_kept(0.8, counts.shape[1])])
+    total = counts.sum(axis=1)  # (R,)
+    k80 = np.maximum(1, np.ceil(np.round(0.8 * total, 9))).astype(np.int64)[:, None]  # (R, 1), as _n_kept
+    drawn = total > 0
+    at_80 = np.full(total.shape, np.nan)
+    at_80[drawn] = 1.0 - _expected_errors(n[drawn], err[drawn], k80[drawn])[:, 0] / k80[drawn, 0]
     return {"aurc": _aurc_grouped(n, err),
             "error_detection_auroc": auc_from_counts(counts, errors, uncertainty),
-            "accuracy_at_80": 1.0 - _expected_errors(n, err, k80)[:, 0] / k80[0]}
+            "accuracy_at_80": at_80}
 
 
 def paired_uncertainty_comparison(errors_a, uncertainty_a, errors_b, uncertainty_b, labels=None,
