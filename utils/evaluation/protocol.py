@@ -140,8 +140,8 @@ def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000,
 
     Both the training seeds and the test scans are random draws, and on a fixed test split the
     seeds share their scans: a crossed design, bootstrapped by resampling both factors with
-    replacement, independently (the "pigeonhole" bootstrap, Owen 2007; McCullagh 2000 shows it
-    slightly conservative for crossed random effects). Each resample r draws the scans once over
+    replacement, independently (the "pigeonhole" bootstrap of Owen 2007, whose variance is mildly
+    conservative for crossed random effects; McCullagh 2000: no resampling is exact there). Each resample r draws the scans once over
     all seeds (:func:`scan_resample_counts`; within each class when ``stratified``) and S seeds
     with replacement; each drawn seed scores BOTH models on the drawn scans it has, and the
     resample's value is the mean over the drawn seeds of the paired AUC differences. The
