@@ -209,6 +209,7 @@ def test_resampled_metrics_equal_a_slow_loop_when_resamples_hold_different_numbe
     counts[0] = 0  # a resample without any of these scans
     fast = boot_selective_metrics(counts, errors, u)
     assert all(np.isnan(fast[name][0]) for name in NAMES)
+    assert all(np.isnan(v).all() for v in boot_selective_metrics(counts[:1], errors, u).values())  # none drawn at all
     for r in range(1, 300):
         row = np.repeat(np.arange(24), counts[r])
         slow = {"aurc": aurc(errors[row], u[row]),

@@ -6,8 +6,9 @@ scores). From them, with seeds and scans pooled (``utils.evaluation.protocol``):
 
 * the primary comparison, stated before the runs: **DiffMIC-3D minus its DCG (fused
   prediction), test ROC-AUC**, per seed (paired bootstrap) and pooled (bootstrap over seeds
-  and scans, a scan shared by seeds drawn once for all of them; DeLong on the seed-averaged predictions where every seed scored the same
-  scans); the same for the matched DCG ensemble, the DCG's global prior and the baselines;
+  and scans, a scan shared by seeds drawn once for all of them; DeLong on the seed-averaged
+  predictions where every seed scored the same scans); the same for the matched DCG ensemble,
+  the DCG's global prior and the baselines;
 * decisions: each model at 0.5 (argmax) and at its validation threshold, the best balanced
   accuracy any threshold reaches on the test scans (what its ranking allows) and the ECE;
 * uncertainty: AURC, error-detection AUROC and accuracy at 100/90/80/70% coverage of every
@@ -135,7 +136,8 @@ def uncertainty_comparison(runs: dict[int, SplitPredictions], model: str, score:
     """``model``'s ``score`` against ``reference``'s, pooled over seeds and scans: for AURC,
     error-detection AUROC and accuracy at 80% coverage, ``{"a", "b" (means over seeds), "diff",
     "ci_low", "ci_high", "p_value", "per_seed"}`` (bootstrap over seeds and scans, paired on the
-    scans, a scan several seeds scored drawn once: ``protocol.scan_resample_counts``), plus ``accuracy_at`` (model's mean accuracy at each of ``COVERAGES``)."""
+    scans, a scan several seeds scored drawn once: ``protocol.scan_resample_counts``), plus
+    ``accuracy_at`` (model's mean accuracy at each of ``COVERAGES``)."""
     seeds = [s for s in _seeds_with(runs, model, reference[0]) if score in runs[s].models[model].scores]
     if not seeds:
         return None

@@ -75,10 +75,10 @@ def _interval_and_p(boot: np.ndarray, diff: float, alpha: float) -> tuple[float,
 
 
 # ----------------------------------------------------------------------------------------
-# seeds and scans: two-stage paired bootstrap
+# seeds and scans: the paired bootstrap over both
 # ----------------------------------------------------------------------------------------
 
-def scan_resample_counts(labels, paths=None, n_resamples: int = 2000, rng: np.random.Generator | None = None,
+def scan_resample_counts(labels, paths, n_resamples: int, rng: np.random.Generator,
                          stratified: bool = True) -> list[np.ndarray]:
     """The scan level of the bootstrap over seeds and scans: per seed, how often each of its scans
     occurs in each of R resamples, drawn ONCE over the union of the scans the seeds scored.
@@ -92,7 +92,7 @@ def scan_resample_counts(labels, paths=None, n_resamples: int = 2000, rng: np.ra
 
     Args:
         labels: one (N_s,) integer label array per seed (validated by the caller).
-        paths: optional, one sequence of N_s scan ids per seed.
+        paths: one sequence of N_s scan ids per seed, or None.
         n_resamples: R. rng: the generator; its first draws are ``metrics.resample_indices`` on
             the union's labels (so one seed draws exactly what ``paired.paired_auc_difference``
             draws with the same generator).
@@ -138,19 +138,19 @@ def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000,
                             paths=None) -> dict:
     """Mean over training seeds of AUC(a) - AUC(b), with a paired bootstrap over seeds and scans.
 
-    Both the training seeds and the test scans are random draws, and on a fixed test split the
-    seeds share their scans: a crossed design, bootstrapped by resampling both factors with
-    replacement, independently (the "pigeonhole" bootstrap of Owen 2007, whose variance is mildly
-    conservative for crossed random effects; McCullagh 2000: no resampling is exact there). Each resample r draws the scans once over
-    all seeds (:func:`scan_resample_counts`; within each class when ``stratified``) and S seeds
-    with replacement; each drawn seed scores BOTH models on the drawn scans it has, and the
-    resample's value is the mean over the drawn seeds of the paired AUC differences. The
-    interval therefore holds the spread between training runs and the test-set sampling noise,
-    the latter counted once for a scan every seed scored. Vectorised: the R paired differences
-    ``D[s]`` of each seed come at once from count vectors (``metrics.auc_from_counts``, as
-    ``paired.paired_auc_difference`` does); the seed level is an index draw over them
-    (:func:`two_stage`). With few seeds (< 5) the seed level is coarse. Seeds that scored
-    disjoint test splits are resampled from the pool of all their scans.
+    Both the training seeds and the test scans are random draws, and on a fixed test split the seeds
+    share their scans: a crossed design, bootstrapped by resampling both factors with replacement,
+    independently (the "pigeonhole" bootstrap of Owen 2007, whose variance is mildly conservative
+    for crossed random effects; McCullagh 2000: no resampling is exact there). Each resample r draws
+    the scans once over all seeds (:func:`scan_resample_counts`; within each class when
+    ``stratified``) and S seeds with replacement; each drawn seed scores BOTH models on the drawn
+    scans it has, and the resample's value is the mean over the drawn seeds of the paired AUC
+    differences. The interval therefore holds the spread between training runs and the test-set
+    sampling noise, the latter counted once for a scan every seed scored. Vectorised: the R paired
+    differences ``D[s]`` of each seed come at once from count vectors (``metrics.auc_from_counts``,
+    as ``paired.paired_auc_difference`` does); the seed level is an index draw over them
+    (:func:`two_stage`). With few seeds (< 5) the seed level is coarse. Seeds that scored disjoint
+    test splits are resampled from the pool of all their scans.
 
     With one seed it reduces to the scans-only paired bootstrap: the same resamples, hence the
     same numbers, as ``paired.paired_auc_difference`` with the same ``seed``; S copies of one
@@ -175,8 +175,9 @@ def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000,
         ``{"diff": mean over seeds of the per-seed AUC(a) - AUC(b), "ci_low", "ci_high":
         percentile interval, "p_value": two-sided bootstrap p-value (convention of
         ``paired.paired_auc_difference``), "per_seed": [the S per-seed differences],
-        "n_seeds": S, "n_scans": sum of N_s, "n_scans_per_seed": [N_s]}``. A resample's mean skips drawn seeds whose AUC is undefined (a
-        class not drawn among its scans); resamples where all are undefined are left out.
+        "n_seeds": S, "n_scans": sum of N_s, "n_scans_per_seed": [N_s]}``. A resample's mean
+        skips drawn seeds whose AUC is undefined (a class not drawn among its scans); resamples
+        where all are undefined are left out.
 
     Raises:
         ValueError: no seed, lengths that differ, a seed with bad shapes or values or a single

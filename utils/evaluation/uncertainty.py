@@ -228,7 +228,8 @@ def boot_selective_metrics(counts: np.ndarray, errors: np.ndarray, uncertainty: 
     k80 = np.maximum(1, np.ceil(np.round(0.8 * total, 9))).astype(np.int64)[:, None]  # (R, 1), as _n_kept
     drawn = total > 0
     at_80 = np.full(total.shape, np.nan)
-    at_80[drawn] = 1.0 - _expected_errors(n[drawn], err[drawn], k80[drawn])[:, 0] / k80[drawn, 0]
+    if drawn.any():
+        at_80[drawn] = 1.0 - _expected_errors(n[drawn], err[drawn], k80[drawn])[:, 0] / k80[drawn, 0]
     return {"aurc": _aurc_grouped(n, err),
             "error_detection_auroc": auc_from_counts(counts, errors, uncertainty),
             "accuracy_at_80": at_80}
