@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.compare_validation import seed_runs  # noqa: E402
 from utils.benchmarking.pooled import read_split  # noqa: E402
 from utils.benchmarking.report import DCG_FUSED, OURS  # noqa: E402
-from utils.evaluation.metrics import auc_from_counts  # noqa: E402
-from utils.evaluation.protocol import hierarchical_paired_auc, scan_resample_counts  # noqa: E402
+from utils.evaluation.protocol import seed_differences, two_stage  # noqa: E402
 
 Z95 = 1.959964
 
@@ -43,28 +42,18 @@ def variance_parts(labels, scores_a, scores_b, paths=None, n_resamples: int = 20
     """The two parts of the variance of the mean over seeds of AUC(a) - AUC(b) (binary).
 
     Args:
-        labels, scores_a, scores_b, paths: per seed, as ``protocol.hierarchical_paired_auc``
-            (scores: (N_s,) positive-class scores or (N_s, 2) probabilities).
+        labels, scores_a, scores_b, paths: per seed, as ``protocol.hierarchical_paired_auc``.
         n_resamples: scan resamples. seed: their generator's seed.
 
     Returns:
         ``{"floor", "spread": the scans' part fitted as floor + spread / k, "seed_var": the
         per-seed differences' variance (ddof 1; 0 with one seed), "per_seed": the S
-        differences, "by_k": {k: mean over subsets of the scans-only variance of their mean}}``.
+        differences, "by_k": {k: mean over subsets of the scans-only variance of their mean},
+        "bootstrap": the pooled interval at the S seeds run (``protocol.two_stage``)}``.
     """
-    def positive(s):
-        s = np.asarray(s, dtype=np.float64)
-        return s[:, 1] if s.ndim == 2 else s
-
     rng = np.random.default_rng(seed)
-    counts = scan_resample_counts(labels, paths, n_resamples, rng)
-    diffs, per_seed = [], []
-    for y, a, b, c in zip(labels, scores_a, scores_b, counts):
-        is_pos, a, b = np.asarray(y) == 1, positive(a), positive(b)
-        diffs.append(auc_from_counts(c, is_pos, a) - auc_from_counts(c, is_pos, b))  # (R,)
-        full = np.ones((1, len(is_pos)))
-        per_seed.append(float(auc_from_counts(full, is_pos, a)[0] - auc_from_counts(full, is_pos, b)[0]))
-    diffs = np.stack(diffs)  # (S, R)
+    per_seed, diffs = seed_differences(labels, scores_a, scores_b, paths, n_resamples, rng)  # (S,), (S, R)
+    bootstrap = two_stage(per_seed, diffs, rng)  # the same draws as hierarchical_paired_auc(..., seed=seed)
     n_seeds = len(per_seed)
     by_k = {}
     for k in range(1, n_seeds + 1):
@@ -80,7 +69,7 @@ def variance_parts(labels, scores_a, scores_b, paths=None, n_resamples: int = 20
         floor, spread = 0.0, by_k[1]
     return {"floor": float(max(floor, 0.0)), "spread": float(max(spread, 0.0)),
             "seed_var": float(np.var(per_seed, ddof=1)) if n_seeds > 1 else 0.0,
-            "per_seed": per_seed, "by_k": by_k}
+            "per_seed": per_seed, "by_k": by_k, "bootstrap": bootstrap}
 
 
 def half_width(parts: dict, n_seeds: int) -> float:
@@ -98,7 +87,7 @@ def report(runs_dir: Path, a: str = OURS, b: str = DCG_FUSED, data: str = "", se
     labels, paths = [r.labels for r in runs], [r.paths for r in runs]
     sa, sb = [r.models[a].probs for r in runs], [r.models[b].probs for r in runs]
     parts = variance_parts(labels, sa, sb, paths, n_resamples)
-    boot = hierarchical_paired_auc(labels, sa, sb, n_resamples, 0, paths=paths)
+    boot = parts["bootstrap"]
     lines = [f"{a} minus {b}, test ROC-AUC, {len(runs)} seeds: {boot['diff']:+.4f} "
              f"[{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}] (bootstrap; half-width "
              f"{(boot['ci_high'] - boot['ci_low']) / 2:.4f})",

@@ -6,6 +6,7 @@ import importlib.util
 import numpy as np
 import pytest
 
+from utils.evaluation.protocol import hierarchical_paired_auc
 from utils.paths import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("seed_power", REPO_ROOT / "scripts" / "seed_power.py")
@@ -38,6 +39,8 @@ def test_disjoint_splits_average_their_scan_noise_away():
     assert parts["by_k"][5] < 0.35 * parts["by_k"][1]  # ~ 1/5
     assert parts["floor"] < 0.1 * parts["spread"]
     assert seed_power.half_width(parts, 50) < 0.5 * seed_power.half_width(parts, 5)
+    pooled = hierarchical_paired_auc(ys, a_s, b_s, 1000, 0, paths=paths)  # the report's interval, same draws
+    assert parts["bootstrap"] == {k: pooled[k] for k in parts["bootstrap"]}
 
 
 def test_the_report_reads_run_folders_and_prints_the_projection(tmp_path, capsys):

@@ -36,26 +36,26 @@ from utils.benchmarking.report import DCG_FUSED, OURS, markdown_table
 from utils.evaluation.metrics import classification_metrics
 from utils.evaluation.protocol import hierarchical_paired_auc
 from utils.log import get_logger
+from utils.paths import HISTORY_JSON
 from utils.training.profiles import TrainConfig
 
 log = get_logger(__name__)
 
 INFERENCE = ("priors replaced by uninformative ones (uniform M, no F)", "own image encoder zeroed",
              "one denoiser pass (1 DDIM step, one chain per member)", "the final DCG's prior only (no fold members)")
+FINE_ENCODER = {"denoiser": {"encoder_channels": (32, 64), "encoder_blocks": (1, 2)}}  # stride 4: the 8^3 grid
 RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "denoiser predicts y_0 directly (no correction of its prior)": ({}, {"denoiser": {"prior_residual": False}}),
     "no loss weighting": ({"error_weight": 0.0}, {}),
     "DiffMIC-v2's label-dependent weights 1 + 10 (1 - p_DCG(true class))": ({"error_weighting": "label"}, {}),
     "own image encoder deeply supervised (image_ce_weight 0.5)": ({}, {"denoiser": {"image_ce_weight": 0.5}}),
-    "own image encoder at stride 4 (its feature map is the grid, no upsampling)":
-        ({}, {"denoiser": {"encoder_channels": (32, 64), "encoder_blocks": (1, 2)}}),
-    "own image encoder at stride 4, 16 phase-2 epochs":
-        ({"diffusion_epochs": 16}, {"denoiser": {"encoder_channels": (32, 64), "encoder_blocks": (1, 2)}}),
+    "own image encoder at stride 4 (its feature map is the grid, no upsampling)": ({}, FINE_ENCODER),
+    "own image encoder at stride 4, 16 phase-2 epochs": ({"diffusion_epochs": 16}, FINE_ENCODER),
 }
 VALIDATION = " [validation]"  # cache key of a retrained variant's validation probabilities: its name + this
 # the short names of the retrained variants (``--ablations NAME``), in RETRAINED's order
 RETRAINED_KEYS = dict(zip(("no-correction", "no-weighting", "label-weights", "image-ce", "fine-encoder",
-                                    "fine-encoder-16"), RETRAINED))
+                          "fine-encoder-16"), RETRAINED))
 
 
 def retrained_of(mode: str) -> list[str]:
@@ -125,10 +125,9 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
                       INFERENCE[1]: predict(no_encoder, members["test"]),
                       INFERENCE[2]: predict(model, members["test"], num_samples=model.num_members, steps=1),
                       INFERENCE[3]: predict(model, members["test"][0])})
-    todo = [(i, name) for i, name in enumerate(RETRAINED)
-            if name in chosen and not (name in probs and name + VALIDATION in probs)]
+    todo = [name for name in RETRAINED if name in chosen and not (name in probs and name + VALIDATION in probs)]
     oof = out_of_fold_guidance(exp, model) if todo and config.oof_folds >= 2 else None
-    for i, name in todo:
+    for name in todo:
         changes, overrides = RETRAINED[name]
         variant = replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
         reseed_stage(exp, "diffusion")
@@ -136,7 +135,7 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
         net.dcg.load_state_dict(model.dcg.state_dict())
         net.fold_dcgs.load_state_dict(model.fold_dcgs.state_dict())
         train_guidance = oof if oof is not None else cache_member_guidance(exp, model, "train")[0]
-        folder = out / f"seed{config.seed}_variant{i}"
+        folder = variant_dir(out, config.seed, name)
         folder.mkdir(parents=True, exist_ok=True)
         train_diffusion(net, exp.datasets["train"], train_guidance, val, members["val"], variant, exp.device,
                         folder / "diffusion.pth", exp.meta)
@@ -157,18 +156,23 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     return probs
 
 
+def variant_dir(out: Path, seed: int, variant: str) -> Path:
+    """Where a retrained variant of a seed keeps its phase-2 checkpoint (numbered in RETRAINED's order)."""
+    return out / f"seed{seed}_variant{list(RETRAINED).index(variant)}"
+
+
 def selected_val_auc(runs_dir: Path, name: str, seed: int, variant: Optional[str] = None) -> float:
     """Phase 2's validation AUC at its selected epoch (the default's rule for choosing between
     configurations): of the seed's run (``variant`` None) or of a retrained variant (its phase-2
     checkpoint); NaN where there is none."""
     if variant is None:
-        history = runs_dir / f"quality_{name}_seed{seed}" / "history.json"
+        history = runs_dir / f"quality_{name}_seed{seed}" / HISTORY_JSON
         if not history.is_file():
             return math.nan
         phase2 = json.loads(history.read_text()).get("diffusion", {})
         best = phase2.get("best_epoch")
         return float(phase2["val_auc"][best - 1]) if best else math.nan
-    path = runs_dir / f"ablations_{name}" / f"seed{seed}_variant{list(RETRAINED).index(variant)}" / "diffusion.pth"
+    path = variant_dir(runs_dir / f"ablations_{name}", seed, variant) / "diffusion.pth"
     if not path.is_file():
         return math.nan
     best = torch.load(path, map_location="cpu", weights_only=True).get("fit", {}).get("best") or {}

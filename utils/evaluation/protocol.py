@@ -111,26 +111,19 @@ def scan_resample_counts(labels, paths, n_resamples: int, rng: np.random.Generat
         paths = [list(range(len(y))) if same else [(s, i) for i in range(len(y))] for s, y in enumerate(labels)]
     if isinstance(paths, (str, bytes)) or len(paths) != len(labels):
         raise ValueError(f"paths must hold one sequence of scan ids per seed ({len(labels)})")
-    position: dict = {}  # scan id -> index in the union
-    union_labels: list[int] = []
-    members = []  # per seed: (N_s,) union indices
+    label_of: dict = {}  # scan id -> its label, in the order first seen: the union of the seeds' scans
     for s, (y, ids) in enumerate(zip(labels, paths)):
-        ids = list(ids) if not isinstance(ids, (str, bytes)) else None
-        if ids is None or len(ids) != len(y):
+        if isinstance(ids, (str, bytes)) or len(ids) != len(y):
             raise ValueError(f"paths[{s}] must hold {len(y)} scan ids (one per scan of seed {s})")
         if len(set(ids)) != len(ids):
             raise ValueError(f"paths[{s}] lists a scan more than once")
         for scan, label in zip(ids, y.tolist()):
-            if scan not in position:
-                position[scan] = len(union_labels)
-                union_labels.append(label)
-            elif union_labels[position[scan]] != label:
-                raise ValueError(f"scan {scan!r} has label {label} in seed {s} but "
-                                 f"{union_labels[position[scan]]} in an earlier seed")
-        members.append(np.array([position[scan] for scan in ids], dtype=np.int64))
-    union = np.asarray(union_labels)
+            if label_of.setdefault(scan, label) != label:
+                raise ValueError(f"scan {scan!r} has label {label} in seed {s} but {label_of[scan]} in an earlier seed")
+    position = {scan: i for i, scan in enumerate(label_of)}
+    union = np.array(list(label_of.values()))
     counts = resample_counts(resample_indices(union, int(n_resamples), rng, stratified), union.size)  # (R, U)
-    return [counts[:, m] for m in members]
+    return [counts[:, [position[scan] for scan in ids]] for ids in paths]
 
 
 def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000, seed: int = 0,
@@ -183,11 +176,21 @@ def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000,
         ValueError: no seed, lengths that differ, a seed with bad shapes or values or a single
             class, seeds with different C, bad ``n_resamples`` / ``alpha``, or bad ``paths``.
     """
-    seeds = _per_seed(labels, scores_a, scores_b, positive_class)
     check_bootstrap_settings(n_resamples, alpha)
     rng = np.random.default_rng(seed)
-    counts_per_seed = scan_resample_counts([y for y, _, _ in seeds], paths, int(n_resamples), rng, stratified)
+    per_seed, boot_per_seed = seed_differences(labels, scores_a, scores_b, paths, n_resamples, rng, positive_class,
+                                               stratified)
+    sizes = [int(np.asarray(y).shape[0]) for y in labels]
+    return {**two_stage(per_seed, boot_per_seed, rng, alpha), "n_scans": int(sum(sizes)),
+            "n_scans_per_seed": sizes}
 
+
+def seed_differences(labels, scores_a, scores_b, paths, n_resamples: int, rng: np.random.Generator,
+                     positive_class: int = 1, stratified: bool = True) -> tuple[list[float], np.ndarray]:
+    """Per seed, AUC(a) - AUC(b) on all its scans, and (S, R) on each of the R scan resamples of
+    :func:`scan_resample_counts` (arguments and checks as :func:`hierarchical_paired_auc`)."""
+    seeds = _per_seed(labels, scores_a, scores_b, positive_class)
+    counts_per_seed = scan_resample_counts([y for y, _, _ in seeds], paths, int(n_resamples), rng, stratified)
     per_seed, boot_per_seed = [], []
     for (y, a, b), counts in zip(seeds, counts_per_seed):
         per_seed.append(float(_auc_rule(y, a, positive_class, binary_auc) - _auc_rule(y, b, positive_class, binary_auc)))
@@ -196,9 +199,7 @@ def hierarchical_paired_auc(labels, scores_a, scores_b, n_resamples: int = 2000,
             return _auc_rule(y, scores, positive_class, lambda is_pos, s: auc_from_counts(counts, is_pos, s))
 
         boot_per_seed.append(boot_auc(a) - boot_auc(b))  # (R,)
-    sizes = [int(y.shape[0]) for y, _, _ in seeds]
-    return {**two_stage(per_seed, np.stack(boot_per_seed), rng, alpha), "n_scans": int(sum(sizes)),
-            "n_scans_per_seed": sizes}
+    return per_seed, np.stack(boot_per_seed)
 
 
 def two_stage(per_seed, boot_per_seed: np.ndarray, rng: np.random.Generator, alpha: float = 0.05) -> dict:
