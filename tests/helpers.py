@@ -3,10 +3,11 @@
 Not in conftest.py: two conftest.py files (tests/ and notebooks/) are both importable as the
 module ``conftest``, so ``from conftest import ...`` could pick up the other one.
 
-``write_nifti`` (tiny NIfTI files of any array), ``toy_ct`` (a small chest-like int16 HU
+``load_script`` (a module of ``scripts/``), ``write_nifti`` (tiny NIfTI files of any array), ``toy_ct`` (a small chest-like int16 HU
 volume), ``DATA`` (the real scanner files), ``SHAPE`` and ``BlobVolumes`` (a tiny separable
 3D problem for training tests).
 """
+import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +17,14 @@ from torch.utils.data import Dataset
 
 
 DATA = Path(__file__).resolve().parent / "data"
+
+
+def load_script(name: str):
+    """The module ``scripts/<name>.py`` (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_nifti(path, array, affine=None):

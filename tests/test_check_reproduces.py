@@ -1,17 +1,14 @@
 """scripts/check_reproduces.py: a finished run's validation predictions come back from its
 model file with the current code, a difference is reported, and the run folder is untouched."""
-import importlib.util
 import re
 
 import pytest
 
-from utils.paths import REPO_ROOT
 from utils.run import run_experiment
 from utils.training.profiles import get_profile
+from helpers import load_script
 
-spec = importlib.util.spec_from_file_location("check_reproduces", REPO_ROOT / "scripts" / "check_reproduces.py")
-check_reproduces = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(check_reproduces)
+check_reproduces = load_script("check_reproduces")
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,12 @@
 """scripts/compare_validation.py: two configurations' validation AUCs, per seed and pooled."""
 import csv
-import importlib.util
 
 import numpy as np
 import pytest
+from helpers import load_script
 
-from utils.paths import REPO_ROOT
 
-spec = importlib.util.spec_from_file_location("compare_validation", REPO_ROOT / "scripts" / "compare_validation.py")
-compare_validation = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_validation)
+compare_validation = load_script("compare_validation")
 
 
 def _write(folder, seed, p1, labels, paths=None, name="x"):

@@ -1,11 +1,7 @@
 """scripts/gpu_scaling.py: the speed-up and scaling-efficiency table from two runs' stage timings."""
-import importlib.util
+from helpers import load_script
 
-from utils.paths import REPO_ROOT
-
-spec = importlib.util.spec_from_file_location("gpu_scaling", REPO_ROOT / "scripts" / "gpu_scaling.py")
-gpu_scaling = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_scaling)
+gpu_scaling = load_script("gpu_scaling")
 
 
 def test_speedup_and_efficiency_per_stage():

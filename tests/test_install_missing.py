@@ -5,7 +5,6 @@ The installs run in a throw-away environment holding only Python's standard libr
 and the project's .venv is never touched. That environment also shows that the installer
 imports nothing outside the standard library.
 """
-import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
 from utils.install_missing import (WHEELS_MARKER, Requirement, at_least, find_wheels, parse_requirements, release,
                                    split_met)
 from utils.paths import REPO_ROOT
@@ -21,10 +21,7 @@ UNREACHABLE_INDEX = "http://127.0.0.1:9/simple"  # refused at once: no internet
 
 
 def load_builder():
-    spec = importlib.util.spec_from_file_location("build_kaggle_wheels", REPO_ROOT / "scripts" / "build_kaggle_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("build_kaggle_wheels")
 
 
 # ------------------------------------------------------------------------------------------

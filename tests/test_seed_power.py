@@ -1,17 +1,14 @@
 """scripts/seed_power.py: the scans' and the seeds' parts of a pooled difference's variance, and
 the half-width projected for more seeds, on cases whose answer is known."""
 import csv
-import importlib.util
 
 import numpy as np
 import pytest
 
+from helpers import load_script
 from utils.evaluation.protocol import hierarchical_paired_auc
-from utils.paths import REPO_ROOT
 
-spec = importlib.util.spec_from_file_location("seed_power", REPO_ROOT / "scripts" / "seed_power.py")
-seed_power = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(seed_power)
+seed_power = load_script("seed_power")
 
 
 def scorers(rng, n=60):

@@ -1,0 +1,129 @@
+"""scripts/crossfit_correction.py: every training scan is predicted by a phase-2 model that did
+not train on it, from the prior of the out-of-fold DCG that did not train on it; the result is
+cached and the report pools seeds and scans."""
+import re
+
+import numpy as np
+import pytest
+
+from utils.run import run_experiment
+from utils.training.profiles import get_profile
+from helpers import load_script
+
+crossfit = load_script("crossfit_correction")
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crossfit")
+    config = get_profile("smoke", progress=False, baselines=(), phantom_dir=str(tmp / "phantoms"))
+    run_experiment(config, tmp / "runs" / "quality_smoke_seed0", cache_dir=tmp / "cache", device="cpu")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def crossfitted(smoke_runs):
+    """The default's cross-fitted predictions, and the training scans each fold's phase 2 saw."""
+    import utils.training.diffusion as diffusion
+
+    seen, real = [], diffusion.train_diffusion
+
+    def recording(net, train_set, *args, **kwargs):
+        seen.append(np.asarray(train_set.indices))
+        return real(net, train_set, *args, **kwargs)
+
+    diffusion.train_diffusion = recording
+    try:
+        result = crossfit.crossfit_run(smoke_runs / "runs" / "quality_smoke_seed0", str(smoke_runs / "phantoms"),
+                                       crossfit.DEFAULT, smoke_runs / "out")
+    finally:
+        diffusion.train_diffusion = real
+    return result, seen
+
+
+def test_every_training_scan_is_predicted_once_by_a_model_that_did_not_train_on_it(crossfitted, smoke_runs):
+    result, seen = crossfitted
+    n = len(result["rows"])
+    assert sorted(result["rows"].tolist()) == list(range(n))
+    assert len(seen) == len(result["kept"]) == 2  # the smoke profile's two folds
+    for k, trained_on in enumerate(seen):
+        held = result["rows"][result["fold"] == k]
+        assert len(held) and not set(held.tolist()) & set(trained_on.tolist())
+        assert sorted(set(held.tolist()) | set(trained_on.tolist())) == list(range(n))
+    for key in ("prior", "corrected"):
+        assert result[key].shape == (n, 2) and np.allclose(result[key].sum(1), 1, atol=1e-5)
+    assert result["kept"].dtype == bool
+
+
+def test_the_folds_are_the_out_of_fold_dcgs_folds(crossfitted, smoke_runs):
+    """Fold k's prior is fold DCG k's own prediction (the model keeps the fold DCGs as members 1..K)."""
+    from utils.benchmarking.quality import open_finished_run
+    from utils.pipeline import cache_split_guidance
+
+    result, _ = crossfitted
+    exp, model = open_finished_run(smoke_runs / "runs" / "quality_smoke_seed0", str(smoke_runs / "phantoms"))
+    for k in range(len(result["kept"])):
+        member = cache_split_guidance(exp, model, ("train",), member=k + 1)["train"].fused_probs.numpy()
+        rows = result["fold"] == k
+        assert np.allclose(result["prior"][rows], member[result["rows"][rows]], atol=1e-6)
+        other = cache_split_guidance(exp, model, ("train",), member=2 - k)["train"].fused_probs.numpy()
+        assert not np.allclose(result["prior"][rows], other[result["rows"][rows]], atol=1e-6)
+
+
+def test_a_finished_crossfit_is_read_from_its_cache(crossfitted, smoke_runs, monkeypatch):
+    import utils.training.diffusion as diffusion
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached result should have been read")
+
+    monkeypatch.setattr(diffusion, "train_diffusion", no_training)
+    again = crossfit.crossfit_run(smoke_runs / "runs" / "quality_smoke_seed0", str(smoke_runs / "phantoms"),
+                                  crossfit.DEFAULT, smoke_runs / "out")
+    for key, value in crossfitted[0].items():
+        assert np.array_equal(again[key], value)
+
+
+def test_the_command_line_writes_the_report(crossfitted, smoke_runs, capsys):
+    assert crossfit.main([str(smoke_runs / "runs"), str(smoke_runs / "phantoms"), "--out",
+                          str(smoke_runs / "out"), "--n-resamples", "1000"]) == 0
+    text = (smoke_runs / "out" / "crossfit.md").read_text()
+    assert "| default | 0 |" in text and "default: cross-fitted minus its prior alone" in text
+    assert text.split("\n\n", 1)[1] == capsys.readouterr().out.rstrip("\n") + "\n"
+
+
+def test_an_unknown_variant_fails_before_any_training(smoke_runs):
+    with pytest.raises(SystemExit, match="unknown variant 'bigger'"):
+        crossfit.main([str(smoke_runs / "runs"), str(smoke_runs / "phantoms"), "--variant", "bigger"])
+
+
+def test_no_finished_run_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no finished run"):
+        crossfit.seed_runs(tmp_path)
+
+
+def _synthetic(rng, labels, quality):
+    """Probabilities whose positive-class score separates the classes by ``quality``."""
+    score = 1 / (1 + np.exp(-(quality * (labels - 0.5) * 4 + rng.normal(size=labels.size))))
+    return np.stack([1 - score, score], 1)
+
+
+def test_the_report_pools_seeds_and_compares_variants_on_the_same_scans():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(200) < 0.3).astype(int)
+    rows = np.arange(200)
+
+    def run(prior_q, corrected_q):
+        return {"rows": rows, "labels": labels, "fold": rows % 2, "prior": _synthetic(rng, labels, prior_q),
+                "corrected": _synthetic(rng, labels, corrected_q), "kept": np.array([True, False])}
+
+    results = {"default": {s: run(0.2, 2.0) for s in (0, 1)}, "fine-encoder": {s: run(0.2, 0.2) for s in (0, 1)}}
+    text = crossfit.report(results, n_resamples=1000)
+    assert text.count("| default |") == 2 and "| 1/2 |" in text
+    intervals = {line.split(":")[0][2:]: tuple(float(x) for x in re.search(r"\[([-+0-9.]+), ([-+0-9.]+)\]", line).groups())
+                 for line in text.splitlines() if line.startswith("- ")}
+    assert intervals["default"][0] > 0  # a much better corrected score than its prior: the interval is above 0
+    assert intervals["fine-encoder minus default, cross-fitted"][1] < 0  # ... and the weaker variant below it
+    reordered = results["fine-encoder"][0]  # the same scans in another order: refused, not mispaired
+    results["fine-encoder"][0] = {k: v if k == "kept" else v[::-1] for k, v in reordered.items()}
+    with pytest.raises(SystemExit, match="different scans"):
+        crossfit.report(results, n_resamples=1000)
