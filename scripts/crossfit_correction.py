@@ -158,7 +158,15 @@ def report(results: dict[str, dict[int, dict]], n_resamples: int = 2000) -> str:
     return "\n".join(lines + [""] + [f"- {line}" for line in pooled]) + "\n"
 
 
+def _by_row(run: dict) -> dict:
+    """A run's per-scan arrays in training-split order (the folds come out in fold order), so that
+    every seed lists the same scans in the same order (DeLong on the seed-averaged predictions)."""
+    order = np.argsort(run["rows"], kind="stable")
+    return {k: v if k == "kept" else v[order] for k, v in run.items()}
+
+
 def _pooled(a_runs, b_runs, seeds, a_key, b_key, n_resamples, name) -> str:
+    a_runs, b_runs = {s: _by_row(a_runs[s]) for s in seeds}, {s: _by_row(b_runs[s]) for s in seeds}
     for s in seeds:
         if not np.array_equal(a_runs[s]["rows"], b_runs[s]["rows"]):
             raise SystemExit(f"seed {s}: the two sides scored different scans")

@@ -123,7 +123,9 @@ def test_the_report_pools_seeds_and_compares_variants_on_the_same_scans():
                  for line in text.splitlines() if line.startswith("- ")}
     assert intervals["default"][0] > 0  # a much better corrected score than its prior: the interval is above 0
     assert intervals["fine-encoder minus default, cross-fitted"][1] < 0  # ... and the weaker variant below it
-    reordered = results["fine-encoder"][0]  # the same scans in another order: refused, not mispaired
-    results["fine-encoder"][0] = {k: v if k == "kept" else v[::-1] for k, v in reordered.items()}
+    reordered = {k: v if k == "kept" else v[::-1] for k, v in results["fine-encoder"][0].items()}
+    results["fine-encoder"][0] = reordered  # the same scans in another order: paired by scan, same figures
+    assert crossfit.report(results, n_resamples=1000) == text
+    results["fine-encoder"][0] = {k: v if k == "kept" else v[1:] for k, v in reordered.items()}  # a scan short
     with pytest.raises(SystemExit, match="different scans"):
         crossfit.report(results, n_resamples=1000)
