@@ -34,6 +34,7 @@ import re
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sklearn.model_selection import StratifiedKFold  # noqa: E402
 
 from utils.atomic import atomic_write_text  # noqa: E402
-from utils.benchmarking.ablations import RETRAINED_KEYS, variant_config as retrained_config  # noqa: E402
+# _merge: the ablations' own merge of model overrides (RETRAINED's second element), used as they use it
+from utils.benchmarking.ablations import RETRAINED, RETRAINED_KEYS, _merge  # noqa: E402
 from utils.evaluation.metrics import classification_metrics  # noqa: E402
 from utils.evaluation.protocol import format_pooled, pooled_comparison  # noqa: E402
 
@@ -65,7 +67,10 @@ def check_variant(variant: str) -> str:
 
 def variant_config(config, variant: str):
     """The run's TrainConfig, or a retrained variant's (``--ablations`` short names)."""
-    return config if check_variant(variant) == DEFAULT else retrained_config(config, RETRAINED_KEYS[variant])
+    if check_variant(variant) == DEFAULT:
+        return config
+    changes, overrides = RETRAINED[RETRAINED_KEYS[variant]]
+    return replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
 
 
 def crossfit_run(run_dir: Path, data: str, variant: str, out: Path) -> dict[str, np.ndarray]:

@@ -74,12 +74,6 @@ def _merge(a: dict, b: dict) -> dict:
     return {k: {**a.get(k, {}), **b.get(k, {})} for k in set(a) | set(b)}
 
 
-def variant_config(config: TrainConfig, name: str) -> TrainConfig:
-    """``config`` with the changes of the retrained variant ``name`` (a key of ``RETRAINED``)."""
-    changes, overrides = RETRAINED[name]
-    return replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
-
-
 def uninformative(guidance):
     """A copy of a DCG cache with uniform class probabilities and zero features."""
     from models.dcg_model import DCGOutput
@@ -134,7 +128,8 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     todo = [name for name in RETRAINED if name in chosen and not (name in probs and name + VALIDATION in probs)]
     oof = out_of_fold_guidance(exp, model) if todo and config.oof_folds >= 2 else None
     for name in todo:
-        variant = variant_config(config, name)
+        changes, overrides = RETRAINED[name]
+        variant = replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
         reseed_stage(exp, "diffusion")
         net = DiffMIC3D(variant.model_config(exp.device, exp.num_classes)).to(exp.device)
         net.dcg.load_state_dict(model.dcg.state_dict())
