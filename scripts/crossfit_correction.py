@@ -30,7 +30,6 @@ cached in ``OUT/<run>/<variant>.npz``.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import tempfile
@@ -43,14 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sklearn.model_selection import StratifiedKFold  # noqa: E402
 
-from utils.atomic import atomic_write_text  # noqa: E402
+from scripts.compare_validation import SEED_DIR, seed_runs as finished_runs  # noqa: E402
+from utils.atomic import atomic_path, atomic_write_text  # noqa: E402
 # _merge: the ablations' own merge of model overrides (RETRAINED's second element), used as they use it
 from utils.benchmarking.ablations import RETRAINED, RETRAINED_KEYS, _merge  # noqa: E402
 from utils.evaluation.metrics import classification_metrics  # noqa: E402
 from utils.evaluation.protocol import format_pooled, pooled_comparison  # noqa: E402
 
 DEFAULT = "default"
-SEED_DIR = re.compile(r"_seed(\d+)$")
 
 
 def fold_rows(labels, n_folds: int, seed: int) -> list[np.ndarray]:
@@ -117,23 +116,18 @@ def crossfit_run(run_dir: Path, data: str, variant: str, out: Path) -> dict[str,
         result = {"rows": rows, "labels": labels[rows], "fold": np.concatenate(fold),
                   "prior": oof.fused_probs.numpy()[rows], "corrected": np.concatenate(corrected),
                   "kept": np.asarray(kept)}
-    tmp_file = cached.with_name(f".{cached.name}.tmp.npz")
-    np.savez(tmp_file, **result)
-    tmp_file.replace(cached)
+    with atomic_path(cached) as tmp_file:
+        np.savez(tmp_file, **result)
     return result
 
 
 def seed_runs(runs_dir: Path, seeds=None) -> dict[int, Path]:
-    """Seed -> finished run folder (``*_seed<s>`` with a main checkpoint) under ``runs_dir``."""
-    from utils.paths import MAIN_CHECKPOINT
-
-    found = {}
-    for path in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []:
-        match = SEED_DIR.search(path.name)
-        if match and (path / MAIN_CHECKPOINT).is_file() and (seeds is None or int(match.group(1)) in seeds):
-            found[int(match.group(1))] = path
+    """Seed -> finished run folder under ``runs_dir`` (``compare_validation.seed_runs``), the
+    ``seeds`` asked for or all."""
+    found = {int(SEED_DIR.search(name).group(1)): path for name, path in finished_runs(runs_dir).items()}
+    found = {s: path for s, path in found.items() if seeds is None or s in seeds}
     if not found:
-        raise SystemExit(f"no finished run (*_seed<s>/{MAIN_CHECKPOINT}) under {runs_dir}")
+        raise SystemExit(f"no finished run (*_seed<s>/val_predictions.csv) under {runs_dir}")
     return found
 
 

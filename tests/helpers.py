@@ -3,9 +3,9 @@
 Not in conftest.py: two conftest.py files (tests/ and notebooks/) are both importable as the
 module ``conftest``, so ``from conftest import ...`` could pick up the other one.
 
-``load_script`` (a module of ``scripts/``), ``write_nifti`` (tiny NIfTI files of any array), ``toy_ct`` (a small chest-like int16 HU
-volume), ``DATA`` (the real scanner files), ``SHAPE`` and ``BlobVolumes`` (a tiny separable
-3D problem for training tests).
+``load_script`` (a module of ``scripts/``), ``write_nifti`` (tiny NIfTI files of any array),
+``toy_ct`` (a small chest-like int16 HU volume), ``DATA`` (the real scanner files), ``SHAPE`` and
+``BlobVolumes`` (a tiny separable 3D problem for training tests).
 """
 import importlib.util
 from pathlib import Path

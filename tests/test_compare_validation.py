@@ -3,8 +3,8 @@ import csv
 
 import numpy as np
 import pytest
-from helpers import load_script
 
+from helpers import load_script
 
 compare_validation = load_script("compare_validation")
 

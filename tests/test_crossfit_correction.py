@@ -32,12 +32,10 @@ def crossfitted(smoke_runs):
         seen.append(np.asarray(train_set.indices))
         return real(net, train_set, *args, **kwargs)
 
-    diffusion.train_diffusion = recording
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: the function-scoped fixture is not available
+        patch.setattr(diffusion, "train_diffusion", recording)
         result = crossfit.crossfit_run(smoke_runs / "runs" / "quality_smoke_seed0", str(smoke_runs / "phantoms"),
                                        crossfit.DEFAULT, smoke_runs / "out")
-    finally:
-        diffusion.train_diffusion = real
     return result, seen
 
 
