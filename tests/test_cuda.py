@@ -12,10 +12,12 @@ import torch
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from utils.data.nifti_io import save_nifti
 from utils.data.phantoms import PhantomConfig, generate_phantom
+from utils.pipeline import ABLATION_FUSED, ABLATION_GLOBAL, ENSEMBLE, OURS
 from utils.predict import load_model, predict_scan
 from utils.training.profiles import get_profile
 from utils.run import run_experiment
 from utils.seeding import amp_dtype
+from utils.training.baselines import DISPLAY_NAMES
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -58,8 +60,9 @@ def test_smoke_run_with_amp_on_cuda_and_predict(tmp_path):
     memory, and its model file predicts a new scan on the GPU."""
     config = get_profile("smoke", amp=True, phantom_dir=str(tmp_path / "phantoms"), progress=False)
     rows = run_experiment(config, tmp_path / "run", cache_dir=tmp_path / "cache", device=str(CUDA))
-    aucs = [r["value"] for r in rows if r["metric"] == "roc_auc"]
-    assert len(aucs) == 5 and all(0.0 <= a <= 1.0 for a in aucs)
+    aucs = {r["model"]: r["value"] for r in rows if r["metric"] == "roc_auc"}
+    assert set(aucs) == {OURS, ABLATION_GLOBAL, ABLATION_FUSED, ENSEMBLE, *DISPLAY_NAMES.values()}
+    assert all(0.0 <= a <= 1.0 for a in aucs.values())
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
     assert timings["peak_cuda_gb"]["phase 2 (diffusion)"] > 0
     model, meta = load_model(tmp_path / "run" / "diffmic3d_enhanced_model.pth", CUDA)
