@@ -1,5 +1,6 @@
 """Tests of utils.seeding: reproducible seeding, device choice, AMP switch."""
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -39,6 +40,31 @@ def test_deterministic_flags(deterministic):
     assert torch.are_deterministic_algorithms_enabled() == deterministic
     assert torch.backends.cudnn.deterministic == deterministic
     assert torch.backends.cudnn.benchmark == (not deterministic)
+
+
+def put_without_a_deterministic_kernel():
+    """``Tensor.put_`` (accumulate=False) has no deterministic kernel on the CPU either: under
+    ``warn_only`` it warns as the 3D pooling backwards do on CUDA; the filter change after it
+    resets Python's once-per-place registry, as scikit-learn's metrics do every validation."""
+    torch.zeros(4).put_(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    warnings.filterwarnings("ignore", message="a filter that matches nothing")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_no_deterministic_kernel_warning_is_silenced_only_in_deterministic_mode(deterministic):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        for _ in range(3):
+            put_without_a_deterministic_kernel()
+        assert [str(w.message)[:4] for w in seen] == ["put_"] * 3  # control: one per call
+        seen.clear()
+        seed_everything(0, deterministic=deterministic)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        for _ in range(3):
+            put_without_a_deterministic_kernel()
+        assert len(seen) == (0 if deterministic else 3)
+    seed_everything(0)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "7"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ import torch
 DEVICE_ENV_VAR = "MEDISCOPE_DEVICE"
 """Environment variable naming the device (``cpu``, ``cuda``, ``cuda:1``, ``mps``) when the
 caller does not."""
+
+NONDETERMINISTIC_WARNING = r".*does not have a deterministic implementation"
+"""What torch's warning under ``use_deterministic_algorithms(..., warn_only=True)`` says."""
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
@@ -27,7 +31,10 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     and ``cudnn.benchmark = not deterministic``. With ``deterministic`` it also sets
     ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set, which cuBLAS needs for
     reproducible matrix products on CUDA >= 10.2 (it only takes effect if CUDA has not been
-    initialised yet, so call this first).
+    initialised yet, so call this first). torch's warning that an op has no deterministic
+    kernel is then silenced: it comes again at every validation pass (scikit-learn's metrics
+    reset Python's once-per-place filter), 119 times in one ``full`` run on a GPU, where the
+    3D pooling backwards have none; the README says which ops those are.
 
     Args:
         seed: integer in ``[0, 2**32)`` (numpy's legacy RNG accepts no more).
@@ -45,6 +52,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:
+        warnings.filterwarnings("ignore", message=NONDETERMINISTIC_WARNING, category=UserWarning)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     return torch.Generator().manual_seed(seed)
