@@ -33,7 +33,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +43,7 @@ from sklearn.model_selection import StratifiedKFold  # noqa: E402
 
 from scripts.compare_validation import SEED_DIR, seed_runs as finished_runs  # noqa: E402
 from utils.atomic import atomic_path, atomic_write_text  # noqa: E402
-# _merge: the ablations' own merge of model overrides (RETRAINED's second element), used as they use it
-from utils.benchmarking.ablations import RETRAINED, RETRAINED_KEYS, _merge  # noqa: E402
+from utils.benchmarking.ablations import RETRAINED_KEYS, variant_config as retrained_config  # noqa: E402
 from utils.evaluation.metrics import classification_metrics  # noqa: E402
 from utils.evaluation.protocol import format_pooled, pooled_comparison  # noqa: E402
 
@@ -66,10 +64,7 @@ def check_variant(variant: str) -> str:
 
 def variant_config(config, variant: str):
     """The run's TrainConfig, or a retrained variant's (``--ablations`` short names)."""
-    if check_variant(variant) == DEFAULT:
-        return config
-    changes, overrides = RETRAINED[RETRAINED_KEYS[variant]]
-    return replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
+    return config if check_variant(variant) == DEFAULT else retrained_config(config, RETRAINED_KEYS[variant])
 
 
 def crossfit_run(run_dir: Path, data: str, variant: str, out: Path) -> dict[str, np.ndarray]:

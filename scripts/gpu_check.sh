@@ -77,8 +77,10 @@ if want tests; then
   stage tests "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra -m cuda tests/
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1 | sed 's/^/  tests: /' | tee -a "$SUMMARY"
 fi
-want memory && stage memory "$PY" -m utils.benchmark --sections memory --output-dir "$OUT/benchmark" --device cuda
-want memory && grep -A7 "| stage | weights + grads" "$OUT/benchmark/benchmark.md" | tee -a "$SUMMARY"
+if want memory; then
+  stage memory "$PY" -m utils.benchmark --sections memory --output-dir "$OUT/benchmark" --device cuda
+  grep -A7 "| stage | weights + grads" "$OUT/benchmark/benchmark.md" | tee -a "$SUMMARY"
+fi
 want run && stage run_fp16 "$PY" -m utils.run --profile full --output-dir "$RUN" --set amp=True --set amp_dtype=float16 \
   --set progress=False
 want notebooks && stage notebooks "$PY" -m utils.run_notebooks --profile full --output-dir "$RUN"

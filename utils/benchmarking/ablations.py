@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_path, atomic_write_text
 from utils.benchmarking.pooled import read_split
 from utils.benchmarking.report import DCG_FUSED, OURS, markdown_table
 from utils.evaluation.metrics import classification_metrics
@@ -72,6 +72,12 @@ def retrained_of(mode: str) -> list[str]:
 
 def _merge(a: dict, b: dict) -> dict:
     return {k: {**a.get(k, {}), **b.get(k, {})} for k in set(a) | set(b)}
+
+
+def variant_config(config: TrainConfig, name: str) -> TrainConfig:
+    """``config`` with the changes of the retrained variant ``name`` (a key of ``RETRAINED``)."""
+    changes, overrides = RETRAINED[name]
+    return replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
 
 
 def uninformative(guidance):
@@ -128,8 +134,7 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     todo = [name for name in RETRAINED if name in chosen and not (name in probs and name + VALIDATION in probs)]
     oof = out_of_fold_guidance(exp, model) if todo and config.oof_folds >= 2 else None
     for name in todo:
-        changes, overrides = RETRAINED[name]
-        variant = replace(config, **changes, model_overrides=_merge(config.model_overrides, overrides))
+        variant = variant_config(config, name)
         reseed_stage(exp, "diffusion")
         net = DiffMIC3D(variant.model_config(exp.device, exp.num_classes)).to(exp.device)
         net.dcg.load_state_dict(model.dcg.state_dict())
@@ -149,10 +154,8 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
                                                    config.seed)["probs"].numpy()
         log.info(f"[ablation] seed {config.seed} {name}: test AUC "
                  f"{classification_metrics(test.labels, probs[name])['roc_auc']:.3f}")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".seed{config.seed}.tmp.npz"
-    np.savez(tmp, **probs)
-    tmp.replace(cached)
+    with atomic_path(cached) as tmp:  # creates ``out``; a failed write leaves no temporary file
+        np.savez(tmp, **probs)
     return probs
 
 
