@@ -86,13 +86,15 @@ def run_notebook(name: str, output_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def finished_smoke_run(tmp_path_factory):
-    """The whole smoke pipeline (``utils.run``: data, both phases, baselines, test evaluation and
-    figures) trained and evaluated on the stand-in: any CPU tensor meeting a device tensor on
-    the way fails here."""
+    """The smoke pipeline's training (``utils.run --train-only``: data, both phases, the
+    baselines, the learning curves) on the stand-in: any CPU tensor meeting a device tensor on
+    the way fails here. The test evaluation and its figures run on the stand-in in notebook
+    07's cells below (``evaluate_test``, the function ``utils.run`` calls), not twice."""
     output_dir = tmp_path_factory.mktemp("stand-in-run")
     with StandInDevice():
-        rows = run_experiment(get_profile("smoke", progress=False), output_dir, device=str(STAND_IN))
-    assert rows and (output_dir / "evaluation_results.csv").is_file()
+        run_experiment(get_profile("smoke", progress=False), output_dir, device=str(STAND_IN), train_only=True)
+    assert (output_dir / "diffmic3d_enhanced_model.pth").is_file()
+    assert not (output_dir / "evaluation_results.csv").exists()
     return output_dir
 
 
@@ -110,3 +112,7 @@ def test_notebook_cells_keep_tensors_on_the_data_device(name, finished_smoke_run
     with StandInDevice():
         namespace = run_notebook(name, finished_smoke_run)
     assert namespace["exp"].device == STAND_IN  # the cells really ran on the stand-in
+    if name == "07_evaluation":  # the test evaluation ran here, with every figure
+        assert (finished_smoke_run / "evaluation_results.csv").is_file()
+        assert {p.stem for p in (finished_smoke_run / "figures").glob("*.png")} >= {
+            "roc_curves", "saliency_rois", "denoising_trajectory", "baseline_gradcam", "risk_coverage"}
