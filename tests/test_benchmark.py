@@ -139,7 +139,7 @@ def test_speed_section_measures_the_new_phase_2_and_samplers(tmp_path, monkeypat
                          oof_folds=0, baselines=("resnet18",),
                          model_overrides={"diffusion": {"num_samples": 2, "num_timesteps": 50}})  # DDPM: 50 steps
     run_dir = tmp_path / "run"
-    run_experiment(config, run_dir)
+    run_experiment(config, run_dir, train_only=True)  # the section reads the checkpoints, not the test split
     calls = []
     real_timed = speed_section.timed
 
