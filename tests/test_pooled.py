@@ -117,7 +117,11 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
     from utils.benchmarking.ablations import INFERENCE, RETRAINED, VALIDATION
     from utils.benchmarking.quality import run_quality
 
-    path = run_quality("smoke", (0,), tmp_path, ablations="inference", device="cpu")
+    # ResNet-18 the only baseline, as in the adrenal and phantoms configurations
+    def quality(ablations):
+        return run_quality("smoke", (0,), tmp_path, {"baselines": ("resnet18",)}, ablations=ablations, device="cpu")
+
+    path = quality("inference")
     text = path.read_text()
     assert "### Goals" in text and "seeds 0)" in text
     goal_rows = read_quality_csv(path.with_suffix(".csv"))["goals"]
@@ -130,13 +134,13 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
 
     timings = tmp_path / "benchmark_runs" / "quality_smoke_seed0" / "timings.json"
     written = timings.stat().st_mtime_ns
-    run_quality("smoke", (0,), tmp_path, ablations="no-weighting", device="cpu")  # one retrained variant, by name
+    quality("no-weighting")  # one retrained variant, by name
     ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
     assert "| phase 2 retrained | no loss weighting |" in ablations and "--ablations no-weighting" in ablations
     assert "mean validation AUC (selected epoch)" in ablations
     assert all(f"| {v} |" not in ablations for v in RETRAINED if v != "no loss weighting")
     assert "not run here" in ablations
-    run_quality("smoke", (0,), tmp_path, ablations="all", device="cpu")
+    quality("all")
     assert timings.stat().st_mtime_ns == written  # the finished run is read, its test split not scored again
     ablations = (tmp_path / "quality_smoke_ablations.md").read_text()
     assert all(f"| {v} |" in ablations for v in (*INFERENCE, *RETRAINED)) and "not run here" not in ablations
@@ -152,14 +156,14 @@ def test_the_quality_benchmark_with_ablations_end_to_end_at_smoke_size(tmp_path)
     # retrained, its test predictions reproduced exactly, its validation ones added
     name = "no loss weighting"
     np.savez(cache, **{k: v for k, v in cached.items() if k != name + VALIDATION})
-    run_quality("smoke", (0,), tmp_path, ablations="no-weighting", device="cpu")
+    quality("no-weighting")
     with np.load(cache) as saved:
         np.testing.assert_allclose(saved[name], cached[name], atol=1e-6)
         np.testing.assert_allclose(saved[name + VALIDATION], cached[name + VALIDATION], atol=1e-6)
     # and one whose cached test predictions the reloaded model does not reproduce is an error, not a mix
     np.savez(cache, **{**{k: v for k, v in cached.items() if k != name + VALIDATION}, name: cached[name][::-1]})
     with pytest.raises(RuntimeError, match="does not reproduce"):
-        run_quality("smoke", (0,), tmp_path, ablations="no-weighting", device="cpu")
+        quality("no-weighting")
     with pytest.raises(ValueError, match="ablations must be"):
         run_quality("smoke", (0,), tmp_path, ablations="some")
 
