@@ -14,11 +14,11 @@
 # per-stage peak (timings.json). Stages run even when an earlier one failed; the exit status is
 # non-zero when any failed. Logs go to $GPU_CHECK_DIR (default outputs/gpu_check), the summary is
 # appended to its summary.txt.
-# Measured on one H200 (README, "GPU"): tests 53 s, memory 238 s, run 257 s; the notebooks were cut
-# by the time limit (01-05 took 2.5 min on an H100), so the whole is about 12 min, estimated: over
-# one 10-minute device call. GPU_CHECK_STAGES picks stages (default "tests memory run notebooks
-# scaling"), so it can be split over calls on one machine: the notebooks stage reads the run folder
-# the run stage left (GPU_CHECK_TESTS=0, the older switch, still drops the tests).
+# Measured on one H200 (README, "GPU"): tests 51-53 s, memory 238 s, run 226-257 s, notebooks 154 s,
+# so the whole is about 11 min: over one 10-minute device call. GPU_CHECK_STAGES picks stages
+# (default "tests memory run notebooks scaling"), so it can be split over calls on one machine
+# (e.g. "tests memory run", then "notebooks"): the notebooks stage reads the run folder the run
+# stage left (GPU_CHECK_TESTS=0, the older switch, still drops the tests).
 # Usage, from anywhere:   bash scripts/gpu_check.sh    or    GPU_CHECK_STAGES="notebooks tests" bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
