@@ -79,8 +79,7 @@ def crossfit_run(run_dir: Path, data: str, variant: str, out: Path) -> dict[str,
 
     cached = out / run_dir.name / f"{variant}.npz"
     if cached.is_file():
-        with np.load(cached) as saved:
-            return {k: saved[k] for k in saved.files}
+        return read_npz(cached)
     work = out / run_dir.name / variant
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # the run folder is only read
@@ -126,7 +125,13 @@ def seed_runs(runs_dir: Path, seeds=None) -> dict[int, Path]:
     return found
 
 
-def _auc(labels, probs) -> float:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a cached ``.npz``, read into memory (the file is closed)."""
+    with np.load(path) as saved:
+        return {k: saved[k] for k in saved.files}
+
+
+def auc(labels, probs) -> float:
     return classification_metrics(labels, probs)["roc_auc"]
 
 
@@ -138,17 +143,17 @@ def report(results: dict[str, dict[int, dict]], n_resamples: int = 2000) -> str:
     pooled = []
     for variant, by_seed in results.items():
         for seed, r in sorted(by_seed.items()):
-            a, b = _auc(r["labels"], r["corrected"]), _auc(r["labels"], r["prior"])
+            a, b = auc(r["labels"], r["corrected"]), auc(r["labels"], r["prior"])
             lines.append(f"| {variant} | {seed} | {len(r['labels'])} | {b:.4f} | {a:.4f} | {a - b:+.4f} | "
                          f"{int(r['kept'].sum())}/{len(r['kept'])} |")
         seeds = sorted(by_seed)
-        pooled.append(_pooled(by_seed, by_seed, seeds, "corrected", "prior", n_resamples,
-                              f"{variant}: cross-fitted minus its prior alone"))
+        pooled.append(pooled_line(by_seed, by_seed, seeds, "corrected", "prior", n_resamples,
+                                  f"{variant}: cross-fitted minus its prior alone"))
         if variant != DEFAULT and DEFAULT in results:
             common = sorted(set(seeds) & set(results[DEFAULT]))
             if common:
-                pooled.append(_pooled(by_seed, results[DEFAULT], common, "corrected", "corrected", n_resamples,
-                                      f"{variant} minus {DEFAULT}, cross-fitted"))
+                pooled.append(pooled_line(by_seed, results[DEFAULT], common, "corrected", "corrected", n_resamples,
+                                          f"{variant} minus {DEFAULT}, cross-fitted"))
     return "\n".join(lines + [""] + [f"- {line}" for line in pooled]) + "\n"
 
 
@@ -159,7 +164,10 @@ def _by_row(run: dict) -> dict:
     return {k: v if k == "kept" else v[order] for k, v in run.items()}
 
 
-def _pooled(a_runs, b_runs, seeds, a_key, b_key, n_resamples, name) -> str:
+def pooled_line(a_runs, b_runs, seeds, a_key, b_key, n_resamples, name) -> str:
+    """``format_pooled`` of ``a_runs[s][a_key]`` minus ``b_runs[s][b_key]`` over ``seeds``: per-seed
+    dicts with ``rows`` (training-split rows, any order: paired by row), ``labels`` and (N, C)
+    probabilities; the seeds share the scans (ids ``train/<row>``)."""
     a_runs, b_runs = {s: _by_row(a_runs[s]) for s in seeds}, {s: _by_row(b_runs[s]) for s in seeds}
     for s in seeds:
         if not np.array_equal(a_runs[s]["rows"], b_runs[s]["rows"]):
@@ -185,12 +193,16 @@ def main(argv=None) -> int:
     out = args.out or args.runs_dir / "crossfit"
     runs = seed_runs(args.runs_dir, args.seeds)
     results = {v: {s: crossfit_run(path, args.data, v, out) for s, path in runs.items()} for v in args.variant}
-    text = report(results, args.n_resamples)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "crossfit.md", f"Command: `python scripts/crossfit_correction.py "
-                      f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}")
-    print(text)
+    write_report(out / "crossfit.md", "crossfit_correction.py", argv, report(results, args.n_resamples))
     return 0
+
+
+def write_report(path: Path, script: str, argv, text: str) -> None:
+    """Write ``text`` under the command that made it (atomically) and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, f"Command: `python scripts/{script} {' '.join(sys.argv[1:] if argv is None else argv)}`"
+                            f"\n\n{text}")
+    print(text)
 
 
 if __name__ == "__main__":

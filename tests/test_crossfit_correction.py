@@ -127,3 +127,24 @@ def test_the_report_pools_seeds_and_compares_variants_on_the_same_scans():
     results["fine-encoder"][0] = {k: v if k == "kept" else v[1:] for k, v in reordered.items()}  # a scan short
     with pytest.raises(SystemExit, match="different scans"):
         crossfit.report(results, n_resamples=1000)
+
+
+def test_the_readout_probe_reads_the_crossfit_folds_and_priors(crossfitted, smoke_runs, capsys):
+    """scripts/readout_probe.py on a finished run: fold k's scans carry fold DCG k's prior, as in the
+    cross-fit, and its report sets the readouts beside the cached cross-fitted correction."""
+    probe = load_script("readout_probe")
+    result, _ = crossfitted
+    run, phantoms, out = smoke_runs / "runs" / "quality_smoke_seed0", str(smoke_runs / "phantoms"), smoke_runs / "out"
+    inputs = probe.probe_inputs(run, phantoms, out)
+    n = len(result["rows"])
+    assert np.array_equal(inputs["fold"][result["rows"]], result["fold"])
+    assert np.allclose(inputs["prior"][result["rows"]], result["prior"], atol=1e-6)
+    assert np.array_equal(inputs["labels"][result["rows"]], result["labels"])
+    assert inputs["dcg"].shape[0] == n and inputs["morphometry"].shape == (n, len(probe.MORPHOMETRY))
+    assert np.isfinite(inputs["morphometry"]).all() and (out / run.name / "probe_inputs.npz").is_file()
+    capsys.readouterr()  # the run's loading messages
+    assert probe.main([str(smoke_runs / "runs"), phantoms, "--out", str(out), "--features", "none", "morphometry",
+                       "--n-resamples", "1000"]) == 0
+    text = (out / "readout_probe.md").read_text()
+    assert "| 0 |" in text and "readout (morphometry) minus the cross-fitted correction" in text
+    assert text.split("\n\n", 1)[1] == capsys.readouterr().out.rstrip("\n") + "\n"
