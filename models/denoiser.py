@@ -9,6 +9,9 @@ first version): the label must reach the output only through the image and the p
     - the DCG feature prior F (B, feature_dim), LayerNorm-ed and projected to (B, E_f),
       broadcast over the grid;
     - the dense guidance map M (B, C, Np, Np, Np);
+    - optionally (``morphometry``) 15 shape descriptors of the scan (``models/morphometry.py``),
+      standardised on the training split and added to the image features through a
+      zero-initialised linear map (B, E_img), so the option starts as the model without it;
   concatenated and mixed spatially by the 3D U-Net (``models/unet_3d.py``) into a
   GroupNorm-ed condition map (B, E, Np, Np, Np).
 * Per-point head, run once per denoising step: for each grid point on its own (1x1x1 convs),
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.encoders import ConvPoolEncoder3d
+from models.morphometry import DESCRIPTORS, ShapeDescriptors
 from models.precision import float32_forward
 from models.plain_config import PlainConfig
 from models.unet_3d import UNet3D, UNetConfig
@@ -71,6 +75,9 @@ class DenoiserConfig(PlainConfig):
             the small correction of the prior. Off by default (0: no classifier): measured on
             AdrenalMNIST3D (5 seeds, same DCGs), 0.5 lowered the mean validation AUC by 0.003 and
             the test AUC by 0.005 (README, "Benchmark"); kept as an option and an ablation.
+        morphometry: the condition also reads the scan's shape descriptors (module docstring).
+            Off by default: a retrained variant (``--ablations morphometry``) until the cross-fit
+            decides it. The descriptors stay with ``use_image_encoder`` off.
     """
 
     num_classes: int = 2
@@ -91,6 +98,7 @@ class DenoiserConfig(PlainConfig):
     film: str = "bounded"
     prior_residual: bool = True
     image_ce_weight: float = 0.0
+    morphometry: bool = False
 
     def __post_init__(self):
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
@@ -183,17 +191,28 @@ class ConditionalDenoiser(nn.Module):
                               prior_residual=c.prior_residual)
         # deep supervision of the image encoder (phase-2 training only; image_ce_weight)
         self.image_classifier = nn.Linear(c.image_dim, c.num_classes) if c.image_ce_weight > 0 else None
+        self.shape = ShapeDescriptors() if c.morphometry else None
+        self.shape_proj = nn.Linear(len(DESCRIPTORS), c.image_dim) if c.morphometry else None
+        if self.shape_proj is not None:  # starts as the model without descriptors
+            nn.init.zeros_(self.shape_proj.weight)
+            nn.init.zeros_(self.shape_proj.bias)
 
     def encode_image(self, scan: torch.Tensor) -> torch.Tensor:
         """The own image encoder on the grid: scan (B, 1, H, W, D) -> (B, E_img, Np, Np, Np)
-        (zeros without ``use_image_encoder``). It does not depend on the priors, so several
-        priors of one scan share it (``condition_from``)."""
+        (zeros without ``use_image_encoder``), plus the projected shape descriptors with
+        ``morphometry`` (the same at every grid point). It does not depend on the priors, so
+        several priors of one scan share it (``condition_from``)."""
         c = self.config
         grid = (c.grid_size,) * 3
         if not c.use_image_encoder:
-            return scan.new_zeros(scan.shape[0], c.image_dim, *grid)
-        feats = self.image_encoder(scan)  # (B, ch, H/16, W/16, D/16)
-        return self.image_proj(F.interpolate(feats, size=grid, mode="trilinear", align_corners=False))
+            image = scan.new_zeros(scan.shape[0], c.image_dim, *grid)
+        else:
+            feats = self.image_encoder(scan)  # (B, ch, H/16, W/16, D/16)
+            image = self.image_proj(F.interpolate(feats, size=grid, mode="trilinear", align_corners=False))
+        if self.shape is not None:
+            shape = self.shape_proj(self.shape(scan))  # (B, E_img)
+            image = image + shape.to(image.dtype)[:, :, None, None, None]
+        return image
 
     def classify_image(self, image: torch.Tensor) -> torch.Tensor:
         """Class logits (B, C) of the encoded scan ``image`` (B, E_img, Np, Np, Np) alone: the

@@ -313,7 +313,8 @@ class DiffMIC3D(nn.Module):
             "dcg_global": dcg["global_encoder"] + dcg["saliency_head"],
             "dcg_local": dcg["local_encoder"] + dcg["attention"] + dcg["local_classifier"],
             "prior_generator": _count(self.prior_generator),
-            "image_encoder": _count(d.image_encoder) + _count(d.image_proj) + _count(d.image_classifier),
+            "image_encoder": (_count(d.image_encoder) + _count(d.image_proj) + _count(d.image_classifier)
+                              + _count(d.shape_proj)),
             "condition_unet": _count(d.unet) + _count(d.prior_norm) + _count(d.prior_proj),
             "point_head": _count(d.head),
         }

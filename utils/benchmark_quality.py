@@ -24,7 +24,7 @@ scores' risk-coverage curves are pooled the same way, and the method's goals are
 their measured figures. ``--ablations`` runs the ablations of ``utils.benchmarking.ablations`` on
 every seed and pools them likewise; ``--ablations inference`` only the inference-only variants
 (minutes per seed, where each retrained one costs a phase-2 training per seed), ``--ablations
-no-correction`` (``no-weighting``, ``label-weights``, ``image-ce``, ``fine-encoder``, ``fine-encoder-16``) those and one retrained variant.
+no-correction`` (``no-weighting``, ``label-weights``, ``image-ce``, ``fine-encoder``, ``fine-encoder-16``, ``morphometry``) those and one retrained variant.
 
 Writes ``OUTPUT_DIR/quality_<data>.md`` and ``.csv`` (``table,item,metric,value,ci_low,ci_high``,
 goal rows included), ``quality_<data>_ablations.md`` and ``risk_coverage_<data>.png``.
@@ -47,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="adrenal", help="adrenal, phantoms, smoke or the path of a MedMNIST .npz")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run per seed")
     parser.add_argument("--ablations", nargs="?", const="all", default=None, choices=ABLATION_MODES,
-                        help="also the ablations on every seed, pooled: all (default; six phase-2 retrainings "
+                        help="also the ablations on every seed, pooled: all (default; seven phase-2 retrainings "
                              "per seed), inference (the inference-only variants alone, minutes per seed), or the "
                              "inference-only variants and one retrained variant: no-correction, no-weighting, "
-                             "label-weights, image-ce, fine-encoder or fine-encoder-16")
+                             "label-weights, image-ce, fine-encoder, fine-encoder-16 or morphometry")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "benchmark", help="report folder")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: $MEDISCOPE_DEVICE, else auto)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -9,7 +9,8 @@ weighting, DiffMIC-v2's label-dependent weights (``TrainConfig.error_weighting``
 image encoder deeply supervised by a classifier of its own (``DenoiserConfig.image_ce_weight``), and
 a finer own encoder (two stages, stride 4: a 32^3 scan gives the 8^3 grid's features directly, each
 grid point its own local ones, where the default's stride-16 map is 2^3 upsampled), also trained
-for twice the phase-2 epochs (its validation loss was still falling at the default's 8). Each
+for twice the phase-2 epochs (its validation loss was still falling at the default's 8), and the
+condition reading the scan's shape descriptors (``DenoiserConfig.morphometry``). Each
 variant is scored once on the test split; its predictions are kept in
 ``OUT/ablations_<name>/seed<s>.npz`` (with a retrained variant's validation predictions, under
 its name + ``VALIDATION``: the decision between configurations is made on those; a variant cached
@@ -51,11 +52,12 @@ RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "own image encoder deeply supervised (image_ce_weight 0.5)": ({}, {"denoiser": {"image_ce_weight": 0.5}}),
     "own image encoder at stride 4 (its feature map is the grid, no upsampling)": ({}, FINE_ENCODER),
     "own image encoder at stride 4, 16 phase-2 epochs": ({"diffusion_epochs": 16}, FINE_ENCODER),
+    "the condition reads 15 shape descriptors of the scan (morphometry)": ({}, {"denoiser": {"morphometry": True}}),
 }
 VALIDATION = " [validation]"  # cache key of a retrained variant's validation probabilities: its name + this
 # the short names of the retrained variants (``--ablations NAME``), in RETRAINED's order
 RETRAINED_KEYS = dict(zip(("no-correction", "no-weighting", "label-weights", "image-ce", "fine-encoder",
-                          "fine-encoder-16"), RETRAINED))
+                          "fine-encoder-16", "morphometry"), RETRAINED))
 
 
 def retrained_of(mode: str) -> list[str]:

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D
+from models.morphometry import shape_descriptors
 from utils.distributed import SINGLE, DistContext
 from utils.log import get_logger
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
@@ -202,6 +203,18 @@ def recompute_encoder_bn(model: DiffMIC3D, train_set: Dataset, config: TrainConf
                               lambda batch: encoder(batch["image"].to(device)))
 
 
+@torch.no_grad()
+def fit_shape_descriptors(model: DiffMIC3D, train_set: Dataset, config: TrainConfig, device: torch.device) -> None:
+    """The standardisation of the denoiser's shape descriptors (``DenoiserConfig.morphometry``)
+    from the training split, before phase 2 (a no-op without them). The descriptors are
+    flip-invariant, so the augmented split gives the same figures."""
+    shape = model.denoiser.shape
+    if shape is None:
+        return
+    raw = [shape_descriptors(batch["image"].to(device)).cpu() for batch in eval_loader(train_set, config)]
+    shape.fit(torch.cat(raw))
+
+
 def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOutput,
                     val_set: Dataset, val_guidance: DCGOutput | Sequence[DCGOutput], config: TrainConfig,
                     device: torch.device, checkpoint_path: str | Path,
@@ -219,6 +232,7 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
             so its metrics are exact and identical everywhere (sharding would change the noise).
     """
     model.freeze_dcg()
+    fit_shape_descriptors(model, train_set, config, device)  # before the EMA copy, which keeps its buffers
     params = list(model.prior_generator.parameters()) + list(model.denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr_diffusion, weight_decay=config.weight_decay)
     wrapper = _Phase2(model, config.ema_decay).to(device)
