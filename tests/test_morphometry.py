@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from helpers import load_script
+from helpers import BlobVolumes, load_script
 from models.denoiser import ConditionalDenoiser, DenoiserConfig
 from models.diffmic3d import DiffMIC3D, ModelConfig
 from models.morphometry import DESCRIPTORS, ShapeDescriptors, shape_descriptors
@@ -114,7 +114,7 @@ def test_the_path_starts_as_the_denoiser_without_it_and_gets_a_gradient():
     assert float(shaped.shape_proj.weight.grad.abs().max()) > 0
 
 
-class ShapeVolumes(torch.utils.data.Dataset):
+class ShapeVolumes(BlobVolumes):
     """(1, 32, 32, 32) binary boxes of about the same volume at random places: class 1 a long
     thin bar, class 0 a compact block. Nothing but the shape tells them apart."""
 
@@ -128,13 +128,6 @@ class ShapeVolumes(torch.utils.data.Dataset):
             corner = [rng.integers(0, 32 - e + 1) for e in edges]
             self.images[i, 0, corner[0]:corner[0] + edges[0], corner[1]:corner[1] + edges[1],
                         corner[2]:corner[2] + edges[2]] = 1.0
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"image": torch.from_numpy(self.images[i]), "label": torch.tensor(self.labels[i]), "index": i,
-                "path": f"scan_{i}"}
 
 
 @pytest.mark.parametrize("morphometry", [True, False])
