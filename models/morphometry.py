@@ -55,7 +55,7 @@ def shape_descriptors(scan: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"shape_descriptors needs scans (B, 1, H, W, D), got {tuple(scan.shape)}")
     with torch.autocast(scan.device.type, enabled=False):
         x = scan[:, 0].float()  # (B, H, W, D)
-        B, dims = x.shape[0], x.shape[1:]
+        dims = x.shape[1:]
         low, high = x.flatten(1).amin(1), x.flatten(1).amax(1)
         mask = x > (0.5 * (low + high))[:, None, None, None]  # (B, H, W, D)
         maskf = mask.float()

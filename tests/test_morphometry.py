@@ -130,17 +130,24 @@ class ShapeVolumes(BlobVolumes):
                         corner[2]:corner[2] + edges[2]] = 1.0
 
 
-@pytest.mark.parametrize("morphometry", [True, False])
-def test_phase2_learns_a_problem_that_only_the_shape_solves(tmp_path, morphometry):
+@pytest.mark.parametrize("denoiser", [{"morphometry": True, "use_image_encoder": False},
+                                      {"morphometry": False, "use_image_encoder": False},
+                                      "shape-only"])
+def test_phase2_learns_a_problem_that_only_the_shape_solves(tmp_path, denoiser):
     """Own encoder off and uninformative priors: the descriptors are the only way to the label
-    (without them, the same run stays near chance)."""
+    (without them, the same run stays near chance); also with the feature prior off, as the
+    retrained variant ``shape-only`` runs (its overrides, read from the ablation table)."""
     from test_diffusion_method import blob_config
-    from utils.benchmarking.ablations import uninformative
+    from utils.benchmarking.ablations import RETRAINED, RETRAINED_KEYS, uninformative
 
+    if denoiser == "shape-only":
+        changes, overrides = RETRAINED[RETRAINED_KEYS["shape-only"]]
+        assert changes == {} and not overrides["denoiser"]["use_feature_prior"]
+        denoiser = overrides["denoiser"]
+    morphometry = denoiser["morphometry"]
     train, val = ShapeVolumes(48, 0), ShapeVolumes(24, 1)
     torch.manual_seed(0)
-    config = ModelConfig.tiny(input_shape=(32, 32, 32)).with_changes(
-        denoiser={"morphometry": morphometry, "use_image_encoder": False})
+    config = ModelConfig.tiny(input_shape=(32, 32, 32)).with_changes(denoiser=denoiser)
     model = DiffMIC3D(config).freeze_dcg()
     guidance = {name: uninformative(cache_guidance(model, data, torch.device("cpu"), progress=False))
                 for name, data in (("train", train), ("val", val))}

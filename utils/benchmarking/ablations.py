@@ -10,7 +10,8 @@ image encoder deeply supervised by a classifier of its own (``DenoiserConfig.ima
 a finer own encoder (two stages, stride 4: a 32^3 scan gives the 8^3 grid's features directly, each
 grid point its own local ones, where the default's stride-16 map is 2^3 upsampled), also trained
 for twice the phase-2 epochs (its validation loss was still falling at the default's 8), and the
-condition reading the scan's shape descriptors (``DenoiserConfig.morphometry``). Each
+condition reading the scan's shape descriptors (``DenoiserConfig.morphometry``), with its other inputs
+or alone beside the priors (no own encoder, no feature prior: the readout probe's inputs). Each
 variant is scored once on the test split; its predictions are kept in
 ``OUT/ablations_<name>/seed<s>.npz`` (with a retrained variant's validation predictions, under
 its name + ``VALIDATION``: the decision between configurations is made on those; a variant cached
@@ -44,6 +45,8 @@ log = get_logger(__name__)
 
 INFERENCE = ("priors replaced by uninformative ones (uniform M, no F)", "own image encoder zeroed",
              "one denoiser pass (1 DDIM step, one chain per member)", "the final DCG's prior only (no fold members)")
+# the readout probe's inputs (prior + shape) inside phase 2: nothing else of the scan, no DCG features
+SHAPE_ONLY = {"morphometry": True, "use_image_encoder": False, "use_feature_prior": False}
 FINE_ENCODER = {"denoiser": {"encoder_channels": (32, 64), "encoder_blocks": (1, 2)}}  # stride 4: the 8^3 grid
 RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "denoiser predicts y_0 directly (no correction of its prior)": ({}, {"denoiser": {"prior_residual": False}}),
@@ -53,11 +56,13 @@ RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "own image encoder at stride 4 (its feature map is the grid, no upsampling)": ({}, FINE_ENCODER),
     "own image encoder at stride 4, 16 phase-2 epochs": ({"diffusion_epochs": 16}, FINE_ENCODER),
     "the condition reads 15 shape descriptors of the scan (morphometry)": ({}, {"denoiser": {"morphometry": True}}),
+    "the condition reads its priors and the 15 shape descriptors only (no own encoder, no feature prior)":
+        ({}, {"denoiser": SHAPE_ONLY}),
 }
 VALIDATION = " [validation]"  # cache key of a retrained variant's validation probabilities: its name + this
 # the short names of the retrained variants (``--ablations NAME``), in RETRAINED's order
 RETRAINED_KEYS = dict(zip(("no-correction", "no-weighting", "label-weights", "image-ce", "fine-encoder",
-                          "fine-encoder-16", "morphometry"), RETRAINED))
+                          "fine-encoder-16", "morphometry", "shape-only"), RETRAINED))
 
 
 def retrained_of(mode: str) -> list[str]:
