@@ -129,6 +129,28 @@ def test_the_report_pools_seeds_and_compares_variants_on_the_same_scans():
         crossfit.report(results, n_resamples=1000)
 
 
+def test_within_folds_a_correction_that_ranks_each_fold_well_counts_though_its_folds_pool_badly():
+    """Each fold's model ranks its own scans better than the prior, but fold 1 outputs on another
+    scale: pooled over the folds the ranking breaks (the decision's reading), within folds it does
+    not (the second reading), and the per-seed column is the mean of the folds' own differences."""
+    rng = np.random.default_rng(1)
+    labels = (rng.random(400) < 0.3).astype(int)
+    rows, fold = np.arange(400), np.arange(400) % 2
+    prior = _synthetic(rng, labels, 0.3)
+    good = _synthetic(rng, labels, 3.0)[:, 1]
+    score = np.where(fold == 1, 0.9 + 0.1 * good, 0.1 * good)  # fold 1's model: every score above fold 0's
+    run = {"rows": rows, "labels": labels, "fold": fold, "prior": prior,
+           "corrected": np.stack([1 - score, score], 1), "kept": np.array([True, True])}
+    text = crossfit.report({"default": {0: run, 1: run}}, n_resamples=1000)
+    intervals = {line.split(":")[0][2:]: tuple(float(x) for x in re.search(r"\[([-+0-9.]+), ([-+0-9.]+)\]", line).groups())
+                 for line in text.splitlines() if line.startswith("- ")}
+    assert intervals["default, within folds"][0] > 0 and intervals["default"][0] < intervals["default, within folds"][0]
+    assert "4 seed-folds" in text
+    inside = np.mean([crossfit.auc(labels[fold == k], run["corrected"][fold == k])
+                      - crossfit.auc(labels[fold == k], prior[fold == k]) for k in (0, 1)])
+    assert f"| {inside:+.4f} | 2/2 |" in text
+
+
 def test_the_readout_probe_reads_the_crossfit_folds_and_priors(crossfitted, smoke_runs, capsys):
     """scripts/readout_probe.py on a finished run: fold k's scans carry fold DCG k's prior, as in the
     cross-fit, and its report sets the readouts beside the cached cross-fitted correction."""
