@@ -170,3 +170,25 @@ def test_the_readout_probe_reads_the_crossfit_folds_and_priors(crossfitted, smok
     text = (out / "readout_probe.md").read_text()
     assert "| 0 |" in text and "readout (morphometry) minus the cross-fitted correction" in text
     assert text.split("\n\n", 1)[1] == capsys.readouterr().out.rstrip("\n") + "\n"
+
+
+def test_the_prior_branches_are_read_on_the_crossfit_folds_and_the_map_weighs_the_local_prior_by_the_mean_distance(
+        crossfitted, smoke_runs, capsys):
+    """scripts/prior_branches.py: the same folds and fused prior as the cross-fit; the guidance map's
+    grid mean is (1 - mean d) p_g + mean d p_l, which is not the fused (p_g + p_l) / 2."""
+    from models.prior_generator import guidance_distance_map
+
+    branches = load_script("prior_branches")
+    result, _ = crossfitted
+    run, phantoms = smoke_runs / "runs" / "quality_smoke_seed0", str(smoke_runs / "phantoms")
+    probs = branches.branch_probs(run, phantoms)
+    assert np.array_equal(probs["fold"][result["rows"]], result["fold"])
+    assert np.allclose(probs["fused (DCG)"][result["rows"]], result["prior"], atol=1e-6)
+    g, loc = probs["global prior"], probs["local prior"]
+    d = float(guidance_distance_map(get_profile("smoke").model_config("cpu", 2).grid_size).mean())
+    assert np.allclose(probs["guidance-map grid mean"], (1 - d) * g + d * loc, atol=1e-5)
+    assert not np.allclose(probs["guidance-map grid mean"], probs["fused (DCG)"], atol=1e-3)
+    capsys.readouterr()
+    assert branches.main([str(smoke_runs / "runs"), phantoms, "--out", str(smoke_runs / "out")]) == 0
+    text = (smoke_runs / "out" / "prior_branches.md").read_text()
+    assert "| guidance-map grid mean |" in text and "| 0 |" in text and "| mean |" in text
