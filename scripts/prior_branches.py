@@ -12,8 +12,9 @@ weighs it 1/2. Every training scan is read by the out-of-fold DCG that did not t
 folds of ``utils.pipeline.out_of_fold_guidance``, as phase 2 and ``crossfit_correction.py`` read
 them), and each of the DCG's branches is scored by its within-fold AUC (the mean over the folds:
 each fold is one network's outputs): the global prior p_g, the local prior p_l, the fused
-prediction (p_g + p_l) / 2 and M's grid mean, computed by the run's own prior generator. The test
-split is not read.
+prediction (p_g + p_l) / 2 and M's grid mean, computed by the run's own prior generator; and a
+blend of the two priors whose weight is fitted without the fold it is scored on (what a fitted
+guidance map could start from). The test split is not read.
 """
 from __future__ import annotations
 
@@ -58,15 +59,34 @@ def within_fold_auc(labels, fold, probs) -> float:
     return float(np.mean([auc(labels[fold == k], probs[fold == k]) for k in np.unique(fold)]))
 
 
+def held_out_blend(labels, fold, global_probs, local_probs) -> tuple[float, list[float]]:
+    """A blend (1 - w) p_g + w p_l fitted without each fold and scored on it: for fold k, w (of
+    ``BLEND_WEIGHTS``) maximises the mean within-fold AUC of the other folds; returns the mean over
+    the folds of fold k's AUC at its w, and the w of each fold."""
+    folds = np.unique(fold)
+    blends = {w: (1 - w) * global_probs + w * local_probs for w in BLEND_WEIGHTS}
+    per_fold = {(w, k): auc(labels[fold == k], p[fold == k]) for w, p in blends.items() for k in folds}
+    chosen = [max(BLEND_WEIGHTS, key=lambda w: np.mean([per_fold[w, j] for j in folds if j != k])) for k in folds]
+    return float(np.mean([per_fold[w, k] for w, k in zip(chosen, folds)])), [float(w) for w in chosen]
+
+
+BLEND_WEIGHTS = tuple(np.round(np.linspace(0, 1, 21), 2))  # w of the local prior: 0, 0.05, ..., 1
+
+
 def report(by_seed: dict[int, dict]) -> str:
-    """Markdown: per seed and branch the within-fold AUC, and the mean over the seeds."""
-    rows = {s: [within_fold_auc(r["labels"], r["fold"], r[b]) for b in BRANCHES] for s, r in sorted(by_seed.items())}
-    lines = ["| seed | scans | " + " | ".join(BRANCHES) + " |", "|---:|---:|" + "---:|" * len(BRANCHES)]
-    lines += [f"| {s} | {len(by_seed[s]['labels'])} | " + " | ".join(f"{v:.4f}" for v in values) + " |"
-              for s, values in rows.items()]
-    mean = np.mean(list(rows.values()), axis=0)
-    lines.append("| mean | | " + " | ".join(f"{v:.4f}" for v in mean) + " |")
-    return "\n".join(lines) + "\n"
+    """Markdown: per seed and branch the within-fold AUC, the held-out fitted blend
+    (``held_out_blend``) with its weights, and the mean over the seeds."""
+    head = ["| seed | scans | " + " | ".join(BRANCHES) + " | fitted blend (held out) | its local weight per fold |",
+            "|---:|---:|" + "---:|" * (len(BRANCHES) + 1) + "---|"]
+    rows, lines = [], []
+    for s, r in sorted(by_seed.items()):
+        blend, weights = held_out_blend(r["labels"], r["fold"], r["global prior"], r["local prior"])
+        rows.append([within_fold_auc(r["labels"], r["fold"], r[b]) for b in BRANCHES] + [blend])
+        lines.append(f"| {s} | {len(r['labels'])} | " + " | ".join(f"{v:.4f}" for v in rows[-1]) + " | "
+                     + " / ".join(f"{w:.2f}" for w in weights) + " |")
+    mean = np.mean(rows, axis=0)
+    lines.append("| mean | | " + " | ".join(f"{v:.4f}" for v in mean) + " | |")
+    return "\n".join(head + lines) + "\n"
 
 
 def main(argv=None) -> int:

@@ -192,3 +192,23 @@ def test_the_prior_branches_are_read_on_the_crossfit_folds_and_the_map_weighs_th
     assert branches.main([str(smoke_runs / "runs"), phantoms, "--out", str(smoke_runs / "out")]) == 0
     text = (smoke_runs / "out" / "prior_branches.md").read_text()
     assert "| guidance-map grid mean |" in text and "| 0 |" in text and "| mean |" in text
+
+
+def test_the_fitted_blend_is_chosen_without_the_fold_it_scores_and_drops_a_useless_local_prior():
+    branches = load_script("prior_branches")
+    rng = np.random.default_rng(0)
+    labels = (rng.random(600) < 0.3).astype(int)
+    fold = np.arange(600) % 3
+    g = _synthetic(rng, labels, 1.0)
+    noise = rng.random(600)
+    local = np.stack([1 - noise, noise], 1)  # carries no signal
+    blend, weights = branches.held_out_blend(labels, fold, g, local)
+    assert all(w <= 0.1 for w in weights) and abs(blend - branches.within_fold_auc(labels, fold, g)) < 0.01
+    useful = g.copy()
+    useful[fold == 0] = local[fold == 0]  # fold 0's global prior is noise: the blend fitted without it
+    _, weights = branches.held_out_blend(labels, fold, useful, g)  # ... still trusts the "global" input
+    assert weights[0] <= 0.1 and weights[1] >= 0.5 and weights[2] >= 0.5
+    by_seed = {0: {"labels": labels, "fold": fold, "global prior": g, "local prior": local, "fused (DCG)": (g + local) / 2,
+                   "guidance-map grid mean": 0.4 * g + 0.6 * local}}
+    text = branches.report(by_seed)
+    assert "| fitted blend (held out) |" in text and f"| {blend:.4f} |" in text
