@@ -16,10 +16,10 @@ from models.prior_generator import PriorConfig
 # config
 
 PRESETS = ("tiny", "small", "full")  # ModelConfig.<name>(): the named model sizes
-MODEL_SECTIONS = ("dcg", "denoiser", "diffusion")  # what ModelConfig.with_changes may change, by section
+MODEL_SECTIONS = ("dcg", "prior", "denoiser", "diffusion")  # what ModelConfig.with_changes may change, by section
 # fields added after checkpoints were written, with the value those checkpoints had in effect
 # (from_dict fills them in; any other missing field is an error; the default may differ)
-ADDED_LATER = {"denoiser": {"image_ce_weight": 0.0}}
+ADDED_LATER = {"denoiser": {"image_ce_weight": 0.0}, "prior": {"blend": "distance"}}
 
 
 def with_added_later(sections: Mapping[str, Any]) -> dict[str, Any]:
@@ -30,6 +30,8 @@ def with_added_later(sections: Mapping[str, Any]) -> dict[str, Any]:
 
 # fields of a section that ModelConfig.create sets from its shared sizes (never overridden per section)
 SHARED_FIELDS = {"dcg": {"num_classes", "input_shape"}, "denoiser": {"num_classes", "grid_size", "feature_dim"},
+                 "prior": {"num_classes", "num_rois", "global_dim", "roi_dim", "feature_dim", "grid_size",
+                           "fold_dcgs"},
                  "diffusion": set()}
 
 
@@ -76,7 +78,7 @@ class ModelConfig:
     def create(cls, num_classes: int = 2, input_shape: tuple[int, int, int] = (128, 128, 64),
                grid_size: int = 8, feature_dim: int = 256, fold_dcgs: int = 0,
                dcg: Optional[dict[str, Any]] = None, denoiser: Optional[dict[str, Any]] = None,
-               diffusion: Optional[dict[str, Any]] = None) -> "ModelConfig":
+               diffusion: Optional[dict[str, Any]] = None, prior: Optional[dict[str, Any]] = None) -> "ModelConfig":
         """The one place where shared sizes are set.
 
         Args:
@@ -85,25 +87,26 @@ class ModelConfig:
             grid_size: Np of the guidance grid (priors and denoiser).
             feature_dim: width of the feature prior F.
             fold_dcgs: out-of-fold DCGs kept as prior members besides the final one (0 or >= 2).
-            dcg, denoiser, diffusion: overrides of the remaining fields of each config.
+            dcg, denoiser, diffusion, prior: overrides of the remaining fields of each config.
         """
-        for name, overrides in (("dcg", dcg), ("denoiser", denoiser)):
+        for name, overrides in (("dcg", dcg), ("denoiser", denoiser), ("prior", prior)):
             clash = SHARED_FIELDS[name] & set(overrides or {})
             if clash:
                 raise ValueError(f"ModelConfig.create: set {sorted(clash)} as create() arguments, not in {name}=")
         dcg_cfg = DCGConfig(num_classes=num_classes, input_shape=tuple(input_shape), **(dcg or {}))
         prior_cfg = PriorConfig(num_classes=num_classes, num_rois=dcg_cfg.num_rois, global_dim=dcg_cfg.feature_dim,
                                 roi_dim=dcg_cfg.local_dim, feature_dim=feature_dim, grid_size=grid_size,
-                                fold_dcgs=fold_dcgs)
+                                fold_dcgs=fold_dcgs, **(prior or {}))
         den_cfg = DenoiserConfig(num_classes=num_classes, grid_size=grid_size, feature_dim=feature_dim,
                                  **(denoiser or {}))
         return cls(dcg=dcg_cfg, prior=prior_cfg, denoiser=den_cfg, diffusion=DiffusionConfig(**(diffusion or {})))
 
     def with_changes(self, dcg: Optional[dict[str, Any]] = None, denoiser: Optional[dict[str, Any]] = None,
-                     diffusion: Optional[dict[str, Any]] = None, **shared) -> "ModelConfig":
+                     diffusion: Optional[dict[str, Any]] = None, prior: Optional[dict[str, Any]] = None,
+                     **shared) -> "ModelConfig":
         """A consistent copy with some fields changed, rebuilt through :meth:`create`.
 
-        ``dcg``, ``denoiser``, ``diffusion``: field -> new value of that section; ``shared``: any of
+        ``dcg``, ``prior``, ``denoiser``, ``diffusion``: field -> new value of that section; ``shared``: any of
         ``num_classes``, ``input_shape``, ``grid_size``, ``feature_dim``, ``fold_dcgs``. What follows
         from a change follows (e.g. ``dcg={'num_rois': 5}`` also gives the prior generator K = 5).
         """
@@ -114,7 +117,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"ModelConfig.with_changes: unknown arguments {unknown}; shared sizes are {sorted(sizes)}")
         sections = {}
-        for name, changes in zip(MODEL_SECTIONS, (dcg, denoiser, diffusion)):
+        for name, changes in zip(MODEL_SECTIONS, (dcg, prior, denoiser, diffusion)):
             current = getattr(self, name)
             known = {f.name for f in fields(current)} - SHARED_FIELDS[name]
             bad = sorted(set(changes or {}) - known)

@@ -32,6 +32,10 @@ from models.plain_config import PlainConfig, TensorFields
 from models.precision import float32_forward
 
 
+BLENDS = ("distance", "fitted")  # PriorConfig.blend
+BLEND_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))  # the candidate w of a fitted blend
+
+
 @dataclass
 class PriorConfig(PlainConfig):
     """Sizes of the prior generator.
@@ -43,6 +47,11 @@ class PriorConfig(PlainConfig):
         roi_dim: channels of each ROI vector (DCGConfig.local_dim).
         feature_dim: D, channels of the feature prior F.
         grid_size: Np, side of the dense guidance grid.
+        blend: how M blends the two priors: ``'distance'`` (the design: d as above, whose grid
+            mean is 0.63 at Np = 8) or ``'fitted'``: d rescaled so that its grid mean is a weight w
+            of the local prior fitted on the training split's out-of-fold priors before phase 2
+            (``PriorGenerator.fit_blend``; a buffer saved with the model), centre still the most
+            global and corners the most local (:func:`blend_distance`).
         fold_dcgs: how many out-of-fold DCGs the model keeps besides its final DCG (0: none).
             Phase 2 trains on the priors these DCGs gave the training scans they did not see;
             at inference the priors of a scan come from every member (the final DCG and the
@@ -57,12 +66,15 @@ class PriorConfig(PlainConfig):
     feature_dim: int = 256
     grid_size: int = 8
     fold_dcgs: int = 0
+    blend: str = "distance"
 
     def __post_init__(self) -> None:
+        if self.blend not in BLENDS:
+            raise ValueError(f"PriorConfig.blend must be one of {BLENDS}, got {self.blend!r}")
         if int(self.fold_dcgs) < 0 or self.fold_dcgs == 1:
             raise ValueError(f"PriorConfig.fold_dcgs must be 0 or >= 2 (out-of-fold DCGs), got {self.fold_dcgs}")
         for f in fields(self):
-            if f.name != "fold_dcgs" and int(getattr(self, f.name)) < 1:
+            if f.name not in ("fold_dcgs", "blend") and int(getattr(self, f.name)) < 1:
                 raise ValueError(f"PriorConfig.{f.name} must be >= 1, got {getattr(self, f.name)}")
         if self.num_classes < 2:
             raise ValueError(f"PriorConfig.num_classes must be >= 2, got {self.num_classes}")
@@ -104,6 +116,18 @@ def guidance_distance_map(grid_size: int, device: torch.device | str | None = No
     corner = centre * 3 ** 0.5
     dist = dist / corner if corner > 0 else torch.zeros_like(dist)
     return dist.to(dtype)
+
+
+def blend_distance(distance: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """The distance map rescaled so that its grid mean is ``weight`` (the local prior's share of
+    M's grid mean), keeping its order (centre lowest, corners highest) and its range in [0, 1]:
+    ``d w / mean(d)`` for w <= mean(d), else ``1 - (1 - d)(1 - w) / (1 - mean(d))``; a constant
+    ``w`` where d is (Np = 1). ``distance`` (Np, Np, Np), ``weight`` a scalar in [0, 1]."""
+    weight = torch.as_tensor(weight, dtype=distance.dtype, device=distance.device)
+    mean = distance.mean()
+    if float(mean) <= 0 or float(mean) >= 1:
+        return torch.full_like(distance, float(weight))
+    return torch.where(weight <= mean, distance * weight / mean, 1 - (1 - distance) * (1 - weight) / (1 - mean))
 
 
 def dense_guidance_map(global_probs: torch.Tensor, local_probs: torch.Tensor, grid_size: int,
@@ -165,6 +189,30 @@ class PriorGenerator(nn.Module):
         self.roi_proj = nn.Linear(c.roi_dim, c.feature_dim)
         self.gate_logits = nn.Parameter(torch.zeros(c.num_rois + 1, c.feature_dim))
         self.register_buffer("distance", guidance_distance_map(c.grid_size), persistent=False)
+        if c.blend == "fitted":  # NaN until fit_blend; saved with the model
+            self.register_buffer("local_weight", torch.tensor(float("nan")))
+
+    @torch.no_grad()
+    def fit_blend(self, global_probs: torch.Tensor, local_probs: torch.Tensor, labels, score) -> float:
+        """``blend='fitted'``: the local prior's weight w (of ``BLEND_WEIGHTS``) whose blend
+        ``(1 - w) p_g + w p_l`` of the given (out-of-fold) priors (N, C) ranks ``labels`` (N,) best
+        by ``score(labels, probs) -> float`` (e.g. ROC-AUC; ties: the smaller w). Returns w."""
+        if self.config.blend != "fitted":
+            raise ValueError("fit_blend needs PriorConfig.blend='fitted'")
+        g, loc = global_probs.float().cpu(), local_probs.float().cpu()
+        scores = [score(labels, ((1 - w) * g + w * loc).numpy()) for w in BLEND_WEIGHTS]
+        best = BLEND_WEIGHTS[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+        self.local_weight.fill_(best)
+        return best
+
+    def blend_map(self) -> torch.Tensor:
+        """The distance map M is built with (Np, Np, Np): the design's, or the fitted blend's."""
+        if self.config.blend == "distance":
+            return self.distance
+        if torch.isnan(self.local_weight):
+            raise RuntimeError("PriorConfig.blend='fitted' but the blend was not fitted (PriorGenerator.fit_blend, "
+                               "called by phase 2 before training)")
+        return blend_distance(self.distance, self.local_weight)
 
     @float32_forward
     def forward(self, global_probs: torch.Tensor, local_probs: torch.Tensor,
@@ -188,7 +236,7 @@ class PriorGenerator(nn.Module):
             if tuple(given[name].shape) != shape:
                 raise ValueError(f"PriorGenerator: {name} must be {shape}, got "
                                  f"{tuple(given[name].shape)}")
-        guidance = dense_guidance_map(global_probs, local_probs, c.grid_size, self.distance)
+        guidance = dense_guidance_map(global_probs, local_probs, c.grid_size, self.blend_map())
         sources = torch.cat([self.global_proj(global_features)[:, None],  # (B, 1, D)
                              self.roi_proj(roi_features)], dim=1)  # (B, K+1, D)
         feature_prior, gates = gated_fusion(sources, self.gate_logits)

@@ -105,7 +105,8 @@ def test_with_changes_rebuilds_a_consistent_config(changes, expected):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(dcg={"num_classes": 3}), r"dcg has no settable fields \['num_classes'\]"),
-    (dict(prior={"num_rois": 3}), "unknown arguments"),
+    (dict(prior={"num_rois": 3}), r"prior has no settable fields \['num_rois'\]"),
+    (dict(priors={"blend": "fitted"}), "unknown arguments"),
     (dict(diffusion={"ddim_steps": 0}), "ddim_steps"),
 ])
 def test_with_changes_refuses_derived_or_unknown_fields(changes, match):

@@ -47,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="adrenal", help="adrenal, phantoms, smoke or the path of a MedMNIST .npz")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run per seed")
     parser.add_argument("--ablations", nargs="?", const="all", default=None, choices=ABLATION_MODES,
-                        help="also the ablations on every seed, pooled: all (default; eight phase-2 retrainings "
+                        help="also the ablations on every seed, pooled: all (default; nine phase-2 retrainings "
                              "per seed), inference (the inference-only variants alone, minutes per seed), or the "
                              "inference-only variants and one retrained variant: no-correction, no-weighting, "
-                             "label-weights, image-ce, fine-encoder, fine-encoder-16, morphometry or shape-only")
+                             "label-weights, image-ce, fine-encoder, fine-encoder-16, morphometry, shape-only or fitted-blend")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "benchmark", help="report folder")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: $MEDISCOPE_DEVICE, else auto)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -215,6 +215,23 @@ def fit_shape_descriptors(model: DiffMIC3D, train_set: Dataset, config: TrainCon
     shape.fit(torch.cat(raw))
 
 
+@torch.no_grad()
+def fit_prior_blend(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOutput) -> None:
+    """``PriorConfig.blend='fitted'``: the guidance map's weight of the local prior, fitted on the
+    training scans' (out-of-fold) priors before phase 2 (a no-op otherwise). ``train_set`` is the
+    training split or a ``Subset`` of it (its ``indices`` are rows of ``train_guidance``)."""
+    if model.config.prior.blend != "fitted":
+        return
+    from utils.evaluation.metrics import classification_metrics
+
+    rows = torch.as_tensor(np.asarray(getattr(train_set, "indices", range(len(train_set)))), dtype=torch.long)
+    weight = model.prior_generator.fit_blend(train_guidance.global_probs[rows], train_guidance.local_probs[rows],
+                                             np.asarray(train_set.labels),
+                                             lambda y, p: classification_metrics(y, p)["roc_auc"])
+    log.info(f"[diffusion] guidance map: the local prior's weight fitted on {len(rows)} training scans' priors: "
+             f"{weight:.2f} (the design's distance blend: 0.63 at Np = 8)")
+
+
 def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOutput,
                     val_set: Dataset, val_guidance: DCGOutput | Sequence[DCGOutput], config: TrainConfig,
                     device: torch.device, checkpoint_path: str | Path,
@@ -233,6 +250,7 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
     """
     model.freeze_dcg()
     fit_shape_descriptors(model, train_set, config, device)  # before the EMA copy, which keeps its buffers
+    fit_prior_blend(model, train_set, train_guidance)
     params = list(model.prior_generator.parameters()) + list(model.denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr_diffusion, weight_decay=config.weight_decay)
     wrapper = _Phase2(model, config.ema_decay).to(device)
