@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.prior_generator import BLEND_WEIGHTS  # noqa: E402  (the candidate w of PriorConfig.blend='fitted')
 from scripts.crossfit_correction import auc, fold_rows, seed_runs, write_report  # noqa: E402
 
 BRANCHES = ("global prior", "local prior", "fused (DCG)", "guidance-map grid mean")
@@ -68,9 +69,6 @@ def held_out_blend(labels, fold, global_probs, local_probs) -> tuple[float, list
     per_fold = {(w, k): auc(labels[fold == k], p[fold == k]) for w, p in blends.items() for k in folds}
     chosen = [max(BLEND_WEIGHTS, key=lambda w: np.mean([per_fold[w, j] for j in folds if j != k])) for k in folds]
     return float(np.mean([per_fold[w, k] for w, k in zip(chosen, folds)])), [float(w) for w in chosen]
-
-
-BLEND_WEIGHTS = tuple(np.round(np.linspace(0, 1, 21), 2))  # w of the local prior: 0, 0.05, ..., 1
 
 
 def report(by_seed: dict[int, dict]) -> str:
