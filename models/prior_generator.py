@@ -13,6 +13,10 @@ Two priors condition the denoiser (DiffMIC, Yang et al. MICCAI 2023, section 2.2
   DiffMIC-v2's dense map is a 2D grid indexed by ROI positions. Each M[:, :, i, j, k] is a
   convex combination of two probability vectors, so it sums to 1 over classes. For even Np no
   grid point lies exactly on the centre (the 2x2x2 central points have d = 1/(Np-1)).
+  By default (``PriorConfig.blend='fitted'``) d is rescaled, keeping its order, so that its grid
+  mean is the local prior's weight w that ranks the training split's out-of-fold priors best
+  (fitted before phase 2; the design's d has grid mean 0.63 at Np = 8, and on AdrenalMNIST3D's
+  training folds the fitted w was 0-0.15: its local prior ranks worse than its global one).
 * Feature prior F (B, D): a per-channel convex combination of the global feature vector and
   the K ROI vectors, all projected to D channels,
 
@@ -23,6 +27,7 @@ Two priors condition the denoiser (DiffMIC, Yang et al. MICCAI 2023, section 2.2
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -47,11 +52,12 @@ class PriorConfig(PlainConfig):
         roi_dim: channels of each ROI vector (DCGConfig.local_dim).
         feature_dim: D, channels of the feature prior F.
         grid_size: Np, side of the dense guidance grid.
-        blend: how M blends the two priors: ``'distance'`` (the design: d as above, whose grid
-            mean is 0.63 at Np = 8) or ``'fitted'``: d rescaled so that its grid mean is a weight w
-            of the local prior fitted on the training split's out-of-fold priors before phase 2
-            (``PriorGenerator.fit_blend``; a buffer saved with the model), centre still the most
-            global and corners the most local (:func:`blend_distance`).
+        blend: how M blends the two priors: ``'fitted'`` (the default): d rescaled so that its
+            grid mean is a weight w of the local prior fitted on the training split's out-of-fold
+            priors before phase 2 (``PriorGenerator.fit_blend``; a buffer saved with the model),
+            centre still the most global and corners the most local (:func:`blend_distance`); or
+            ``'distance'`` (the design: d as above, whose grid mean is 0.63 at Np = 8; what
+            checkpoints written before the option have).
         fold_dcgs: how many out-of-fold DCGs the model keeps besides its final DCG (0: none).
             Phase 2 trains on the priors these DCGs gave the training scans they did not see;
             at inference the priors of a scan come from every member (the final DCG and the
@@ -66,7 +72,7 @@ class PriorConfig(PlainConfig):
     feature_dim: int = 256
     grid_size: int = 8
     fold_dcgs: int = 0
-    blend: str = "distance"
+    blend: str = "fitted"
 
     def __post_init__(self) -> None:
         if self.blend not in BLENDS:
@@ -124,10 +130,10 @@ def blend_distance(distance: torch.Tensor, weight: torch.Tensor | float) -> torc
     ``d w / mean(d)`` for w <= mean(d), else ``1 - (1 - d)(1 - w) / (1 - mean(d))``; a constant
     ``w`` where d is (Np = 1). ``distance`` (Np, Np, Np), ``weight`` a scalar in [0, 1]."""
     weight = torch.as_tensor(weight, dtype=distance.dtype, device=distance.device)
-    mean = distance.mean()
-    if float(mean) <= 0 or float(mean) >= 1:
-        return torch.full_like(distance, float(weight))
-    return torch.where(weight <= mean, distance * weight / mean, 1 - (1 - distance) * (1 - weight) / (1 - mean))
+    mean = distance.mean()  # in [0, 1): 0 only for Np = 1, where both branches give w
+    tiny = torch.finfo(distance.dtype).tiny  # no branch on a value: the memory estimate runs on fake tensors
+    return torch.where(weight <= mean, distance * weight / mean.clamp_min(tiny),
+                       1 - (1 - distance) * (1 - weight) / (1 - mean).clamp_min(tiny))
 
 
 def dense_guidance_map(global_probs: torch.Tensor, local_probs: torch.Tensor, grid_size: int,
@@ -189,19 +195,25 @@ class PriorGenerator(nn.Module):
         self.roi_proj = nn.Linear(c.roi_dim, c.feature_dim)
         self.gate_logits = nn.Parameter(torch.zeros(c.num_rois + 1, c.feature_dim))
         self.register_buffer("distance", guidance_distance_map(c.grid_size), persistent=False)
-        if c.blend == "fitted":  # NaN until fit_blend; saved with the model
-            self.register_buffer("local_weight", torch.tensor(float("nan")))
+        if c.blend == "fitted":  # the design's grid mean (M is the design's map) until fit_blend; saved
+            self.register_buffer("local_weight", self.distance.mean().clone())
 
     @torch.no_grad()
     def fit_blend(self, global_probs: torch.Tensor, local_probs: torch.Tensor, labels, score) -> float:
         """``blend='fitted'``: the local prior's weight w (of ``BLEND_WEIGHTS``) whose blend
         ``(1 - w) p_g + w p_l`` of the given (out-of-fold) priors (N, C) ranks ``labels`` (N,) best
-        by ``score(labels, probs) -> float`` (e.g. ROC-AUC; ties: the smaller w). Returns w."""
+        by ``score(labels, probs) -> float`` (e.g. ROC-AUC; ties: the smaller w). Where no
+        candidate has a finite score (one class only: the AUC is undefined) w is the design's,
+        the grid mean of d, so M is the distance blend. Returns w."""
         if self.config.blend != "fitted":
             raise ValueError("fit_blend needs PriorConfig.blend='fitted'")
         g, loc = global_probs.float().cpu(), local_probs.float().cpu()
-        scores = [score(labels, ((1 - w) * g + w * loc).numpy()) for w in BLEND_WEIGHTS]
-        best = BLEND_WEIGHTS[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+        scores = [float(score(labels, ((1 - w) * g + w * loc).numpy())) for w in BLEND_WEIGHTS]
+        if any(math.isfinite(s) for s in scores):
+            best = BLEND_WEIGHTS[max(range(len(scores)),
+                                     key=lambda i: (scores[i] if math.isfinite(scores[i]) else -math.inf, -i))]
+        else:
+            best = float(self.distance.mean())
         self.local_weight.fill_(best)
         return best
 
@@ -209,9 +221,6 @@ class PriorGenerator(nn.Module):
         """The distance map M is built with (Np, Np, Np): the design's, or the fitted blend's."""
         if self.config.blend == "distance":
             return self.distance
-        if torch.isnan(self.local_weight):
-            raise RuntimeError("PriorConfig.blend='fitted' but the blend was not fitted (PriorGenerator.fit_blend, "
-                               "called by phase 2 before training)")
         return blend_distance(self.distance, self.local_weight)
 
     @float32_forward

@@ -44,8 +44,7 @@ def test_the_fit_keeps_the_prior_that_ranks_and_the_map_follows_it():
     noise = torch.from_numpy(rng.random(300))
     gen = PriorGenerator(PriorConfig(blend="fitted", grid_size=4, num_rois=2, global_dim=8, roi_dim=8, feature_dim=8))
     feats = torch.zeros(300, 8), torch.zeros(300, 2, 8)
-    with pytest.raises(RuntimeError, match="not fitted"):
-        gen(_probs(good), _probs(noise), *feats)
+    torch.testing.assert_close(gen.blend_map(), gen.distance)  # until fitted: the design's map
     w = gen.fit_blend(_probs(good), _probs(noise), labels, auc)
     assert w <= 0.25  # the local prior is noise (a little of it can rank this sample better by chance)
     grid_mean = gen(_probs(good), _probs(noise), *feats).guidance_map.mean(dim=(2, 3, 4))  # (N, C)
@@ -53,14 +52,24 @@ def test_the_fit_keeps_the_prior_that_ranks_and_the_map_follows_it():
     assert gen.fit_blend(_probs(noise), _probs(good), labels, auc) >= 0.75  # the global prior is noise
     assert "local_weight" in gen.state_dict() and round(float(gen.state_dict()["local_weight"]), 2) in BLEND_WEIGHTS
     with pytest.raises(ValueError, match="blend='fitted'"):
-        PriorGenerator(PriorConfig()).fit_blend(_probs(good), _probs(noise), labels, auc)
+        PriorGenerator(PriorConfig(blend="distance")).fit_blend(_probs(good), _probs(noise), labels, auc)
     with pytest.raises(ValueError, match="blend"):
         PriorConfig(blend="learned")
 
 
+def test_a_single_class_leaves_the_design_blend():
+    """No candidate can be scored (AUC undefined on one class): w is d's own grid mean, M the design's."""
+    gen = PriorGenerator(PriorConfig(grid_size=4, num_rois=2, global_dim=8, roi_dim=8, feature_dim=8))
+    probs = _probs(torch.rand(10))
+    w = gen.fit_blend(probs, probs.flip(1), np.ones(10, dtype=int), lambda y, p: float("nan"))
+    assert w == pytest.approx(float(gen.distance.mean()))
+    torch.testing.assert_close(gen.blend_map(), gen.distance)
+
+
 def test_the_config_takes_the_blend_as_a_prior_override_and_old_configs_load_with_the_design():
-    config = ModelConfig.tiny().with_changes(prior={"blend": "fitted"})
-    assert config.prior.blend == "fitted" and config.with_changes(dcg={"num_rois": 2}).prior.blend == "fitted"
+    assert PriorConfig().blend == "fitted" and ModelConfig.tiny().prior.blend == "fitted"  # the default
+    config = ModelConfig.tiny().with_changes(prior={"blend": "distance"})
+    assert config.prior.blend == "distance" and config.with_changes(dcg={"num_rois": 2}).prior.blend == "distance"
     with pytest.raises(ValueError, match="grid_size"):
         ModelConfig.tiny().with_changes(prior={"grid_size": 4})  # a shared size: set it as grid_size=
     old = ModelConfig.tiny().to_dict()

@@ -24,7 +24,8 @@ scores' risk-coverage curves are pooled the same way, and the method's goals are
 their measured figures. ``--ablations`` runs the ablations of ``utils.benchmarking.ablations`` on
 every seed and pools them likewise; ``--ablations inference`` only the inference-only variants
 (minutes per seed, where each retrained one costs a phase-2 training per seed), ``--ablations
-no-correction`` (``no-weighting``, ``label-weights``, ``image-ce``, ``fine-encoder``, ``fine-encoder-16``, ``morphometry``) those and one retrained variant.
+no-correction`` (``no-weighting``, ``label-weights``, ``image-ce``, ``fine-encoder``, ``fine-encoder-16``,
+``morphometry``, ``shape-only``, ``distance-blend``) those and one retrained variant.
 
 Writes ``OUTPUT_DIR/quality_<data>.md`` and ``.csv`` (``table,item,metric,value,ci_low,ci_high``,
 goal rows included), ``quality_<data>_ablations.md`` and ``risk_coverage_<data>.png``.
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also the ablations on every seed, pooled: all (default; nine phase-2 retrainings "
                              "per seed), inference (the inference-only variants alone, minutes per seed), or the "
                              "inference-only variants and one retrained variant: no-correction, no-weighting, "
-                             "label-weights, image-ce, fine-encoder, fine-encoder-16, morphometry, shape-only or fitted-blend")
+                             "label-weights, image-ce, fine-encoder, fine-encoder-16, morphometry, shape-only or distance-blend")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "benchmark", help="report folder")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: $MEDISCOPE_DEVICE, else auto)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -12,7 +12,8 @@ grid point its own local ones, where the default's stride-16 map is 2^3 upsample
 for twice the phase-2 epochs (its validation loss was still falling at the default's 8), and the
 condition reading the scan's shape descriptors (``DenoiserConfig.morphometry``), with its other inputs
 or alone beside the priors (no own encoder, no feature prior: the readout probe's inputs), and the
-guidance map blending the two priors by a weight fitted on the training split (``PriorConfig.blend``). Each
+guidance map blending the two priors by the design's distance instead of the weight fitted on the
+training split (``PriorConfig.blend``; the default since the cross-fit accepted the fitted one). Each
 variant is scored once on the test split; its predictions are kept in
 ``OUT/ablations_<name>/seed<s>.npz`` (with a retrained variant's validation predictions, under
 its name + ``VALIDATION``: the decision between configurations is made on those; a variant cached
@@ -59,13 +60,13 @@ RETRAINED = {  # name -> (TrainConfig changes, model_overrides)
     "the condition reads 15 shape descriptors of the scan (morphometry)": ({}, {"denoiser": {"morphometry": True}}),
     "the condition reads its priors and the 15 shape descriptors only (no own encoder, no feature prior)":
         ({}, {"denoiser": SHAPE_ONLY}),
-    "the guidance map's blend of the two priors fitted on the training split's out-of-fold priors":
-        ({}, {"prior": {"blend": "fitted"}}),
+    "the guidance map's blend of the two priors by the design's distance (not fitted)":
+        ({}, {"prior": {"blend": "distance"}}),
 }
 VALIDATION = " [validation]"  # cache key of a retrained variant's validation probabilities: its name + this
 # the short names of the retrained variants (``--ablations NAME``), in RETRAINED's order
 RETRAINED_KEYS = dict(zip(("no-correction", "no-weighting", "label-weights", "image-ce", "fine-encoder",
-                          "fine-encoder-16", "morphometry", "shape-only", "fitted-blend"), RETRAINED))
+                          "fine-encoder-16", "morphometry", "shape-only", "distance-blend"), RETRAINED))
 
 
 def retrained_of(mode: str) -> list[str]:

@@ -229,7 +229,7 @@ def fit_prior_blend(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
                                              np.asarray(train_set.labels),
                                              lambda y, p: classification_metrics(y, p)["roc_auc"])
     log.info(f"[diffusion] guidance map: the local prior's weight fitted on {len(rows)} training scans' priors: "
-             f"{weight:.2f} (the design's distance blend: 0.63 at Np = 8)")
+             f"{weight:.2f} (the design's distance blend: {float(model.prior_generator.distance.mean()):.2f})")
 
 
 def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOutput,
