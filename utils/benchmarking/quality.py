@@ -25,6 +25,9 @@ from utils.training.readout import REFER_SCORE
 
 ADRENAL = REPO_ROOT.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
 GOALS = {"gain_over_dcg": 0.015, "adrenal_auc": 0.88, "coverage_gain": 0.03, "threshold_slack": 0.02}
+# accuracies are means of scan-count ratios, so a difference can land on a goal exactly and miss it
+# by float rounding (212/240 - 256/300 is 0.03 less 1e-17): a goal reached within this counts as met
+ROUNDING = 1e-9
 
 
 def dataset_setup(data: str) -> tuple[str, TrainConfig, Optional[Path]]:
@@ -133,7 +136,7 @@ def goals(name: str, result: dict) -> list[dict]:
         acc = ours_u["accuracy_at"]
         add(f"{OURS} accuracy at 80% coverage >= at 100% + {GOALS['coverage_gain']}",
             f"{acc[0.8]:.3f} vs {acc[1.0]:.3f} ({acc[0.8] - acc[1.0]:+.3f})",
-            acc[0.8] >= acc[1.0] + GOALS["coverage_gain"])
+            acc[0.8] - acc[1.0] >= GOALS["coverage_gain"] - ROUNDING)
     dec = result["decisions"]
     if OURS in dec and DCG_FUSED in dec and not math.isnan(np.nanmean(dec[OURS]["threshold_loss"])):
         ours_loss, dcg_loss = np.mean(dec[OURS]["threshold_loss"]), np.mean(dec[DCG_FUSED]["threshold_loss"])
@@ -141,7 +144,7 @@ def goals(name: str, result: dict) -> list[dict]:
             f"reached) within {GOALS['threshold_slack']} of the DCG's at its own",
             f"{ours_loss:.3f} vs {dcg_loss:.3f} (balanced accuracy at the validation threshold "
             f"{np.mean(dec[OURS]['balanced_accuracy@val']):.3f} vs {np.mean(dec[DCG_FUSED]['balanced_accuracy@val']):.3f})",
-            ours_loss <= dcg_loss + GOALS["threshold_slack"])
+            ours_loss - dcg_loss <= GOALS["threshold_slack"] + ROUNDING)
     else:
         add(f"{OURS} decision at its validation threshold", "binary thresholds not available", None)
     return out
