@@ -10,8 +10,9 @@ guidance map M = (1 - d) p_g + d p_l (``models.prior_generator``), which weighs 
 the grid mean of the normalised distance d (the design's blend: 0.63 at Np = 8; the fitted blend,
 the default since, by the weight it fitted), where the DCG's own fused prediction weighs it 1/2.
 Every training scan is read by the out-of-fold DCG that did not train on it (the folds of
-``utils.pipeline.out_of_fold_guidance``, as phase 2 and ``crossfit_correction.py`` read them), and each of the DCG's branches is scored by its within-fold AUC (the mean over the folds:
-each fold is one network's outputs): the global prior p_g, the local prior p_l, the fused
+``utils.pipeline.out_of_fold_guidance``, as phase 2 and ``crossfit_correction.py`` read them), and
+each of the DCG's branches is scored by its within-fold AUC (the mean over the folds: each fold is
+one network's outputs): the global prior p_g, the local prior p_l, the fused
 prediction (p_g + p_l) / 2 and M's grid mean, computed by the run's own prior generator; and a
 blend of the two priors whose weight is fitted without the fold it is scored on (what a fitted
 guidance map could start from). The test split is not read.
