@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from helpers import SHAPE, BlobVolumes
 from models.diffmic3d import DiffMIC3D, ModelConfig
-from utils.training.diffusion import recompute_encoder_bn, train_diffusion, warmup_cosine
+from utils.training.diffusion import correction_kept, recompute_encoder_bn, train_diffusion, warmup_cosine
 from utils.training.profiles import get_profile
 from utils.training.dcg import cache_guidance
 
@@ -212,3 +212,12 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tm
     reference_ckpt = torch.load(uninterrupted["path"], weights_only=True)
     for key, value in final["model_state_dict"].items():
         assert torch.equal(value, reference_ckpt["model_state_dict"][key]), key
+
+
+def test_the_correction_check_keeps_ties_up_to_float_noise_and_drops_one_pair_worse():
+    # AdrenalMNIST3D seed 4 (98 validation scans, 22 positive): the same AUC, summed in another order
+    assert correction_kept(0.8672248803827751, 0.8672248803827752)
+    assert correction_kept(0.87, 0.87) and correction_kept(0.9, 0.8)
+    one_pair = 1.0 / (22 * 76)  # the smallest true difference of two AUCs on that split, and half of it
+    assert not correction_kept(0.86, 0.86 + one_pair) and not correction_kept(0.86, 0.86 + one_pair / 2)
+    assert correction_kept(float("nan"), float("nan")) and correction_kept(0.7, float("nan"))
