@@ -13,11 +13,14 @@ from utils.paths import REPO_ROOT, display_path
 
 QUALITY_DIR = REPO_ROOT / "outputs" / "benchmark"
 SEEDS = "0 1 2 3 4"
-# report stem -> the command of utils.benchmark_quality that writes it
+# report stem -> the command of utils.benchmark_quality that wrote it (``--ablations`` alone: every variant)
 QUALITY_REPORTS = {
-    "quality_adrenalmnist3d": f"python -m utils.benchmark_quality --data adrenal --seeds {SEEDS} --ablations",
-    "quality_adrenalmnist3d_ablations": f"python -m utils.benchmark_quality --data adrenal --seeds {SEEDS} --ablations",
+    "quality_adrenalmnist3d": f"python -m utils.benchmark_quality --data adrenal --seeds {SEEDS}",
+    "quality_adrenalmnist3d_ablations": f"python -m utils.benchmark_quality --data adrenal --seeds {SEEDS} "
+                                        "--ablations distance-blend",
     "quality_phantoms300": f"python -m utils.benchmark_quality --data phantoms --seeds {SEEDS}",
+    "quality_phantoms300_ablations": f"python -m utils.benchmark_quality --data phantoms --seeds {SEEDS} "
+                                     "--ablations inference",
 }
 DATASET_NAMES = {"quality_adrenalmnist3d": "AdrenalMNIST3D", "quality_phantoms300": "phantoms (300)"}
 
