@@ -1,6 +1,7 @@
 """scripts/crossfit_correction.py: every training scan is predicted by a phase-2 model that did
 not train on it, from the prior of the out-of-fold DCG that did not train on it; the result is
 cached and the report pools seeds and scans."""
+import json
 import re
 
 import numpy as np
@@ -215,3 +216,18 @@ def test_the_fitted_blend_is_chosen_without_the_fold_it_scores_and_drops_a_usele
                    "guidance-map grid mean": 0.4 * g + 0.6 * local}}
     text = branches.report(by_seed)
     assert "| fitted blend (held out) |" in text and f"| {blend:.4f} |" in text
+
+
+def test_a_finished_run_reopens_with_the_overrides_it_was_trained_with(tmp_path):
+    # runs trained with --set baselines=() (the cross-fit's seeds) used to be refused as "another configuration"
+    from dataclasses import replace
+
+    from utils.benchmarking.quality import dataset_setup, run_setup
+    from utils.paths import TRAIN_CONFIG_JSON
+
+    _, base, adrenal = dataset_setup("adrenal")
+    trained = replace(base, seed=7, baselines=())
+    (tmp_path / TRAIN_CONFIG_JSON).write_text(json.dumps(trained.to_dict()))
+    config, data = run_setup(tmp_path, "adrenal")
+    assert config == trained and config.baselines == () and data == adrenal
+    assert run_setup(tmp_path, str(tmp_path / "scans"))[1] == tmp_path / "scans"

@@ -45,18 +45,17 @@ def dataset_setup(data: str) -> tuple[str, TrainConfig, Optional[Path]]:
 
 
 def run_setup(run_dir: Path, data: str) -> tuple[TrainConfig, Optional[Path]]:
-    """(config, data path) of a finished run folder: ``data`` is ``adrenal`` or ``phantoms`` (the
-    quality benchmark's configuration, with the run's seed) or the scan folder it ran on (its
-    saved ``train_config.json``)."""
+    """(config, data path) of a finished run folder: its saved ``train_config.json`` (the
+    ``--set`` overrides it was trained with included, e.g. ``baselines=()``) and the data path
+    of ``data``: ``adrenal`` or ``phantoms`` (the quality benchmark's) or the scan folder it
+    ran on."""
     import json
 
     from utils.paths import TRAIN_CONFIG_JSON
 
     saved = json.loads((Path(run_dir) / TRAIN_CONFIG_JSON).read_text())
-    if data in ("adrenal", "phantoms"):
-        _, base, data_dir = dataset_setup(data)
-        return replace(base, seed=saved["seed"]), data_dir
-    return TrainConfig.from_dict(saved), Path(data)
+    data_dir = dataset_setup(data)[2] if data in ("adrenal", "phantoms") else Path(data)
+    return TrainConfig.from_dict(saved), data_dir
 
 
 def finished_run_parser(doc: str):
