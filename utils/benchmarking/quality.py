@@ -17,6 +17,7 @@ from utils.atomic import atomic_write_text
 from utils.benchmarking.ablations import RETRAINED_KEYS, retrained_of, write_ablations
 from utils.benchmarking.pooled import ENSEMBLE, analyse, pooled_curves, read_split
 from utils.benchmarking.report import DCG_FUSED, OURS, RESNET, markdown_table
+from utils.evaluation.metrics import RATIO_TIE
 from utils.evaluation.protocol import format_pooled
 from utils.evaluation.selective import COVERAGES
 from utils.paths import REPO_ROOT, TIMINGS_JSON
@@ -25,9 +26,6 @@ from utils.training.readout import REFER_SCORE
 
 ADRENAL = REPO_ROOT.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
 GOALS = {"gain_over_dcg": 0.015, "adrenal_auc": 0.88, "coverage_gain": 0.03, "threshold_slack": 0.02}
-# accuracies are means of scan-count ratios, so a difference can land on a goal exactly and miss it
-# by float rounding (212/240 - 256/300 is 0.03 less 1e-17): a goal reached within this counts as met
-ROUNDING = 1e-9
 
 
 def dataset_setup(data: str) -> tuple[str, TrainConfig, Optional[Path]]:
@@ -135,7 +133,7 @@ def goals(name: str, result: dict) -> list[dict]:
         acc = ours_u["accuracy_at"]
         add(f"{OURS} accuracy at 80% coverage >= at 100% + {GOALS['coverage_gain']}",
             f"{acc[0.8]:.3f} vs {acc[1.0]:.3f} ({acc[0.8] - acc[1.0]:+.3f})",
-            acc[0.8] - acc[1.0] >= GOALS["coverage_gain"] - ROUNDING)
+            acc[0.8] - acc[1.0] >= GOALS["coverage_gain"] - RATIO_TIE)
     dec = result["decisions"]
     if OURS in dec and DCG_FUSED in dec and not math.isnan(np.nanmean(dec[OURS]["threshold_loss"])):
         ours_loss, dcg_loss = np.mean(dec[OURS]["threshold_loss"]), np.mean(dec[DCG_FUSED]["threshold_loss"])
@@ -143,7 +141,7 @@ def goals(name: str, result: dict) -> list[dict]:
             f"reached) within {GOALS['threshold_slack']} of the DCG's at its own",
             f"{ours_loss:.3f} vs {dcg_loss:.3f} (balanced accuracy at the validation threshold "
             f"{np.mean(dec[OURS]['balanced_accuracy@val']):.3f} vs {np.mean(dec[DCG_FUSED]['balanced_accuracy@val']):.3f})",
-            ours_loss - dcg_loss <= GOALS["threshold_slack"] + ROUNDING)
+            ours_loss - dcg_loss <= GOALS["threshold_slack"] + RATIO_TIE)
     else:
         add(f"{OURS} decision at its validation threshold", "binary thresholds not available", None)
     return out

@@ -45,6 +45,7 @@ from models.dcg_model import DCGOutput
 from models.diffmic3d import DiffMIC3D
 from models.morphometry import shape_descriptors
 from utils.distributed import SINGLE, DistContext
+from utils.evaluation.metrics import RATIO_TIE, classification_metrics
 from utils.log import get_logger
 from utils.training.precise_bn import bn_stats_loader, recompute_batchnorm_stats
 from utils.training.profiles import ERROR_WEIGHTINGS, TrainConfig
@@ -155,11 +156,6 @@ def _trained_in_phase2(key: str) -> bool:
 log = get_logger(__name__)
 
 PER_SAMPLE = ("samples", "y0_mean")  # (S, N, C) outputs of predict_dataset
-# Two validation AUCs closer than this are a tie. An AUC is a count of ranked pairs over
-# n_pos * n_neg, so two that differ truly differ by at least 1 / (2 n_pos n_neg) (> 1e-9 for
-# any split below ~22,000 scans per class), while one count summed in another order differs by
-# ~1e-16: the AdrenalMNIST3D seed-4 run's 0.8672248803827751 vs ...752 switched its correction off.
-AUC_TIE = 1e-9
 
 
 @torch.no_grad()
@@ -227,8 +223,6 @@ def fit_prior_blend(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
     training split or a ``Subset`` of it (its ``indices`` are rows of ``train_guidance``)."""
     if model.config.prior.blend != "fitted":
         return
-    from utils.evaluation.metrics import classification_metrics
-
     rows = torch.as_tensor(np.asarray(getattr(train_set, "indices", range(len(train_set)))), dtype=torch.long)
     weight = model.prior_generator.fit_blend(train_guidance.global_probs[rows], train_guidance.local_probs[rows],
                                              np.asarray(train_set.labels),
@@ -312,8 +306,8 @@ def train_diffusion(model: DiffMIC3D, train_set: Dataset, train_guidance: DCGOut
 
 def correction_kept(val_auc_trained: float, val_auc_prior_only: float) -> bool:
     """Whether the trained correction stays: unless the prior alone ranks the validation scans
-    better by more than a tie (``AUC_TIE``); NaN AUCs (one class) keep it."""
-    return not val_auc_prior_only > val_auc_trained + AUC_TIE
+    better by more than a tie (``RATIO_TIE``); NaN AUCs (one class) keep it."""
+    return not val_auc_prior_only > val_auc_trained + RATIO_TIE
 
 
 def check_correction(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutput | Sequence[DCGOutput],
