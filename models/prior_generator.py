@@ -209,11 +209,9 @@ class PriorGenerator(nn.Module):
             raise ValueError("fit_blend needs PriorConfig.blend='fitted'")
         g, loc = global_probs.float().cpu(), local_probs.float().cpu()
         scores = [float(score(labels, ((1 - w) * g + w * loc).numpy())) for w in BLEND_WEIGHTS]
-        if any(math.isfinite(s) for s in scores):
-            best = BLEND_WEIGHTS[max(range(len(scores)),
-                                     key=lambda i: (scores[i] if math.isfinite(scores[i]) else -math.inf, -i))]
-        else:
-            best = float(self.distance.mean())
+        finite = [i for i, s in enumerate(scores) if math.isfinite(s)]
+        best = (BLEND_WEIGHTS[max(finite, key=lambda i: (scores[i], -i))] if finite
+                else float(self.distance.mean()))
         self.local_weight.fill_(best)
         return best
 
