@@ -57,6 +57,21 @@ def test_the_fit_keeps_the_prior_that_ranks_and_the_map_follows_it():
         PriorConfig(blend="learned")
 
 
+def test_the_fit_skips_unscorable_candidates_and_breaks_ties_to_the_smaller_weight():
+    """NaN below w = 0.3: those candidates are never chosen; a score that rises to w = 0.7 and is
+    flat above gives 0.7, the smallest of the tied best, and one flat from 0.3 gives 0.3."""
+    gen = PriorGenerator(PriorConfig(grid_size=4, num_rois=2, global_dim=8, roi_dim=8, feature_dim=8))
+    g, loc = _probs(torch.zeros(4)), _probs(torch.ones(4))  # the blend's positive score is w itself
+
+    def score(y, p):
+        w = round(float(p[0, 1]), 2)
+        return float("nan") if w < 0.3 else min(w, 0.7)  # rises to 0.7, then ties
+
+    assert gen.fit_blend(g, loc, np.arange(4) % 2, score) == pytest.approx(0.7)
+    assert gen.fit_blend(g, loc, np.arange(4) % 2, lambda y, p: float("nan") if float(p[0, 1]) < 0.29 else 0.5) \
+        == pytest.approx(0.3)
+
+
 def test_a_single_class_leaves_the_design_blend():
     """No candidate can be scored (AUC undefined on one class): w is d's own grid mean, M the design's."""
     gen = PriorGenerator(PriorConfig(grid_size=4, num_rois=2, global_dim=8, roi_dim=8, feature_dim=8))
