@@ -44,6 +44,7 @@ from sklearn.model_selection import StratifiedKFold  # noqa: E402
 from scripts.compare_validation import SEED_DIR, seed_runs as finished_runs  # noqa: E402
 from utils.atomic import atomic_path, atomic_write_text  # noqa: E402
 from utils.benchmarking.ablations import RETRAINED_KEYS, variant_config as retrained_config  # noqa: E402
+from utils.benchmarking.quality import dataset_setup  # noqa: E402
 from utils.evaluation.metrics import classification_metrics  # noqa: E402
 from utils.evaluation.protocol import format_pooled, pooled_comparison  # noqa: E402
 
@@ -115,14 +116,24 @@ def crossfit_run(run_dir: Path, data: str, variant: str, out: Path) -> dict[str,
     return result
 
 
-def seed_runs(runs_dir: Path, seeds=None) -> dict[int, Path]:
+def seed_runs(runs_dir: Path, seeds=None, data: str = "") -> dict[int, Path]:
     """Seed -> finished run folder under ``runs_dir`` (``compare_validation.seed_runs``), the
-    ``seeds`` asked for or all."""
-    found = {int(SEED_DIR.search(name).group(1)): path for name, path in finished_runs(runs_dir).items()}
-    found = {s: path for s, path in found.items() if seeds is None or s in seeds}
-    if not found:
-        raise SystemExit(f"no finished run (*_seed<s>/val_predictions.csv) under {runs_dir}")
-    return found
+    ``seeds`` asked for or all. For ``data`` ``adrenal`` or ``phantoms`` only the quality
+    benchmark's runs of that dataset (``quality_<name>_seed<s>``): its run folder holds both
+    datasets' runs, with the same seeds. Two runs of one seed left are an error, not a guess."""
+    tag = f"_{dataset_setup(data)[0]}_seed" if data in ("adrenal", "phantoms") else ""
+    by_seed: dict[int, list[Path]] = {}
+    for name, path in finished_runs(runs_dir).items():
+        seed = int(SEED_DIR.search(name).group(1))
+        if tag in name and (seeds is None or seed in seeds):
+            by_seed.setdefault(seed, []).append(path)
+    if not by_seed:
+        raise SystemExit(f"no finished run (*{tag or '_seed'}<s>/val_predictions.csv) under {runs_dir}")
+    for seed, paths in by_seed.items():
+        if len(paths) > 1:
+            raise SystemExit(f"seed {seed}: several finished runs under {runs_dir} "
+                             f"({', '.join(p.name for p in paths)}); keep one dataset's runs in the folder")
+    return {seed: paths[0] for seed, paths in sorted(by_seed.items())}
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -227,7 +238,7 @@ def main(argv=None) -> int:
     for variant in args.variant:
         check_variant(variant)  # an unknown name fails before any training
     out = args.out or args.runs_dir / "crossfit"
-    runs = seed_runs(args.runs_dir, args.seeds)
+    runs = seed_runs(args.runs_dir, args.seeds, args.data)
     results = {v: {s: crossfit_run(path, args.data, v, out) for s, path in runs.items()} for v in args.variant}
     write_report(out / "crossfit.md", "crossfit_correction.py", argv, report(results, args.n_resamples))
     return 0

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: every finished run")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: RUNS_DIR/crossfit)")
     args = parser.parse_args(argv)
-    runs = seed_runs(args.runs_dir, args.seeds)
+    runs = seed_runs(args.runs_dir, args.seeds, args.data)
     text = report({s: branch_probs(path, args.data) for s, path in runs.items()})
     write_report((args.out or args.runs_dir / "crossfit") / "prior_branches.md", "prior_branches.py", argv, text)
     return 0

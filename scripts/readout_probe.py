@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown feature sets {unknown}; known: {', '.join(FEATURES)}")
     out = args.out or args.runs_dir / "crossfit"
-    paths = seed_runs(args.runs_dir, args.seeds)
+    paths = seed_runs(args.runs_dir, args.seeds, args.data)
     runs = {s: probe_inputs(path, args.data, out) for s, path in paths.items()}
     readouts = {s: probe_run(r, args.features, s) for s, r in runs.items()}
     cached = {s: out / path.name / f"{DEFAULT}.npz" for s, path in paths.items()}

@@ -100,6 +100,21 @@ def test_no_finished_run_is_a_clear_error(tmp_path):
         crossfit.seed_runs(tmp_path)
 
 
+def test_a_folder_with_both_datasets_runs_gives_the_named_datasets_and_never_guesses(tmp_path):
+    """The quality benchmark's run folder holds AdrenalMNIST3D and phantom runs of the same seeds."""
+    for name in ("quality_adrenalmnist3d_seed0", "quality_adrenalmnist3d_seed1", "quality_phantoms300_seed0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "val_predictions.csv").write_text("x\n")
+    assert crossfit.seed_runs(tmp_path, data="adrenal") == {0: tmp_path / "quality_adrenalmnist3d_seed0",
+                                                            1: tmp_path / "quality_adrenalmnist3d_seed1"}
+    assert crossfit.seed_runs(tmp_path, [0], "phantoms") == {0: tmp_path / "quality_phantoms300_seed0"}
+    assert crossfit.seed_runs(tmp_path, [1], str(tmp_path / "scans")) == {1: tmp_path / "quality_adrenalmnist3d_seed1"}
+    with pytest.raises(SystemExit, match="seed 0: several finished runs"):
+        crossfit.seed_runs(tmp_path, data=str(tmp_path / "scans"))
+    with pytest.raises(SystemExit, match="no finished run"):
+        crossfit.seed_runs(tmp_path, [1], "phantoms")
+
+
 def _synthetic(rng, labels, quality):
     """Probabilities whose positive-class score separates the classes by ``quality``."""
     score = 1 / (1 + np.exp(-(quality * (labels - 0.5) * 4 + rng.normal(size=labels.size))))
