@@ -27,7 +27,9 @@ so a readout must carry across networks, as phase 2's feature prior must); ``mor
 descriptors of the scan thresholded at half its intensity range (:func:`morphometry`): for mask
 data such as AdrenalMNIST3D (binary adrenal masks), global shape statistics a CNN of the DCG's
 size need not find; on CT intensities the threshold mask is not an organ and the set is not
-meaningful. The test split is not read. The prior, features and images of each run are computed
+meaningful. ``--seed-ensemble`` fits the same readouts again on the prior averaged over the seeds
+(every DCG in the average out-of-fold for the scan), to tell a feature's gain over one DCG from the
+gain of averaging DCGs. The test split is not read. The prior, features and images of each run are computed
 once (the fold DCGs' inference) and cached in ``OUT/<run>/probe_inputs.npz``.
 """
 from __future__ import annotations
@@ -213,6 +215,19 @@ def report(runs: dict[int, dict], readouts: dict[int, dict], crossfit: dict[int,
     return "\n".join(lines + [""] + [f"- {line}" for line in pooled]) + "\n"
 
 
+def seed_ensemble(runs: dict[int, dict]) -> dict[int, dict]:
+    """Each seed's probe inputs with its prior replaced by the mean over the seeds of their
+    out-of-fold priors, (N, C): per scan an ensemble of ``len(runs)`` DCGs none of which trained on
+    it (each seed has its own fold split). The readouts then still use each seed's folds and
+    features, so a feature's gain over a single DCG can be told from the gain of averaging DCGs."""
+    first = next(iter(runs.values()))
+    for seed, r in runs.items():
+        if not np.array_equal(r["labels"], first["labels"]):
+            raise SystemExit(f"seed {seed}: the seeds' training scans differ; a seed ensemble needs the same scans")
+    mean = np.mean([r["prior"] for r in runs.values()], axis=0)
+    return {seed: {**r, "prior": mean} for seed, r in runs.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs_dir", type=Path, help="folder of finished runs, one per seed")
@@ -222,17 +237,28 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: every finished run")
     parser.add_argument("--out", type=Path, default=None, help="cache and report folder (default: RUNS_DIR/crossfit)")
     parser.add_argument("--n-resamples", type=int, default=2000)
+    parser.add_argument("--seed-ensemble", action="store_true",
+                        help="also fit the readouts on the seeds' averaged out-of-fold prior (2 or more seeds)")
     args = parser.parse_args(argv)
     unknown = sorted({f for name in args.features for f in name.split("+")} - set(FEATURES))
     if unknown:
         raise SystemExit(f"unknown feature sets {unknown}; known: {', '.join(FEATURES)}")
     out = args.out or args.runs_dir / "crossfit"
     paths = seed_runs(args.runs_dir, args.seeds, args.data)
+    if args.seed_ensemble and len(paths) < 2:
+        raise SystemExit("--seed-ensemble needs finished runs of 2 or more seeds")
     runs = {s: probe_inputs(path, args.data, out) for s, path in paths.items()}
     readouts = {s: probe_run(r, args.features, s) for s, r in runs.items()}
     cached = {s: out / path.name / f"{DEFAULT}.npz" for s, path in paths.items()}
     crossfit = {s: read_npz(path) for s, path in cached.items() if path.is_file()}
-    write_report(out / "readout_probe.md", "readout_probe.py", argv, report(runs, readouts, crossfit, args.n_resamples))
+    text = report(runs, readouts, crossfit, args.n_resamples)
+    if args.seed_ensemble:
+        ensemble = seed_ensemble(runs)
+        text += (f"\nOn the prior averaged over the {len(runs)} seeds (per scan, {len(runs)} out-of-fold DCGs; "
+                 "each seed's row uses its own folds and features):\n\n"
+                 + report(ensemble, {s: probe_run(r, args.features, s) for s, r in ensemble.items()}, {},
+                          args.n_resamples))
+    write_report(out / "readout_probe.md", "readout_probe.py", argv, text)
     return 0
 
 

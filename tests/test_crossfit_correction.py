@@ -188,6 +188,41 @@ def test_the_readout_probe_reads_the_crossfit_folds_and_priors(crossfitted, smok
     assert text.split("\n\n", 1)[1] == capsys.readouterr().out.rstrip("\n") + "\n"
 
 
+def test_the_seed_ensemble_averages_the_seeds_out_of_fold_priors_and_ranks_above_each():
+    """Three seeds' priors: one signal, each with its own noise. Averaged they rank the scans better
+    than any one; each seed keeps its folds and features, and the report carries the averaged prior."""
+    probe = load_script("readout_probe")
+    rng = np.random.default_rng(0)
+    labels = np.arange(300) % 2
+    signal = 1.5 * (labels - 0.5)
+
+    def inputs(seed):
+        p = 1 / (1 + np.exp(-(signal + rng.normal(scale=1.5, size=300))))
+        return {"labels": labels, "fold": (np.arange(300) + seed) % 3, "prior": np.column_stack([1 - p, p]),
+                "morphometry": rng.normal(size=(300, 3))}
+
+    runs = {s: inputs(s) for s in range(3)}
+    ensemble = probe.seed_ensemble(runs)
+    mean = np.mean([r["prior"] for r in runs.values()], axis=0)
+    for s in runs:
+        np.testing.assert_allclose(ensemble[s]["prior"], mean)
+        assert ensemble[s]["fold"] is runs[s]["fold"] and ensemble[s]["morphometry"] is runs[s]["morphometry"]
+        assert crossfit.auc(labels, mean) > crossfit.auc(labels, runs[s]["prior"]) + 0.02
+    text = probe.report(ensemble, {s: probe.probe_run(r, ["none"], s) for s, r in ensemble.items()}, {}, 1000)
+    assert f"| 0 | 300 | {crossfit.auc(labels, mean):.4f} |" in text and "readout (none) minus its prior alone" in text
+    runs[1] = {**runs[1], "labels": 1 - labels}
+    with pytest.raises(SystemExit, match="training scans differ"):
+        probe.seed_ensemble(runs)
+
+
+def test_the_seed_ensemble_needs_two_seeds_and_says_so_before_any_work(smoke_runs):
+    probe = load_script("readout_probe")
+    with pytest.raises(SystemExit, match="2 or more seeds"):
+        probe.main([str(smoke_runs / "runs"), str(smoke_runs / "phantoms"), "--out", str(smoke_runs / "ens"),
+                    "--seed-ensemble"])
+    assert not (smoke_runs / "ens").exists()
+
+
 def test_the_prior_branches_are_read_on_the_crossfit_folds_and_the_map_weighs_the_local_prior_by_the_mean_distance(
         crossfitted, smoke_runs, capsys):
     """scripts/prior_branches.py: the same folds and fused prior as the cross-fit; the guidance map's
