@@ -123,9 +123,9 @@ def seed_runs(runs_dir: Path, seeds=None, data: str = "") -> dict[int, Path]:
     datasets' runs, with the same seeds. Two runs of one seed left are an error, not a guess."""
     tag = f"_{dataset_setup(data)[0]}_seed" if data in ("adrenal", "phantoms") else ""
     by_seed: dict[int, list[Path]] = {}
-    for name, path in finished_runs(runs_dir).items():
+    for name, path in finished_runs(runs_dir, tag).items():
         seed = int(SEED_DIR.search(name).group(1))
-        if tag in name and (seeds is None or seed in seeds):
+        if seeds is None or seed in seeds:
             by_seed.setdefault(seed, []).append(path)
     if not by_seed:
         raise SystemExit(f"no finished run (*{tag or '_seed'}<s>/val_predictions.csv) under {runs_dir}")
