@@ -116,7 +116,7 @@ def score_run(run_dir: Path, data: str, external: Path, out: Path) -> Path:
     return out / "predictions.csv"
 
 
-def report(runs: dict, name: str, external: Path, seeds: tuple[int, ...], n_resamples: int) -> tuple[str, dict, list]:
+def report(runs: dict, name: str, command: str, seeds: tuple[int, ...], n_resamples: int) -> tuple[str, dict, list]:
     """(Markdown, pooled result, goal rows) of the seeds' external predictions."""
     from utils.training.profiles import TrainConfig
 
@@ -129,7 +129,7 @@ def report(runs: dict, name: str, external: Path, seeds: tuple[int, ...], n_resa
     positives = int(next(iter(runs.values())).labels.sum())
     head = (f"## Quality on {name}: an external test set ({n} new scans, {positives} positive, scored by "
             f"seeds {', '.join(map(str, seeds))})\n\n"
-            f"Command: `python scripts/external_test.py RUNS_DIR {name} {external.name} ...`. Every seed's finished "
+            f"Command: `{command}`. Every seed's finished "
             "models (trained and selected on their own split, as in the quality benchmark) score the same "
             f"{n} scans, none of which any of them saw, each at the decision threshold its run chose on "
             "validation. Nothing is fitted on these scans, and each seed scores them once.\n\n"
@@ -161,7 +161,10 @@ def main(argv=None) -> int:
     runs = {s: read_split(score_run(path, args.data, args.external, args.out / "external_runs" / tag / path.name).parent)
             for s, path in paths.items()}
     name = dataset_setup(args.data)[0] if args.data == "phantoms" else Path(args.data).name
-    text, result, goal_rows = report(runs, name, args.external, tuple(paths), args.n_resamples)
+    command = " ".join(["python scripts/external_test.py RUNS_DIR", args.data, args.external.as_posix(),
+                        *([] if args.phantoms is None else ["--phantoms", str(args.phantoms),
+                                                            "--phantom-seed", str(args.phantom_seed)])])
+    text, result, goal_rows = report(runs, name, command, tuple(paths), args.n_resamples)
     stem = f"{name}_external_{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"quality_{stem}.md", text)

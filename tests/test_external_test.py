@@ -53,6 +53,7 @@ def test_the_seeds_share_the_scans_so_the_report_pools_them_with_delong(runs):
     tmp, _ = runs
     text = (tmp / "out" / "quality_phantoms_external_new.md").read_text()
     assert "10 new scans, 5 positive, scored by seeds 0, 1" in text
+    assert "`python scripts/external_test.py RUNS_DIR " in text and "new --phantoms 10 --phantom-seed 7`" in text
     assert "### External ROC-AUC" in text and "| DiffMIC-3D − DCG without diffusion |" in text
     assert "DeLong" in text and "DeLong skipped" not in text
     rows = list(csv.DictReader(open(tmp / "out" / "quality_phantoms_external_new.csv")))
