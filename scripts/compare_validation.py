@@ -30,15 +30,15 @@ from utils.evaluation.protocol import format_pooled, pooled_comparison  # noqa: 
 SEED_DIR = re.compile(r"_seed(\d+)$")
 
 
-def seed_runs(folder: Path, data: str = "") -> dict[str, Path]:
-    """Run name -> run folder holding ``val_predictions.csv`` under ``folder`` (names with
-    ``_seed<s>`` at the end and ``data`` in them)."""
+def seed_runs(folder: Path, data: str = "", holding: str = "val_predictions.csv") -> dict[str, Path]:
+    """Run name -> run folder holding ``holding`` under ``folder`` (names with ``_seed<s>`` at
+    the end and ``data`` in them)."""
     if not Path(folder).is_dir():
         raise SystemExit(f"{folder} is not a folder of runs")
     runs = {}
     for path in sorted(Path(folder).iterdir()):
         match = SEED_DIR.search(path.name)
-        if match and data in path.name and (path / "val_predictions.csv").is_file():
+        if match and data in path.name and (path / holding).is_file():
             runs[path.name] = path
     return runs
 

@@ -4,7 +4,8 @@
                                  [--b "DCG without diffusion"] [--seeds 5 10 20 50]
 
 RUNS_DIR holds one finished run per seed (``quality_<data>_seed<s>/predictions.csv``, as
-``utils.benchmark_quality`` writes them). The comparison is the report's: the mean over seeds of
+``utils.benchmark_quality`` writes them, or as ``scripts/external_test.py`` writes the runs'
+predictions on an external set). The comparison is the report's: the mean over seeds of
 the per-seed paired test-AUC difference a - b. Its variance has two parts:
 
 * scans: the mean of k seeds' differences over scan resamples alone (the seeds fixed; the scans
@@ -80,7 +81,7 @@ def half_width(parts: dict, n_seeds: int) -> float:
 def report(runs_dir: Path, a: str = OURS, b: str = DCG_FUSED, data: str = "", seeds=(5, 10, 20, 50),
            n_resamples: int = 2000) -> str:
     """The printed report (Markdown lines)."""
-    runs = [read_split(path) for _, path in sorted(seed_runs(runs_dir, data).items())]
+    runs = [read_split(path) for _, path in sorted(seed_runs(runs_dir, data, "predictions.csv").items())]
     runs = [r for r in runs if a in r.models and b in r.models]
     if not runs:
         raise SystemExit(f"no run under {runs_dir} has both {a!r} and {b!r} in its predictions.csv")

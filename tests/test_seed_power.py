@@ -47,13 +47,12 @@ def test_the_report_reads_run_folders_and_prints_the_projection(tmp_path, capsys
         _, a, b = scorers(rng)
         run = tmp_path / f"quality_x_seed{s}"
         run.mkdir()
-        for name in ("predictions.csv", "val_predictions.csv"):
-            with open(run / name, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["model", "path", "label", "prob_a", "prob_b", "threshold"])
-                for model, score in (("DiffMIC-3D", a), ("DCG without diffusion", b)):
-                    p = 1 / (1 + np.exp(-score))
-                    w.writerows([model, f"scan{i}", y[i], 1 - p[i], p[i], 0.5] for i in range(len(y)))
+        with open(run / "predictions.csv", "w", newline="") as f:  # no val_predictions.csv: an external set's
+            w = csv.writer(f)
+            w.writerow(["model", "path", "label", "prob_a", "prob_b", "threshold"])
+            for model, score in (("DiffMIC-3D", a), ("DCG without diffusion", b)):
+                p = 1 / (1 + np.exp(-score))
+                w.writerows([model, f"scan{i}", y[i], 1 - p[i], p[i], 0.5] for i in range(len(y)))
     seed_power.main([str(tmp_path), "--seeds", "10", "--n-resamples", "1000"])
     out = capsys.readouterr().out
     assert "DiffMIC-3D minus DCG without diffusion, test ROC-AUC, 3 seeds" in out
