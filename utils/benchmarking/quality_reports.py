@@ -21,8 +21,12 @@ QUALITY_REPORTS = {
     "quality_phantoms300": f"python -m utils.benchmark_quality --data phantoms --seeds {SEEDS}",
     "quality_phantoms300_ablations": f"python -m utils.benchmark_quality --data phantoms --seeds {SEEDS} "
                                      "--ablations inference",
+    "quality_phantoms300_external_phantoms_seed1_2000": "python scripts/external_test.py outputs/benchmark/benchmark_runs "
+                                                        "phantoms data/phantoms_seed1_2000 --phantoms 2000 "
+                                                        "--phantom-seed 1",
 }
-DATASET_NAMES = {"quality_adrenalmnist3d": "AdrenalMNIST3D", "quality_phantoms300": "phantoms (300)"}
+DATASET_NAMES = {"quality_adrenalmnist3d": "AdrenalMNIST3D", "quality_phantoms300": "phantoms (300)",
+                 "quality_phantoms300_external_phantoms_seed1_2000": "phantoms, 2,000 new scans"}
 
 
 def read_quality_csv(path: Path) -> dict:
