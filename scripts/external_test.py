@@ -35,6 +35,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.crossfit_correction import seed_runs  # noqa: E402
@@ -42,6 +44,8 @@ from utils.atomic import atomic_write_text  # noqa: E402
 from utils.benchmarking.pooled import analyse, read_split  # noqa: E402
 from utils.benchmarking.quality import (csv_rows, dataset_setup, goals, open_finished_run, render,  # noqa: E402
                                         write_pooled_figure)
+from utils.benchmarking.report import OURS  # noqa: E402
+from utils.evaluation.selective import errors_of  # noqa: E402
 from utils.paths import REPO_ROOT  # noqa: E402
 
 SCORED = "external.json"  # beside each seed's predictions: which external set they are of
@@ -116,6 +120,41 @@ def score_run(run_dir: Path, data: str, external: Path, out: Path) -> Path:
     return out / "predictions.csv"
 
 
+def referral(run_dir: Path, split) -> dict:
+    """How ``utils.predict``'s referral, chosen on the run's validation split, works on ``split``
+    (the run's DiffMIC-3D on the external scans): its threshold on the uncertainty
+    (``REFER_SCORE``), the share of scans above it (referred), the validation share it was
+    chosen to keep, and the accuracy at the decision threshold on all, the kept and the referred scans."""
+    from utils.paths import MAIN_CHECKPOINT
+    from utils.training.checkpoint import load_checkpoint
+    from utils.training.readout import REFER_SCORE
+
+    saved = load_checkpoint(Path(run_dir) / MAIN_CHECKPOINT)
+    threshold = float(saved["model_state_dict"]["refer_threshold"])
+    ours = split.models[OURS]
+    referred = ours.scores[REFER_SCORE] > threshold
+    correct = ~errors_of(split.labels, ours.probs, ours.threshold)
+    return {"threshold": threshold, "coverage": float(saved["train_config"]["refer_coverage"]),
+            "referred": float(referred.mean()), "accuracy": float(correct.mean()),
+            "kept": float(correct[~referred].mean()) if (~referred).any() else float("nan"),
+            "referred_accuracy": float(correct[referred].mean()) if referred.any() else float("nan")}
+
+
+def referral_table(rows: dict[int, dict]) -> str:
+    """Markdown: one row per seed and their mean."""
+    from utils.training.readout import REFER_SCORE
+
+    keys = ("referred", "accuracy", "kept", "referred_accuracy")
+    lines = [f"### Referral (`utils.predict`: {OURS}'s uncertainty `{REFER_SCORE}` above the threshold its run chose "
+             "on validation)\n",
+             "| seed | threshold | validation share kept | share referred | accuracy, all | kept | referred |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {s} | {r['threshold']:.3f} | {r['coverage']:.2f} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |"
+              for s, r in rows.items()]
+    lines.append("| mean | | | " + " | ".join(f"{np.nanmean([r[k] for r in rows.values()]):.3f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(runs: dict, name: str, command: str, seeds: tuple[int, ...], n_resamples: int) -> tuple[str, dict, list]:
     """(Markdown, pooled result, goal rows) of the seeds' external predictions."""
     from utils.training.profiles import TrainConfig
@@ -165,6 +204,7 @@ def main(argv=None) -> int:
                         *([] if args.phantoms is None else ["--phantoms", str(args.phantoms),
                                                             "--phantom-seed", str(args.phantom_seed)])])
     text, result, goal_rows = report(runs, name, command, tuple(paths), args.n_resamples)
+    text += "\n" + referral_table({s: referral(path, runs[s]) for s, path in paths.items()})
     stem = f"{name}_external_{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"quality_{stem}.md", text)

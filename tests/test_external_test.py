@@ -93,3 +93,20 @@ def test_the_runs_own_scans_and_phantom_streams_are_refused(runs):
         external.main([*args[:2], str(leaked), "--out", str(tmp / "out_leaked")])
     with pytest.raises(SystemExit, match="go together"):
         external.main([*args[:3], "--phantoms", "10"])
+
+
+def test_the_referral_is_the_runs_validation_threshold_applied_to_the_new_scans(runs):
+    from utils.benchmarking.quality import open_finished_run
+
+    tmp, _ = runs
+    run_dir = tmp / "runs" / "quality_smoke_seed0"
+    split = read_split(_predictions(tmp, 0).parent)
+    r = external.referral(run_dir, split)
+    _, model = open_finished_run(run_dir, str(tmp / "phantoms"))
+    assert r["threshold"] == pytest.approx(float(model.refer_threshold))
+    referred = split.models[OURS].scores["margin"] > float(model.refer_threshold)
+    assert r["referred"] == pytest.approx(referred.mean())
+    if 0 < referred.mean() < 1:  # all = kept and referred, weighted by their shares
+        assert r["accuracy"] == pytest.approx(r["kept"] * (1 - r["referred"]) + r["referred_accuracy"] * r["referred"])
+    text = (tmp / "out" / "quality_phantoms_external_new.md").read_text()
+    assert "### Referral" in text and f"| 0 | {r['threshold']:.3f} | 0.80 | {r['referred']:.3f} |" in text
