@@ -1,7 +1,7 @@
 """Score finished runs once more, on an external test set: new scans that none of their models saw.
 
     python scripts/external_test.py RUNS_DIR DATA EXTERNAL_DIR [--phantoms N --phantom-seed S]
-                                    [--seeds S ...] [--out DIR] [--n-resamples R]
+                                    [--seeds S ...] [--ablations] [--out DIR] [--n-resamples R]
 
 RUNS_DIR holds finished runs of the quality benchmark (``quality_<data>_seed<s>``), DATA is
 ``phantoms`` or the scan folder they ran on (``utils.benchmarking.quality.run_setup``), and
@@ -24,7 +24,9 @@ that of one of the run's own scans is refused. Each seed's predictions are writt
 ``OUT/external_runs/<external>/<run>/predictions.csv``, and read, never scored again, after
 that. The report (``OUT/quality_<name>_external_<external>.md`` and ``.csv``,
 ``risk_coverage_<name>_external_<external>.png``) is the quality benchmark's pooled analysis and
-goals (``utils.benchmarking.quality``) on those predictions.
+goals (``utils.benchmarking.quality``) on those predictions, the referral of ``utils.predict`` on
+the new scans, and with ``--ablations`` the quality benchmark's inference-only ablations of every
+seed's DiffMIC-3D on them (cached beside its predictions in ``ablations.npz``).
 """
 from __future__ import annotations
 
@@ -39,16 +41,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.crossfit_correction import seed_runs  # noqa: E402
-from utils.atomic import atomic_write_text  # noqa: E402
+from scripts.crossfit_correction import read_npz, seed_runs  # noqa: E402
+from utils.atomic import atomic_path, atomic_write_text  # noqa: E402
 from utils.benchmarking.pooled import analyse, read_split  # noqa: E402
 from utils.benchmarking.quality import (csv_rows, dataset_setup, goals, open_finished_run, render,  # noqa: E402
                                         write_pooled_figure)
-from utils.benchmarking.report import OURS  # noqa: E402
+from utils.benchmarking.report import DCG_FUSED, OURS  # noqa: E402
 from utils.evaluation.selective import errors_of  # noqa: E402
 from utils.paths import REPO_ROOT  # noqa: E402
 
 SCORED = "external.json"  # beside each seed's predictions: which external set they are of
+ABLATIONS = "ablations.npz"  # beside them, with --ablations: the inference-only variants' probabilities
 
 
 def write_phantoms(run_dir: Path, data: str, out: Path, n: int, seed: int) -> None:
@@ -93,6 +96,16 @@ def external_dataset(exp, external: Path):
     return CTDataset(records, exp.cache, hires_cache=exp.hires_cache), root
 
 
+def open_external(run_dir: Path, data: str, external: Path):
+    """(the run's experiment with the external scans as its one split ``external``, its
+    finished DiffMIC-3D, the scans' folder)."""
+    exp, model = open_finished_run(run_dir, data)
+    dataset, root = external_dataset(exp, external)
+    scoring = dataclasses.replace(exp, config=dataclasses.replace(exp.config, progress=True),
+                                  datasets={"external": dataset}, data_root=root)
+    return scoring, model, root
+
+
 def score_run(run_dir: Path, data: str, external: Path, out: Path) -> Path:
     """The run's models on the external scans, once: ``out/predictions.csv`` (written, or read
     when a previous call scored the same external set), each model at its validation threshold."""
@@ -105,19 +118,70 @@ def score_run(run_dir: Path, data: str, external: Path, out: Path) -> Path:
         if json.loads(done.read_text()) != identity:
             raise SystemExit(f"{out} holds predictions of another external set or run: {done.read_text()}")
         return out / "predictions.csv"
-    exp, model = open_finished_run(run_dir, data)
-    dataset, root = external_dataset(exp, external)
-    scoring = dataclasses.replace(exp, config=dataclasses.replace(exp.config, progress=True),
-                                  datasets={"external": dataset}, data_root=root)
-    predictions = predict_split(scoring, model, load_baselines(exp, "the quality benchmark"), "external")
+    scoring, model, root = open_external(run_dir, data, external)
+    predictions = predict_split(scoring, model, load_baselines(scoring, "the quality benchmark"), "external")
     val = read_split(run_dir, "val_predictions.csv").models
     for name, pred in predictions.items():
         if pred.threshold is None:  # DiffMIC-3D carries its own; the others as the run chose on validation
             pred.threshold = val[name].threshold
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(predictions, exp.class_names, out / "predictions.csv", root)
+    write_predictions_csv(predictions, scoring.class_names, out / "predictions.csv", root)
     atomic_write_text(done, json.dumps(identity, indent=2) + "\n")  # last: a killed scoring starts again
     return out / "predictions.csv"
+
+
+def ablate_run(run_dir: Path, data: str, external: Path, out: Path, split) -> dict[str, np.ndarray]:
+    """The inference-only ablations of the run's DiffMIC-3D (``utils.benchmarking.ablations.INFERENCE``)
+    on the external scans ``split`` holds (``score_run``'s), once: ``out/ablations.npz``, rows in
+    ``split``'s scan order (written, or read when present)."""
+    from utils.benchmarking.ablations import inference_variants
+    from utils.pipeline import cache_member_guidance
+    from utils.training.diffusion import predict_dataset
+
+    cached = out / ABLATIONS
+    if cached.is_file():
+        return read_npz(cached)
+    scoring, model, root = open_external(run_dir, data, external)
+    dataset, config = scoring.datasets["external"], scoring.config
+    if [Path(r.path).relative_to(root).as_posix() for r in dataset.records] != split.paths:
+        raise SystemExit(f"{external}: its scans are not those of {out / 'predictions.csv'}")
+
+    def predict(net, guidance, **kw):
+        return predict_dataset(net, dataset, guidance, scoring.device, config.batch_size, config.seed,
+                               num_workers=config.num_workers, **kw)["probs"].numpy()
+
+    probs = inference_variants(model, cache_member_guidance(scoring, model, "external"), predict)
+    with atomic_path(cached) as tmp:
+        np.savez(tmp, **probs)
+    return probs
+
+
+def ablation_table(runs: dict, variants: dict[int, dict], n_resamples: int) -> str:
+    """Markdown: each inference-only variant's mean AUC on the external scans and its pooled
+    differences from the full method and from the DCG (fused)."""
+    from utils.benchmarking.ablations import INFERENCE
+    from utils.evaluation.metrics import classification_metrics
+    from utils.evaluation.protocol import hierarchical_paired_auc
+
+    seeds = list(variants)
+    labels, paths = [runs[s].labels for s in seeds], [runs[s].paths for s in seeds]
+
+    def pooled(a: list, b: list) -> str:
+        h = hierarchical_paired_auc(labels, a, b, n_resamples, 0, paths=paths)
+        return f"{h['diff']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}]"
+
+    full, dcg = ([runs[s].models[m].probs for s in seeds] for m in (OURS, DCG_FUSED))
+    rows = ["| variant | mean AUC | minus the full method | minus " + DCG_FUSED + " |", "|---|---:|---:|---:|",
+            f"| the full method | {np.mean([classification_metrics(y, p)['roc_auc'] for y, p in zip(labels, full)]):.3f}"
+            f" | | {pooled(full, dcg)} |"]
+    for variant in INFERENCE:
+        ps = [variants[s][variant] for s in seeds]
+        auc = np.mean([classification_metrics(y, p)["roc_auc"] for y, p in zip(labels, ps)])
+        rows.append(f"| {variant} | {auc:.3f} | {pooled(ps, full)} | {pooled(ps, dcg)} |")
+    return (f"### Inference-only ablations on the external scans (seeds {', '.join(map(str, seeds))}; pooled over "
+            "seeds and scans, 95%)\n\nEach seed's finished model changed at test time only, as in the quality "
+            "benchmark's `--ablations inference`; read once, for the report, not to choose anything.\n\n"
+            + "\n".join(rows) + "\n")
 
 
 def referral(run_dir: Path, split) -> dict:
@@ -187,6 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("--phantom-seed", type=int, default=None, help="their generator seed (not the runs')")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="these seeds' runs only (default: all)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "benchmark", help="report folder")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also the inference-only ablations of every seed's DiffMIC-3D on the external scans")
     parser.add_argument("--n-resamples", type=int, default=2000, help="bootstrap resamples of every interval")
     args = parser.parse_args(argv)
     if (args.phantoms is None) != (args.phantom_seed is None):
@@ -202,9 +268,14 @@ def main(argv=None) -> int:
     name = dataset_setup(args.data)[0] if args.data == "phantoms" else Path(args.data).name
     command = " ".join(["python scripts/external_test.py RUNS_DIR", args.data, args.external.as_posix(),
                         *([] if args.phantoms is None else ["--phantoms", str(args.phantoms),
-                                                            "--phantom-seed", str(args.phantom_seed)])])
+                                                            "--phantom-seed", str(args.phantom_seed)]),
+                        *(["--ablations"] if args.ablations else [])])
     text, result, goal_rows = report(runs, name, command, tuple(paths), args.n_resamples)
     text += "\n" + referral_table({s: referral(path, runs[s]) for s, path in paths.items()})
+    if args.ablations:
+        variants = {s: ablate_run(path, args.data, args.external, args.out / "external_runs" / tag / path.name, runs[s])
+                    for s, path in paths.items()}
+        text += "\n" + ablation_table(runs, variants, args.n_resamples)
     stem = f"{name}_external_{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"quality_{stem}.md", text)

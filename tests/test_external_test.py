@@ -110,3 +110,32 @@ def test_the_referral_is_the_runs_validation_threshold_applied_to_the_new_scans(
         assert r["accuracy"] == pytest.approx(r["kept"] * (1 - r["referred"]) + r["referred_accuracy"] * r["referred"])
     text = (tmp / "out" / "quality_phantoms_external_new.md").read_text()
     assert "### Referral" in text and f"| 0 | {r['threshold']:.3f} | 0.80 | {r['referred']:.3f} |" in text
+
+
+def test_the_inference_ablations_score_the_same_new_scans_once(runs, monkeypatch):
+    from utils.benchmarking.ablations import INFERENCE
+
+    tmp, args = runs
+    assert external.main([*args, "--ablations"]) == 0
+    text = (tmp / "out" / "quality_phantoms_external_new.md").read_text()
+    assert "### Inference-only ablations on the external scans (seeds 0, 1" in text and "--ablations`" in text
+    for seed in (0, 1):
+        with np.load(_predictions(tmp, seed).parent / "ablations.npz") as saved:
+            assert sorted(saved.files) == sorted(INFERENCE)
+            assert all(saved[v].shape == (10, 2) and np.allclose(saved[v].sum(1), 1) for v in INFERENCE)
+    for variant in INFERENCE:
+        assert f"| {variant} | " in text
+
+    def no_sampling(*a, **k):
+        raise AssertionError("ablations scored twice")
+
+    monkeypatch.setattr("utils.training.diffusion.predict_dataset", no_sampling)
+    assert external.main([*args, "--ablations"]) == 0
+
+
+def test_ablations_of_other_scans_than_the_predictions_are_refused(runs, tmp_path):
+    tmp, _ = runs
+    split = read_split(_predictions(tmp, 0).parent)
+    split.paths = split.paths[::-1]  # the same scans in another order
+    with pytest.raises(SystemExit, match="are not those of"):
+        external.ablate_run(tmp / "runs" / "quality_smoke_seed0", str(tmp / "phantoms"), tmp / "new", tmp_path, split)

@@ -103,6 +103,18 @@ def uninformative(guidance):
     return DCGOutput(**fields)
 
 
+def inference_variants(model, members: list, predict) -> dict[str, np.ndarray]:
+    """The ``INFERENCE`` variants of a finished model on some scans: ``members`` its prior members'
+    DCG caches of them (``utils.pipeline.cache_member_guidance``), ``predict(net, guidance, **kw)``
+    the (N, C) probabilities of ``utils.training.diffusion.predict_dataset`` on them."""
+    no_encoder = copy.deepcopy(model)
+    no_encoder.denoiser.config.use_image_encoder = False
+    return {INFERENCE[0]: predict(model, [uninformative(g) for g in members]),
+            INFERENCE[1]: predict(no_encoder, members),
+            INFERENCE[2]: predict(model, members, num_samples=model.num_members, steps=1),
+            INFERENCE[3]: predict(model, members[0])}
+
+
 def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out: Path,
                    device: Optional[str] = None, retrained=True) -> dict[str, np.ndarray]:
     """Variant name -> test probabilities (N, C) of one seed's finished run (module docstring);
@@ -136,12 +148,7 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
         return predict_dataset(net, test, guidance, exp.device, config.batch_size, config.seed, **kw)["probs"].numpy()
 
     if not all(v in probs for v in INFERENCE):
-        no_encoder = copy.deepcopy(model)
-        no_encoder.denoiser.config.use_image_encoder = False
-        probs.update({INFERENCE[0]: predict(model, [uninformative(g) for g in members["test"]]),
-                      INFERENCE[1]: predict(no_encoder, members["test"]),
-                      INFERENCE[2]: predict(model, members["test"], num_samples=model.num_members, steps=1),
-                      INFERENCE[3]: predict(model, members["test"][0])})
+        probs.update(inference_variants(model, members["test"], predict))
     todo = [name for name in RETRAINED if name in chosen and not (name in probs and name + VALIDATION in probs)]
     oof = out_of_fold_guidance(exp, model) if todo and config.oof_folds >= 2 else None
     for name in todo:
