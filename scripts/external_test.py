@@ -85,6 +85,9 @@ def external_dataset(exp, external: Path):
     from utils.data.dataset import CTDataset
     from utils.data.discovery import discover_scans, find_dataset_root
 
+    if exp.layout == "medmnist":
+        raise SystemExit(f"{exp.output_dir.name} ran on a MedMNIST .npz, whose scans are its official split; an "
+                         "external set needs runs on scan folders (phantoms or MosMedData)")
     root, _ = find_dataset_root(external)
     records = discover_scans(root, exp.config.label_mode)
     for cache in filter(None, (exp.cache, exp.hires_cache)):

@@ -139,3 +139,11 @@ def test_ablations_of_other_scans_than_the_predictions_are_refused(runs, tmp_pat
     split.paths = split.paths[::-1]  # the same scans in another order
     with pytest.raises(SystemExit, match="are not those of"):
         external.ablate_run(tmp / "runs" / "quality_smoke_seed0", str(tmp / "phantoms"), tmp / "new", tmp_path, split)
+
+
+def test_a_medmnist_run_is_refused_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    exp = SimpleNamespace(layout="medmnist", output_dir=tmp_path / "quality_adrenalmnist3d_seed0")
+    with pytest.raises(SystemExit, match="quality_adrenalmnist3d_seed0 ran on a MedMNIST .npz"):
+        external.external_dataset(exp, tmp_path)

@@ -23,7 +23,7 @@ QUALITY_REPORTS = {
                                      "--ablations inference",
     "quality_phantoms300_external_phantoms_seed1_2000": "python scripts/external_test.py outputs/benchmark/benchmark_runs "
                                                         "phantoms data/phantoms_seed1_2000 --phantoms 2000 "
-                                                        "--phantom-seed 1",
+                                                        "--phantom-seed 1 --ablations",
 }
 DATASET_NAMES = {"quality_adrenalmnist3d": "AdrenalMNIST3D", "quality_phantoms300": "phantoms (300)",
                  "quality_phantoms300_external_phantoms_seed1_2000": "phantoms, 2,000 new scans"}
