@@ -71,7 +71,7 @@ def write_phantoms(run_dir: Path, data: str, out: Path, n: int, seed: int) -> No
     if seed == own.seed:
         raise SystemExit(f"--phantom-seed {seed} is the seed of the runs' own phantoms, whose scan i would be "
                          "the same scan; choose another")
-    write_dataset(out, n, seed, PHANTOM_LAYOUTS[config.label_mode], own.config, progress=config.progress)
+    write_dataset(out, n, seed, PHANTOM_LAYOUTS[config.label_mode], own.config)  # minutes: with its bar
 
 
 def input_digests(cache, paths) -> dict[str, str]:
@@ -91,7 +91,7 @@ def external_dataset(exp, external: Path):
     root, _ = find_dataset_root(external)
     records = discover_scans(root, exp.config.label_mode)
     for cache in filter(None, (exp.cache, exp.hires_cache)):
-        cache.warm([r.path for r in records], progress=exp.config.progress)
+        cache.warm([r.path for r in records])  # with its bar: the benchmark runs' configs have them off
     own = input_digests(exp.cache, [r.path for r in exp.records])
     seen = [(path, own[d]) for d, path in input_digests(exp.cache, [r.path for r in records]).items() if d in own]
     if seen:
