@@ -47,6 +47,7 @@ from utils.benchmarking.pooled import analyse, read_split  # noqa: E402
 from utils.benchmarking.quality import (csv_rows, dataset_setup, goals, open_finished_run, render,  # noqa: E402
                                         write_pooled_figure)
 from utils.benchmarking.report import DCG_FUSED, OURS  # noqa: E402
+from utils.errors import DataError  # noqa: E402
 from utils.evaluation.selective import errors_of  # noqa: E402
 from utils.paths import REPO_ROOT  # noqa: E402
 
@@ -260,6 +261,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if (args.phantoms is None) != (args.phantom_seed is None):
         raise SystemExit("--phantoms and --phantom-seed go together")
+    try:
+        text = run(args)
+    except DataError as exc:  # a bad folder or scan: one line, as utils.run gives it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+def run(args: argparse.Namespace) -> str:
+    """Score (or read) every seed's runs on the external set and write the report; returns its text."""
     paths = seed_runs(args.runs_dir, args.seeds, args.data)
     if args.phantoms is not None:
         write_phantoms(next(iter(paths.values())), args.data, args.external, args.phantoms, args.phantom_seed)
@@ -284,8 +296,7 @@ def main(argv=None) -> int:
     atomic_write_text(args.out / f"quality_{stem}.md", text)
     atomic_write_text(args.out / f"quality_{stem}.csv", csv_rows(result, goal_rows))
     write_pooled_figure(runs, result, args.out / f"risk_coverage_{stem}.png", f"{name}, external set")
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

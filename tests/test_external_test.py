@@ -147,3 +147,10 @@ def test_a_medmnist_run_is_refused_in_one_line(tmp_path):
     exp = SimpleNamespace(layout="medmnist", output_dir=tmp_path / "quality_adrenalmnist3d_seed0")
     with pytest.raises(SystemExit, match="quality_adrenalmnist3d_seed0 ran on a MedMNIST .npz"):
         external.external_dataset(exp, tmp_path)
+
+
+def test_a_folder_without_labelled_scans_is_one_line_on_stderr(runs, tmp_path, capsys):
+    tmp, args = runs
+    assert external.main([*args[:2], str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no MosMedData scans found" in err and "Traceback" not in err
