@@ -137,15 +137,19 @@ def score_run(run_dir: Path, data: str, external: Path, out: Path) -> Path:
 def ablate_run(run_dir: Path, data: str, external: Path, out: Path, split) -> dict[str, np.ndarray]:
     """The inference-only ablations of the run's DiffMIC-3D (``utils.benchmarking.ablations.INFERENCE``)
     on the external scans ``split`` holds (``score_run``'s), once: ``out/ablations.npz``, rows in
-    ``split``'s scan order (written, or read when present)."""
-    from utils.benchmarking.ablations import inference_variants
+    ``split``'s scan order (written, read when present, completed when it lacks a variant)."""
+    from utils.benchmarking.ablations import INFERENCE, inference_names, inference_variants
     from utils.pipeline import cache_member_guidance
     from utils.training.diffusion import predict_dataset
 
     cached = out / ABLATIONS
-    if cached.is_file():
-        return read_npz(cached)
+    probs = read_npz(cached) if cached.is_file() else {}
+    if all(v in probs for v in INFERENCE):
+        return probs
     scoring, model, root = open_external(run_dir, data, external)
+    missing = [v for v in inference_names(model) if v not in probs]  # a cache of fewer variants is completed
+    if not missing:
+        return probs
     dataset, config = scoring.datasets["external"], scoring.config
     if [Path(r.path).relative_to(root).as_posix() for r in dataset.records] != split.paths:
         raise SystemExit(f"{external}: its scans are not those of {out / 'predictions.csv'}")
@@ -154,7 +158,7 @@ def ablate_run(run_dir: Path, data: str, external: Path, out: Path, split) -> di
         return predict_dataset(net, dataset, guidance, scoring.device, config.batch_size, config.seed,
                                num_workers=config.num_workers, **kw)["probs"].numpy()
 
-    probs = inference_variants(model, cache_member_guidance(scoring, model, "external"), predict)
+    probs.update(inference_variants(model, cache_member_guidance(scoring, model, "external"), predict, missing))
     with atomic_path(cached) as tmp:
         np.savez(tmp, **probs)
     return probs
@@ -178,7 +182,7 @@ def ablation_table(runs: dict, variants: dict[int, dict], n_resamples: int) -> s
     rows = ["| variant | mean AUC | minus the full method | minus " + DCG_FUSED + " |", "|---|---:|---:|---:|",
             f"| the full method | {np.mean([classification_metrics(y, p)['roc_auc'] for y, p in zip(labels, full)]):.3f}"
             f" | | {pooled(full, dcg)} |"]
-    for variant in INFERENCE:
+    for variant in (v for v in INFERENCE if all(v in variants[s] for s in seeds)):
         ps = [variants[s][variant] for s in seeds]
         auc = np.mean([classification_metrics(y, p)["roc_auc"] for y, p in zip(labels, ps)])
         rows.append(f"| {variant} | {auc:.3f} | {pooled(ps, full)} | {pooled(ps, dcg)} |")

@@ -154,3 +154,21 @@ def test_a_folder_without_labelled_scans_is_one_line_on_stderr(runs, tmp_path, c
     assert external.main([*args[:2], str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no MosMedData scans found" in err and "Traceback" not in err
+
+
+def test_an_ablation_cache_without_a_newer_variant_is_completed_not_recomputed(runs):
+    from utils.benchmarking.ablations import NO_CORRECTION
+
+    tmp, args = runs
+    assert external.main([*args, "--ablations"]) == 0
+    path = _predictions(tmp, 0).parent / "ablations.npz"
+    with np.load(path) as saved:
+        full = {k: saved[k] for k in saved.files}
+    older = {k: np.full_like(v, 0.5) for k, v in full.items() if k != NO_CORRECTION}  # marked: kept as they are
+    np.savez(path, **older)  # as written before the variant was added
+    assert external.main([*args, "--ablations"]) == 0
+    with np.load(path) as saved:
+        assert sorted(saved.files) == sorted(full)
+        assert all(np.array_equal(saved[k], v) for k, v in older.items())  # read, not recomputed
+        assert np.allclose(saved[NO_CORRECTION], full[NO_CORRECTION], atol=1e-6)  # the same seed, the same draws
+    np.savez(path, **full)

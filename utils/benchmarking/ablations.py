@@ -3,7 +3,8 @@ like the main comparison (``utils.evaluation.protocol.hierarchical_paired_auc``)
 
 Inference-only (the seed's trained model, nothing retrained): its priors replaced by
 uninformative ones, its own image encoder zeroed, one denoiser pass instead of the sampler,
-the final DCG's prior only. Retrained (phase 2 only, on the seed's DCGs and out-of-fold
+the final DCG's prior only, and its correction switched off (the prior members' ensemble it
+reads: what phase 2 adds to it). Retrained (phase 2 only, on the seed's DCGs and out-of-fold
 priors): the denoiser predicting y_0 directly instead of a correction of its prior, no loss
 weighting, DiffMIC-v2's label-dependent weights (``TrainConfig.error_weighting``), the own
 image encoder deeply supervised by a classifier of its own (``DenoiserConfig.image_ce_weight``), and
@@ -46,7 +47,9 @@ from utils.training.profiles import TrainConfig
 log = get_logger(__name__)
 
 INFERENCE = ("priors replaced by uninformative ones (uniform M, no F)", "own image encoder zeroed",
-             "one denoiser pass (1 DDIM step, one chain per member)", "the final DCG's prior only (no fold members)")
+             "one denoiser pass (1 DDIM step, one chain per member)", "the final DCG's prior only (no fold members)",
+             "the correction switched off (its prior ensemble)")
+NO_CORRECTION = INFERENCE[4]  # only where the denoiser learns a correction of its prior (prior_residual)
 # the readout probe's inputs (prior + shape) inside phase 2: nothing else of the scan, no DCG features
 SHAPE_ONLY = {"morphometry": True, "use_image_encoder": False, "use_feature_prior": False}
 FINE_ENCODER = {"denoiser": {"encoder_channels": (32, 64), "encoder_blocks": (1, 2)}}  # stride 4: the 8^3 grid
@@ -103,16 +106,37 @@ def uninformative(guidance):
     return DCGOutput(**fields)
 
 
-def inference_variants(model, members: list, predict) -> dict[str, np.ndarray]:
-    """The ``INFERENCE`` variants of a finished model on some scans: ``members`` its prior members'
-    DCG caches of them (``utils.pipeline.cache_member_guidance``), ``predict(net, guidance, **kw)``
-    the (N, C) probabilities of ``utils.training.diffusion.predict_dataset`` on them."""
-    no_encoder = copy.deepcopy(model)
-    no_encoder.denoiser.config.use_image_encoder = False
-    return {INFERENCE[0]: predict(model, [uninformative(g) for g in members]),
-            INFERENCE[1]: predict(no_encoder, members),
-            INFERENCE[2]: predict(model, members, num_samples=model.num_members, steps=1),
-            INFERENCE[3]: predict(model, members[0])}
+def inference_names(model) -> list[str]:
+    """The ``INFERENCE`` variants that apply to ``model``: all, less the correction switched off
+    where its denoiser predicts y_0 directly (no correction to switch off)."""
+    return [v for v in INFERENCE if v != NO_CORRECTION or model.denoiser.head.prior_residual]
+
+
+def inference_variants(model, members: list, predict, names=None) -> dict[str, np.ndarray]:
+    """The ``INFERENCE`` variants of a finished model on some scans (``names``: these only;
+    default ``inference_names(model)``): ``members`` its prior members' DCG caches of them
+    (``utils.pipeline.cache_member_guidance``), ``predict(net, guidance, **kw)`` the (N, C)
+    probabilities of ``utils.training.diffusion.predict_dataset`` on them. The correction
+    switched off is ``utils.training.diffusion.check_correction``'s prior-only model: the head's
+    last layer zeroed, so DiffMIC-3D returns the prior members' ensemble it reads."""
+    def no_encoder():
+        net = copy.deepcopy(model)
+        net.denoiser.config.use_image_encoder = False
+        return predict(net, members)
+
+    def no_correction():
+        net = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in net.denoiser.head.out.parameters():
+                p.zero_()
+        return predict(net, members)
+
+    variants = {INFERENCE[0]: lambda: predict(model, [uninformative(g) for g in members]),
+                INFERENCE[1]: no_encoder,
+                INFERENCE[2]: lambda: predict(model, members, num_samples=model.num_members, steps=1),
+                INFERENCE[3]: lambda: predict(model, members[0]),
+                NO_CORRECTION: no_correction}
+    return {name: variants[name]() for name in (inference_names(model) if names is None else names)}
 
 
 def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path], out: Path,
@@ -147,8 +171,9 @@ def seed_ablations(config: TrainConfig, run_dir: Path, data_dir: Optional[Path],
     def predict(net, guidance, **kw):
         return predict_dataset(net, test, guidance, exp.device, config.batch_size, config.seed, **kw)["probs"].numpy()
 
-    if not all(v in probs for v in INFERENCE):
-        probs.update(inference_variants(model, members["test"], predict))
+    missing = [v for v in inference_names(model) if v not in probs]
+    if missing:  # a cache written before a variant was added is completed, not recomputed
+        probs.update(inference_variants(model, members["test"], predict, missing))
     todo = [name for name in RETRAINED if name in chosen and not (name in probs and name + VALIDATION in probs)]
     oof = out_of_fold_guidance(exp, model) if todo and config.oof_folds >= 2 else None
     for name in todo:
