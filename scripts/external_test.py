@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.crossfit_correction import read_npz, seed_runs  # noqa: E402
 from utils.atomic import atomic_path, atomic_write_text  # noqa: E402
 from utils.benchmarking.pooled import analyse, read_split  # noqa: E402
-from utils.benchmarking.quality import (csv_rows, dataset_setup, goals, open_finished_run, render,  # noqa: E402
-                                        write_pooled_figure)
+from utils.benchmarking.quality import (csv_rows, dataset_setup, goals, open_finished_run,  # noqa: E402
+                                        render_results, run_setup, write_pooled_figure)
 from utils.benchmarking.report import DCG_FUSED, OURS  # noqa: E402
 from utils.errors import DataError  # noqa: E402
 from utils.evaluation.selective import errors_of  # noqa: E402
@@ -58,7 +58,6 @@ ABLATIONS = "ablations.npz"  # beside them, with --ablations: the inference-only
 def write_phantoms(run_dir: Path, data: str, out: Path, n: int, seed: int) -> None:
     """``n`` new phantoms (balanced) into ``out`` from generator seed ``seed``, with the generator
     settings and layout of the phantoms the run was trained on (``utils.data.phantom_masks.phantom_scan``)."""
-    from utils.benchmarking.quality import run_setup
     from utils.data.discovery import discover_scans, find_dataset_root
     from utils.data.phantom_masks import phantom_scan
     from utils.data.phantoms import write_dataset
@@ -229,14 +228,10 @@ def referral_table(rows: dict[int, dict]) -> str:
 
 def report(runs: dict, name: str, command: str, seeds: tuple[int, ...], n_resamples: int) -> tuple[str, dict, list]:
     """(Markdown, pooled result, goal rows) of the seeds' external predictions."""
-    from utils.training.profiles import TrainConfig
-
     result = analyse(runs, n_resamples)
     goal_rows = goals(name, result)
     n = len(next(iter(runs.values())).labels)
-    body = render(name, "", seeds, TrainConfig(), n, result, goal_rows)
-    body = body[body.index("### Goals"):].replace("Test ROC-AUC", "External ROC-AUC").replace(
-        "in test ROC-AUC", "in external ROC-AUC")
+    body = render_results(seeds, result, goal_rows, split="external")
     positives = int(next(iter(runs.values())).labels.sum())
     head = (f"## Quality on {name}: an external test set ({n} new scans, {positives} positive, scored by "
             f"seeds {', '.join(map(str, seeds))})\n\n"

@@ -170,7 +170,6 @@ def command(data: str, seeds: tuple[int, ...], overrides: Optional[dict] = None,
 def render(name: str, data: str, seeds: tuple[int, ...], base: TrainConfig, n_test: int, result: dict,
            goal_rows: list[dict], overrides: Optional[dict] = None) -> str:
     """The markdown report of one dataset."""
-    seed_cols = [f"seed {s}" for s in seeds]
     num_samples = base.model_config("cpu").diffusion.num_samples
     md = [f"## Quality on {name} ({n_test} test scans per seed, seeds {', '.join(map(str, seeds))})\n",
           f"Command: `{command(data, seeds, overrides)}`. Profile "
@@ -181,14 +180,22 @@ def render(name: str, data: str, seeds: tuple[int, ...], base: TrainConfig, n_te
           "**Primary comparison, stated before the runs: DiffMIC-3D minus its DCG (fused prediction), test ROC-AUC, "
           "pooled over seeds and scans** (bootstrap over seeds and scans, a scan drawn once for all the seeds "
           "that scored it, 2000 resamples; DeLong on the seed-averaged "
-          "predictions where every seed scored the same scans).\n",
-          "### Goals\n", markdown_table(["goal", "measured", "status"],
+          "predictions where every seed scored the same scans).\n"]
+    return "\n".join(md) + "\n" + render_results(seeds, result, goal_rows)
+
+
+def render_results(seeds: tuple[int, ...], result: dict, goal_rows: list[dict], split: str = "test") -> str:
+    """The report's sections after its header: goals, ROC-AUC per seed, paired differences,
+    decisions and uncertainty of the pooled ``result`` (``split``: what the scans are called)."""
+    seed_cols = [f"seed {s}" for s in seeds]
+    md = ["### Goals\n", markdown_table(["goal", "measured", "status"],
                                         [[g["goal"], g["measured"], f"**{g['status']}**"] for g in goal_rows]), "",
-          "### Test ROC-AUC\n",
+          f"### {split.capitalize()} ROC-AUC\n",
           markdown_table(["model", *seed_cols, "mean ± sd"],
                          [[m, *(f"{v[s]:.3f}" if s in v else "" for s in seeds), _mean_sd(v.values())]
                           for m, v in result["auc"].items()]), "",
-          "### Paired differences in test ROC-AUC (per seed: 95% stratified paired bootstrap; pooled: seeds and scans)\n",
+          f"### Paired differences in {split} ROC-AUC (per seed: 95% stratified paired bootstrap; pooled: seeds and "
+          "scans)\n",
           markdown_table(["comparison", *seed_cols, "pooled"],
                          [[f"{c['a']} − {c['b']}", *(_ci(c["per_seed"][s]) if s in c["per_seed"] else "" for s in seeds),
                            format_pooled(c["pooled"])] for c in result["comparisons"]]), "",
