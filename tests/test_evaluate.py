@@ -162,7 +162,7 @@ def test_predictions_csv_rows_and_columns(tmp_path):
         reader = csv.DictReader(f)
         assert reader.fieldnames == ["model", "path", "label", "prob_Normal", "prob_COVID-19",
                                      "std_Normal", "std_COVID-19", "entropy", "threshold", "decision",
-                                     "u_msp", "u_margin", "u_entropy", "u_spread", "u_ttest"]
+                                     "u_msp", "u_margin", "u_entropy", "u_risk", "u_spread", "u_ttest"]
         rows = list(reader)
     assert len(rows) == 3 * 30
     assert [r["model"] for r in rows[::30]] == list(predictions)

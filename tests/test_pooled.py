@@ -59,8 +59,26 @@ def test_read_split_round_trips_probabilities_thresholds_and_scores(tmp_path):
     assert split.labels.shape == (20,) and set(split.models) == {OURS, DCG_FUSED, ENSEMBLE, RESNET}
     assert split.models[OURS].threshold == pytest.approx(0.4)
     assert {"msp", "margin", "entropy", "spread", "ttest"} <= set(split.models[OURS].scores)
-    assert set(split.models[DCG_FUSED].scores) == {"msp", "margin", "entropy"}  # no samples: no spread or t-test
+    assert set(split.models[DCG_FUSED].scores) == {"msp", "margin", "entropy", "risk"}  # no samples: no spread or t-test
     np.testing.assert_allclose(split.models[DCG_FUSED].scores["msp"], 1 - split.models[DCG_FUSED].probs.max(1))
+
+
+def test_a_run_written_before_the_decision_risk_gets_it_from_its_probabilities(tmp_path):
+    import csv
+    write_run(tmp_path, 0, 0.5, n=20)
+    written = read_split(tmp_path)
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in rows[0] if c != "u_risk"]
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    older = read_split(tmp_path)
+    for name in (OURS, DCG_FUSED):
+        np.testing.assert_allclose(older.models[name].scores["risk"], written.models[name].scores["risk"], atol=1e-6)
+    p = older.models[OURS].probs[:, 1]  # threshold 0.4: a positive decision is wrong with 1 - p
+    np.testing.assert_allclose(older.models[OURS].scores["risk"], np.where(p >= 0.4, 1 - p, p))
 
 
 def test_a_clearly_better_model_meets_the_primary_goal_pooled(better):

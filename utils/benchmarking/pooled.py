@@ -74,8 +74,10 @@ def read_split(run_dir: Path, name: str = "predictions.csv") -> SplitPredictions
         threshold = items[0].get("threshold", "")
         scores = {c[2:]: np.array([float(r[c]) for r in items]) for c in score_cols if items[0][c] != ""}
         probs = np.array([[float(r[c]) for c in prob_cols] for r in items])
-        scores.setdefault("msp", 1.0 - probs.max(axis=1))  # a function of probs alone (runs written before it)
-        models[model] = ModelPredictions(probs, float(threshold) if threshold not in ("", None) else None, scores)
+        threshold = float(threshold) if threshold not in ("", None) else None
+        scores.setdefault("msp", 1.0 - probs.max(axis=1))  # functions of probs and threshold alone, for
+        scores.setdefault("risk", u.decision_risk(probs, threshold if probs.shape[1] == 2 else None))  # older runs
+        models[model] = ModelPredictions(probs, threshold, scores)
     return SplitPredictions(labels, paths, models)
 
 
@@ -177,9 +179,9 @@ def _finite_mean(values) -> float:
     return float(v.mean()) if v.size else float("nan")
 
 
-UNCERTAINTY_ITEMS = ((OURS, "margin"), (OURS, "msp"), (OURS, "spread"), (OURS, "ttest"), (OURS, "entropy"),
-                     (DCG_FUSED, "msp"), (DCG_FUSED, "margin"), (ENSEMBLE, "msp"), (ENSEMBLE, "spread"),
-                     (RESNET, "msp"))
+UNCERTAINTY_ITEMS = ((OURS, "margin"), (OURS, "risk"), (OURS, "msp"), (OURS, "spread"), (OURS, "ttest"),
+                     (OURS, "entropy"), (DCG_FUSED, "msp"), (DCG_FUSED, "margin"), (DCG_FUSED, "risk"),
+                     (ENSEMBLE, "msp"), (ENSEMBLE, "risk"), (ENSEMBLE, "spread"), (RESNET, "msp"), (RESNET, "risk"))
 
 
 def analyse(runs: dict[int, SplitPredictions], n_resamples: int = 2000) -> dict:

@@ -11,6 +11,9 @@ argmax for C > 2) differs from the label. Scores (larger = less sure):
 * ``margin``: minus the distance of the probability from the decision threshold in logit
   units (``uncertainty.threshold_margin``); at threshold 0.5 it ranks scans like ``msp``;
 * ``entropy``: the entropy of the (mean) probabilities;
+* ``risk``: one minus the probability of the decided class, the model's own probability that
+  its decision at the threshold is wrong (``uncertainty.decision_risk``, Chow's rule); at
+  threshold 0.5 it is ``msp``;
 * for models with several stochastic outputs per scan (DiffMIC-3D's chains, a DCG ensemble's
   members; ``Predictions.samples``): ``spread``, the standard deviation of the decided class's
   probability over them, and ``ttest``, CARD's per-scan p-value of a paired t-test between
@@ -30,7 +33,7 @@ from utils.atomic import atomic_write_text
 from utils.evaluation import uncertainty as u
 
 COVERAGES = (1.0, 0.9, 0.8, 0.7)
-SCORE_NAMES = ("msp", "margin", "entropy", "spread", "ttest")
+SCORE_NAMES = ("msp", "margin", "entropy", "risk", "spread", "ttest")
 UNCERTAINTY_CSV = "uncertainty.csv"
 
 
@@ -41,7 +44,7 @@ def uncertainty_scores(probs: np.ndarray, threshold: Optional[float] = None,
     probs = np.asarray(probs, dtype=np.float64)
     binary = probs.shape[1] == 2
     scores = {"msp": 1.0 - probs.max(axis=1), "margin": -u.threshold_margin(probs, threshold if binary else None),
-              "entropy": u.entropy_of_mean(probs)}
+              "entropy": u.entropy_of_mean(probs), "risk": u.decision_risk(probs, threshold if binary else None)}
     if samples is not None and np.asarray(samples).shape[0] >= 2:
         scores["spread"] = u.chain_spread(samples)
         scores["ttest"] = u.ttest_top2_pvalue(samples)

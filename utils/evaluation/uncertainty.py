@@ -364,6 +364,17 @@ def decisions(probs, threshold=None, positive_class: int = 1) -> np.ndarray:
     return np.where(p[:, positive_class] >= t, positive_class, 1 - positive_class).astype(np.int64)
 
 
+def decision_risk(probs, threshold=None, positive_class: int = 1) -> np.ndarray:
+    """(N,) UNCERTAINTY: the probability, read from ``probs`` themselves, that the decision at
+    ``threshold`` (:func:`decisions`) is wrong: 1 - p(decided class). With calibrated probs,
+    referring in this order minimises the expected errors at every coverage (Chow's rule). At
+    threshold 0.5, or C > 2, it is 1 - max p; at t < 0.5, unlike the symmetric
+    ``threshold_margin``, a positive decision at p = t + e (wrong with probability 1 - t - e)
+    is less sure than a negative one at t - e (wrong with probability t - e)."""
+    p = _check_probs(probs)
+    return 1.0 - p[np.arange(p.shape[0]), decisions(p, threshold, positive_class)]
+
+
 # ----------------------------------------------------------------------------------------
 # referral
 # ----------------------------------------------------------------------------------------

@@ -80,17 +80,21 @@ def fit_readout(y0_mean: torch.Tensor, labels, l2: float = 1e-3, iterations: int
 def diffmic_uncertainty(out: dict, threshold: float, score: str = REFER_SCORE) -> np.ndarray:
     """Per-scan uncertainty (N,) of ``predict``-style outputs (``probs`` (N, C), ``samples`` (S, N, C)):
     ``'margin'`` = minus the distance of the chain-mean decision from its threshold
-    (``uncertainty.threshold_margin``), ``'spread'`` = the chains' spread, ``'ttest'`` = CARD's
-    top-2 t-test p-value."""
+    (``uncertainty.threshold_margin``), ``'risk'`` = the calibrated probability that the
+    chain-mean decision is wrong (``uncertainty.decision_risk``), ``'spread'`` = the chains'
+    spread, ``'ttest'`` = CARD's top-2 t-test p-value."""
     probs = np.asarray(out["probs"], dtype=np.float64)
+    binary_threshold = threshold if probs.shape[1] == 2 else None
     if score == "margin":
-        return -u.threshold_margin(probs, threshold if probs.shape[1] == 2 else None)
+        return -u.threshold_margin(probs, binary_threshold)
+    if score == "risk":
+        return u.decision_risk(probs, binary_threshold)
     samples = np.asarray(out["samples"], dtype=np.float64)
     if score == "spread":
         return u.chain_spread(samples)
     if score == "ttest":
         return u.ttest_top2_pvalue(samples)
-    raise ValueError(f"unknown uncertainty score {score!r}; choose 'margin', 'spread' or 'ttest'")
+    raise ValueError(f"unknown uncertainty score {score!r}; choose 'margin', 'risk', 'spread' or 'ttest'")
 
 
 @torch.no_grad()
