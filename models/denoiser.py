@@ -150,8 +150,17 @@ class PointHead(nn.Module):
         nn.init.zeros_(self.time_mlp[-1].weight)  # FiLM starts as the identity (scale 1, shift 0)
         nn.init.zeros_(self.time_mlp[-1].bias)
         if prior_residual:  # the correction starts at zero: y0_hat = M before any training
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
+            self.switch_off_correction()
+
+    @torch.no_grad()
+    def switch_off_correction(self) -> None:
+        """Zero the correction's last layer, so the head returns its prior M exactly (what it
+        starts from; ``check_correction``'s and the ablations' prior-only model). Only a head
+        with ``prior_residual`` has a correction to switch off."""
+        if not self.prior_residual:
+            raise ValueError("a head without prior_residual predicts y0 itself: it has no correction to switch off")
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     @float32_forward
     def forward(self, y_t: torch.Tensor, M: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

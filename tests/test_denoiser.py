@@ -317,3 +317,16 @@ def test_an_untrained_residual_head_returns_its_prior_and_learns_a_correction_fr
     direct = make(trained_film=False, trained_out=False, prior_residual=False)
     with torch.no_grad():
         assert not torch.allclose(direct(y_t, M, t, direct.condition(scan, M, F)), M, atol=1e-3)
+
+
+def test_a_trained_correction_switched_off_returns_the_prior_exactly():
+    net = make().eval()  # a trained-like head: its correction is not zero
+    scan, M, F, y_t, t = inputs()
+    with torch.no_grad():
+        cond = net.condition(scan, M, F)
+        assert not torch.allclose(net(y_t, M, t, cond), M, atol=1e-3)
+        net.head.switch_off_correction()
+        torch.testing.assert_close(net(y_t, M, t, cond), M)
+    direct = make(prior_residual=False)
+    with pytest.raises(ValueError, match="no correction to switch off"):
+        direct.head.switch_off_correction()

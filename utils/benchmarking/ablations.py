@@ -117,8 +117,8 @@ def inference_variants(model, members: list, predict, names=None) -> dict[str, n
     default ``inference_names(model)``): ``members`` its prior members' DCG caches of them
     (``utils.pipeline.cache_member_guidance``), ``predict(net, guidance, **kw)`` the (N, C)
     probabilities of ``utils.training.diffusion.predict_dataset`` on them. The correction
-    switched off is ``utils.training.diffusion.check_correction``'s prior-only model: the head's
-    last layer zeroed, so DiffMIC-3D returns the prior members' ensemble it reads."""
+    switched off is ``utils.training.diffusion.check_correction``'s prior-only model
+    (``PointHead.switch_off_correction``), so DiffMIC-3D returns the prior members' ensemble it reads."""
     def no_encoder():
         net = copy.deepcopy(model)
         net.denoiser.config.use_image_encoder = False
@@ -126,9 +126,7 @@ def inference_variants(model, members: list, predict, names=None) -> dict[str, n
 
     def no_correction():
         net = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in net.denoiser.head.out.parameters():
-                p.zero_()
+        net.denoiser.head.switch_off_correction()
         return predict(net, members)
 
     variants = {INFERENCE[0]: lambda: predict(model, [uninformative(g) for g in members]),

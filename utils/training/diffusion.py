@@ -334,16 +334,12 @@ def check_correction(model: DiffMIC3D, val_set: Dataset, val_guidance: DCGOutput
     trained = val_auc()
     if not head.prior_residual:
         return {"val_auc_trained": trained, "val_auc_prior_only": math.nan, "kept": True}
-    weights = [p.detach().clone() for p in head.out.parameters()]
-    with torch.no_grad():
-        for p in head.out.parameters():
-            p.zero_()
+    weights = {k: v.clone() for k, v in head.out.state_dict().items()}
+    head.switch_off_correction()
     prior_only = val_auc()
     kept = correction_kept(trained, prior_only)
     if kept:
-        with torch.no_grad():
-            for p, w in zip(head.out.parameters(), weights):
-                p.copy_(w)
+        head.out.load_state_dict(weights)
     else:
         log.warning(f"[diffusion] the trained correction ranks the validation scans below its prior alone (AUC "
                     f"{trained:.3f} vs {prior_only:.3f}): it is switched off, and DiffMIC-3D returns its prior "
