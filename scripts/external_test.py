@@ -193,19 +193,21 @@ def ablation_table(runs: dict, variants: dict[int, dict], n_resamples: int) -> s
 
 def referral(run_dir: Path, split) -> dict:
     """How ``utils.predict``'s referral, chosen on the run's validation split, works on ``split``
-    (the run's DiffMIC-3D on the external scans): its threshold on the uncertainty
-    (``REFER_SCORE``), the share of scans above it (referred), the validation share it was
-    chosen to keep, and the accuracy at the decision threshold on all, the kept and the referred scans."""
+    (the run's DiffMIC-3D on the external scans): the uncertainty score its model file names
+    (the margin in files written before it did), its threshold, the share of scans above it
+    (referred), the validation share it was chosen to keep, and the accuracy at the decision
+    threshold on all, the kept and the referred scans."""
     from utils.paths import MAIN_CHECKPOINT
     from utils.training.checkpoint import load_checkpoint
-    from utils.training.readout import REFER_SCORE
+    from utils.training.readout import FIRST_REFER_SCORE
 
     saved = load_checkpoint(Path(run_dir) / MAIN_CHECKPOINT)
     threshold = float(saved["model_state_dict"]["refer_threshold"])
+    score = str(saved.get("refer_score", FIRST_REFER_SCORE))
     ours = split.models[OURS]
-    referred = ours.scores[REFER_SCORE] > threshold
+    referred = ours.scores[score] > threshold
     correct = ~errors_of(split.labels, ours.probs, ours.threshold)
-    return {"threshold": threshold, "coverage": float(saved["train_config"]["refer_coverage"]),
+    return {"score": score, "threshold": threshold, "coverage": float(saved["train_config"]["refer_coverage"]),
             "referred": float(referred.mean()), "accuracy": float(correct.mean()),
             "kept": float(correct[~referred].mean()) if (~referred).any() else float("nan"),
             "referred_accuracy": float(correct[referred].mean()) if referred.any() else float("nan")}
@@ -213,16 +215,14 @@ def referral(run_dir: Path, split) -> dict:
 
 def referral_table(rows: dict[int, dict]) -> str:
     """Markdown: one row per seed and their mean."""
-    from utils.training.readout import REFER_SCORE
-
     keys = ("referred", "accuracy", "kept", "referred_accuracy")
-    lines = [f"### Referral (`utils.predict`: {OURS}'s uncertainty `{REFER_SCORE}` above the threshold its run chose "
-             "on validation)\n",
-             "| seed | threshold | validation share kept | share referred | accuracy, all | kept | referred |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {s} | {r['threshold']:.3f} | {r['coverage']:.2f} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |"
-              for s, r in rows.items()]
-    lines.append("| mean | | | " + " | ".join(f"{np.nanmean([r[k] for r in rows.values()]):.3f}" for k in keys) + " |")
+    lines = [f"### Referral (`utils.predict`: {OURS}'s uncertainty, the score its model file names, above the "
+             "threshold its run chose on validation)\n",
+             "| seed | score | threshold | validation share kept | share referred | accuracy, all | kept | referred |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {s} | {r['score']} | {r['threshold']:.3f} | {r['coverage']:.2f} | "
+              + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for s, r in rows.items()]
+    lines.append("| mean | | | | " + " | ".join(f"{np.nanmean([r[k] for r in rows.values()]):.3f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 

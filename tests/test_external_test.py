@@ -11,6 +11,7 @@ from utils.benchmarking.pooled import read_split
 from utils.benchmarking.report import DCG_FUSED, OURS
 from utils.run import run_experiment
 from utils.training.profiles import get_profile
+from utils.training.readout import REFER_SCORE
 from helpers import load_script
 
 external = load_script("external_test")
@@ -103,13 +104,13 @@ def test_the_referral_is_the_runs_validation_threshold_applied_to_the_new_scans(
     split = read_split(_predictions(tmp, 0).parent)
     r = external.referral(run_dir, split)
     _, model = open_finished_run(run_dir, str(tmp / "phantoms"))
-    assert r["threshold"] == pytest.approx(float(model.refer_threshold))
-    referred = split.models[OURS].scores["margin"] > float(model.refer_threshold)
+    assert r["threshold"] == pytest.approx(float(model.refer_threshold)) and r["score"] == REFER_SCORE == "risk"
+    referred = split.models[OURS].scores["risk"] > float(model.refer_threshold)
     assert r["referred"] == pytest.approx(referred.mean())
     if 0 < referred.mean() < 1:  # all = kept and referred, weighted by their shares
         assert r["accuracy"] == pytest.approx(r["kept"] * (1 - r["referred"]) + r["referred_accuracy"] * r["referred"])
     text = (tmp / "out" / "quality_phantoms_external_new.md").read_text()
-    assert "### Referral" in text and f"| 0 | {r['threshold']:.3f} | 0.80 | {r['referred']:.3f} |" in text
+    assert "### Referral" in text and f"| 0 | risk | {r['threshold']:.3f} | 0.80 | {r['referred']:.3f} |" in text
 
 
 def test_the_inference_ablations_score_the_same_new_scans_once(runs, monkeypatch):

@@ -133,7 +133,7 @@ def test_the_pooled_figure_draws_every_shown_score(better, tmp_path):
     from utils.benchmarking.quality import write_pooled_figure
 
     curves = pooled_curves(better)
-    assert set(curves) == {f"{OURS}: margin", f"{OURS}: spread", f"{DCG_FUSED}: msp", f"{ENSEMBLE}: msp",
+    assert set(curves) == {f"{OURS}: risk", f"{OURS}: margin", f"{OURS}: spread", f"{DCG_FUSED}: msp", f"{ENSEMBLE}: msp",
                            f"{RESNET}: msp"}
     coverage, risk = curves[f"{OURS}: margin"]
     assert coverage.shape == risk.shape and np.all((risk >= 0) & (risk <= 1))

@@ -405,3 +405,23 @@ def test_refer_when_the_uncertainty_is_above_the_stored_threshold(tmp_path, scan
     # the class is decided at the stored threshold, not at 0.5
     p_pos = always["probs"][CLASS_NAMES[1]]
     assert always["predicted_class"] == CLASS_NAMES[int(p_pos >= 0.4)]
+
+
+def test_the_referral_score_is_the_one_the_model_file_names(tmp_path, scans):
+    """A model file names the score its referral threshold is on (the decision risk since it was
+    stored); one written before that has a margin threshold and is read with the margin."""
+    config = ModelConfig.tiny(input_shape=INPUT_SHAPE).with_changes(diffusion={"num_samples": 2})
+    results = {}
+    for name, score in (("risk", "risk"), ("older", ...)):
+        path = write_checkpoint(tmp_path / f"{name}.pth", config, refer_score=score)
+        model, meta = load_model(path)
+        results[name] = predict_scan(model, meta, scans / "a.nii.gz", seed=0)
+    risk, older = results["risk"], results["older"]
+    assert risk["refer_score"] == "risk" and older["refer_score"] == "margin"
+    p_pos, t = risk["probs"][CLASS_NAMES[1]], risk["decision_threshold"]
+    assert risk["probs"] == older["probs"]
+    assert risk["uncertainty"] == pytest.approx(1 - p_pos if p_pos >= t else p_pos)
+    assert older["uncertainty"] == pytest.approx(-abs(math.log(p_pos / (1 - p_pos)) - math.log(t / (1 - t))), rel=1e-5)
+    path = write_checkpoint(tmp_path / "bad.pth", config, refer_score="coin")
+    with pytest.raises(DataError, match="refer_score 'coin'"):
+        load_model(path)

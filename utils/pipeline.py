@@ -48,7 +48,7 @@ from utils.training.baselines import DISPLAY_NAMES, baseline_from_checkpoint, ru
 from utils.training.checkpoint import load_checkpoint, save_checkpoint
 from utils.training.dcg import cache_guidance, train_dcg
 from utils.training.diffusion import predict_dataset, train_diffusion
-from utils.training.readout import calibrate_readout, warn_if_inverted
+from utils.training.readout import REFER_SCORE, calibrate_readout, warn_if_inverted
 from utils.training.loop import FitResult, epoch_seed, stage_complete
 from utils.training.stage import eval_loader
 
@@ -214,13 +214,13 @@ def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict, train
     """Write ``OUTPUT_DIR/diffmic3d_enhanced_model.pth`` (what ``utils.predict`` loads): the
     finished model with its preprocessing, history, and the training scans' DCG feature
     statistics for the out-of-distribution flag (``utils.evaluation.ood``), from the final
-    DCG's ``train_guidance``. Written by rank 0 only in a distributed run."""
+    DCG's ``train_guidance``, and the score its referral threshold is on (``refer_score``). Written by rank 0 only in a distributed run."""
     if not exp.context.is_main:
         return exp.main_checkpoint
     features = train_guidance.global_features  # (N, F)
     return save_checkpoint(exp.main_checkpoint, model_config=model.config.to_dict(),
                            model_state_dict=model.state_dict(), **exp.meta, history=history,
-                           feature_stats=fit_feature_stats(features))
+                           feature_stats=fit_feature_stats(features), refer_score=REFER_SCORE)
 
 
 def load_main_model(exp: Experiment, run_first: str = "notebook 06_training") -> DiffMIC3D:

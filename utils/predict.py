@@ -54,7 +54,7 @@ from utils.evaluation.ood import feature_distance
 from utils.paths import MAIN_CHECKPOINT, default_output_dir, display_path
 from utils.data.preprocessing import PreprocessConfig, preprocess
 from utils.seeding import pick_device
-from utils.training.readout import diffmic_uncertainty
+from utils.training.readout import FIRST_REFER_SCORE, REFER_SCORE, REFER_SCORES, diffmic_uncertainty
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -71,6 +71,8 @@ class CheckpointMeta:
         hires_preprocess: preprocessing of the high-resolution copy (``roi_scale > 1``), else None.
         feature_stats: the training scans' DCG feature statistics (``utils.evaluation.ood``), or None.
         training_data: what the model was trained on, in words (for the research-use note).
+        refer_score: the uncertainty score its referral threshold is on
+            (``utils.training.readout.diffmic_uncertainty``; the margin in files written before it).
     """
 
     checkpoint: Path
@@ -80,6 +82,7 @@ class CheckpointMeta:
     hires_preprocess: PreprocessConfig | None
     feature_stats: dict | None = None
     training_data: str = "unknown data"
+    refer_score: str = REFER_SCORE
 
     @property
     def note(self) -> str:
@@ -188,13 +191,16 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu") 
     if dcg.roi_scale > 1 and (hires is None or hires.target_shape != dcg.crop_source_shape):
         raise DataError(path, f"roi_scale {dcg.roi_scale} needs hires_preprocess_config with target_shape "
                               f"{dcg.crop_source_shape}, got {None if hires is None else hires.target_shape}")
+    refer_score = str(ckpt.get("refer_score", FIRST_REFER_SCORE))
+    if refer_score not in REFER_SCORES:
+        raise DataError(path, f"refer_score {refer_score!r} is none of {REFER_SCORES}")
     class_names = tuple(str(c) for c in ckpt["class_names"])
     if len(class_names) != config.num_classes:
         raise DataError(path, f"{len(class_names)} class_names for a model with {config.num_classes} classes")
     meta = CheckpointMeta(checkpoint=path, class_names=class_names, label_mode=str(ckpt.get("label_mode", "binary")),
                           preprocess=prep, hires_preprocess=hires if dcg.roi_scale > 1 else None,
                           feature_stats=ckpt.get("feature_stats"),
-                          training_data=_training_data(source))
+                          training_data=_training_data(source), refer_score=refer_score)
     return model.to(device).eval(), meta
 
 
@@ -232,9 +238,9 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         "probs": {name: p}, "std": {name: std over samples}, "entropy": nats,
         "decision_threshold": the validation-chosen threshold on p(class 1) the class was decided at
         (binary; None otherwise), "uncertainty": the model's referral score
-        (``utils.training.readout.diffmic_uncertainty``), "refer_threshold", "refer": whether the
-        uncertainty is above the threshold chosen on the validation split (a human should read
-        this scan), "out_of_distribution": bool, "ood_reasons": [str], "feature_distance": float or None,
+        (``utils.training.readout.diffmic_uncertainty``), "refer_score": its name, "refer_threshold",
+        "refer": whether the uncertainty is above the threshold chosen on the validation split (a
+        human should read this scan), "out_of_distribution": bool, "ood_reasons": [str], "feature_distance": float or None,
         "feature_threshold": float or None}``: out-of-distribution when the scan is not in
         HU (with ``allow_non_hu``) or its DCG features are far from the training scans'
         (``utils.evaluation.ood``; None for a model file without training statistics).
@@ -264,7 +270,8 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
     std = out["std"][0].double().cpu().numpy()  # (C,)
     top = int(model.decide(out["probs"][:1])[0])  # at the validation-chosen threshold (binary)
     threshold = float(model.decision_threshold)
-    uncertainty = float(diffmic_uncertainty({k: out[k].cpu() for k in ("probs", "samples")}, threshold)[0])
+    uncertainty = float(diffmic_uncertainty({k: out[k].cpu() for k in ("probs", "samples")}, threshold,
+                                            meta.refer_score)[0])
     refer_at = float(model.refer_threshold)
     names = meta.class_names
     return {
@@ -276,6 +283,7 @@ def predict_scan(model: DiffMIC3D, meta: CheckpointMeta, path: str | Path, devic
         "entropy": float(out["entropy"][0]),
         "decision_threshold": threshold if len(names) == 2 else None,
         "uncertainty": uncertainty,
+        "refer_score": meta.refer_score,
         "refer_threshold": refer_at,
         "refer": bool(uncertainty > refer_at),
         "out_of_distribution": bool(reasons),

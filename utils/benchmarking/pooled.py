@@ -196,7 +196,7 @@ def analyse(runs: dict[int, SplitPredictions], n_resamples: int = 2000) -> dict:
             "uncertainty": uncertainty}
 
 
-SHOWN = ((OURS, "margin"), (OURS, "spread"), (DCG_FUSED, "msp"), (ENSEMBLE, "msp"), (RESNET, "msp"))
+SHOWN = ((OURS, "risk"), (OURS, "margin"), (OURS, "spread"), (DCG_FUSED, "msp"), (ENSEMBLE, "msp"), (RESNET, "msp"))
 
 
 def pooled_curves(runs: dict[int, SplitPredictions], items=SHOWN, points: int = 101) -> dict[str, tuple]:

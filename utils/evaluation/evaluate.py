@@ -300,7 +300,7 @@ def evaluate_experiment(predictions: Mapping[str, Predictions], output_dir: str 
         reference = reference or names[min(1, len(names) - 1)]
         models = {name: p.selective_inputs() for name, p in predictions.items()}
         write_selective_csv(selective_rows(labels, models, reference, n_resamples, seed), output_dir / UNCERTAINTY_CSV)
-        shown = {name: (("margin", "spread", "ttest") if i == 0 else ("msp",)) for i, name in enumerate(names)}
+        shown = {name: (("risk", "margin", "spread", "ttest") if i == 0 else ("msp",)) for i, name in enumerate(names)}
         curves, table = curves_of(labels, models, shown)
         figures["risk_coverage"] = plot_risk_coverage(curves, table, title="Risk-coverage (test; errors at the "
                                                       "validation threshold)")

@@ -9,9 +9,10 @@ calibration, decision threshold, referral threshold (all stored on the model).
   AdrenalMNIST3D (23% positive) it then called 13% of the positives positive at 0.5.
 * Decision threshold (C = 2): Youden's J on the calibrated validation probabilities
   (``utils.evaluation.thresholds.youden_threshold``), the same rule every model gets.
-* Referral threshold: the uncertainty (``REFER_SCORE``) below which ``refer_coverage`` of the
-  validation scans lie (``utils.evaluation.uncertainty.refer_threshold``); a scan above it is
-  referred to a human reader by ``utils.predict``.
+* Referral threshold: the uncertainty (``REFER_SCORE``, the decision risk: the calibrated
+  probability that the decision is wrong) below which ``refer_coverage`` of the validation scans
+  lie (``utils.evaluation.uncertainty.refer_threshold``); a scan above it is referred to a human
+  reader by ``utils.predict``. Model files written before the score was stored used the margin.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ log = get_logger(__name__)
 
 SCALE_BOUND = 3.0  # log a lies in [-3, 3]: a in [0.05, 20]
 BIAS_BOUND = 5.0  # each bias in [-5, 5]
-REFER_SCORE = "margin"  # see diffmic_uncertainty
+REFER_SCORE = "risk"  # see diffmic_uncertainty; stored in the model file as "refer_score"
+FIRST_REFER_SCORE = "margin"  # the score of model files written before "refer_score" was stored
+REFER_SCORES = ("margin", "risk", "spread", "ttest")
 
 
 def fit_readout(y0_mean: torch.Tensor, labels, l2: float = 1e-3, iterations: int = 200) -> tuple[float, list[float]]:
