@@ -24,9 +24,13 @@ QUALITY_REPORTS = {
     "quality_phantoms300_external_phantoms_seed1_2000": "python scripts/external_test.py outputs/benchmark/benchmark_runs "
                                                         "phantoms data/phantoms_seed1_2000 --phantoms 2000 "
                                                         "--phantom-seed 1 --ablations",
+    "quality_phantoms300_external_phantoms_seed2_2000": "python scripts/external_test.py outputs/benchmark/benchmark_runs "
+                                                        "phantoms data/phantoms_seed2_2000 --phantoms 2000 "
+                                                        "--phantom-seed 2",
 }
 DATASET_NAMES = {"quality_adrenalmnist3d": "AdrenalMNIST3D", "quality_phantoms300": "phantoms (300)",
-                 "quality_phantoms300_external_phantoms_seed1_2000": "phantoms, 2,000 new scans"}
+                 "quality_phantoms300_external_phantoms_seed1_2000": "phantoms, 2,000 new scans",
+                 "quality_phantoms300_external_phantoms_seed2_2000": "phantoms, 2,000 fresh scans (the referral rule's test)"}
 
 
 def read_quality_csv(path: Path) -> dict:
