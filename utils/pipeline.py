@@ -214,7 +214,8 @@ def save_main_checkpoint(exp: Experiment, model: DiffMIC3D, history: dict, train
     """Write ``OUTPUT_DIR/diffmic3d_enhanced_model.pth`` (what ``utils.predict`` loads): the
     finished model with its preprocessing, history, and the training scans' DCG feature
     statistics for the out-of-distribution flag (``utils.evaluation.ood``), from the final
-    DCG's ``train_guidance``, and the score its referral threshold is on (``refer_score``). Written by rank 0 only in a distributed run."""
+    DCG's ``train_guidance``, and the score its referral threshold is on (``refer_score``).
+    Written by rank 0 only in a distributed run."""
     if not exp.context.is_main:
         return exp.main_checkpoint
     features = train_guidance.global_features  # (N, F)
