@@ -417,3 +417,22 @@ def test_plot_risk_coverage_rejects_bad_input():
     with pytest.raises(ValueError, match="has coverages"):
         plot_risk_coverage({"a": ([0.5, 1.0], [0.1, 0.2])},
                            accuracy_table={"a": {1.0: 0.8, 0.9: 0.9}, "b": {1.0: 0.8}})
+
+
+def test_plot_risk_coverage_gives_a_score_the_same_colour_in_both_panels():
+    from matplotlib.colors import to_rgba
+
+    curves, table = {}, {}
+    for name, seed in (("DiffMIC-3D: risk", 15), ("DiffMIC-3D: margin", 16), ("DCG: msp", 17)):
+        errors, u = toy(30, seed=seed, n_levels=6)
+        curve = risk_coverage_curve(errors, u)
+        curves[name] = (curve["coverage"], curve["risk"])
+        table[name] = accuracy_at_coverage(errors, u)
+    table = {name: table[name] for name in reversed(list(table))}  # the table in another order
+    fig = plot_risk_coverage(curves, accuracy_table=table)
+    line_ax, bar_ax = fig.axes
+    line_colour = {line.get_label().split(": AURC")[0]: to_rgba(line.get_color()) for line in line_ax.lines}
+    bar_colour = {c.get_label(): to_rgba(c.patches[0].get_facecolor()) for c in bar_ax.containers}
+    assert set(line_colour) == set(bar_colour) == set(curves)
+    assert bar_colour == line_colour and len(set(line_colour.values())) == 3
+    assert [c.get_label() for c in bar_ax.containers] == list(curves)  # the bars in the curves' order

@@ -329,6 +329,8 @@ def plot_risk_coverage(curves: Mapping[str, tuple], accuracy_table: Mapping[str,
     axes = fig.subplots(1, 2 if accuracy_table else 1, squeeze=False)[0]
     ax = axes[0]
     styles = ["-", "--", "-.", ":"]
+    labels = list(curves) + [name for name in (accuracy_table or {}) if name not in curves]
+    colour = {name: f"C{i % 10}" for i, name in enumerate(labels)}  # one colour per label in both panels
     for i, (name, (coverage, risk)) in enumerate(curves.items()):
         cov = as_numpy(coverage, f"{name}: coverage", 1)
         r = as_numpy(risk, f"{name}: risk", 1)
@@ -336,7 +338,8 @@ def plot_risk_coverage(curves: Mapping[str, tuple], accuracy_table: Mapping[str,
             raise ValueError(f"{name}: coverage {cov.shape} and risk {r.shape} must have the same shape (N,), N > 0")
         if cov.min() < 0 or cov.max() > 1 or r.min() < 0 or r.max() > 1:
             raise ValueError(f"{name}: coverage and risk must lie in [0, 1]")
-        ax.plot(100 * cov, 100 * r, lw=2, ls=styles[i % len(styles)], label=f"{name}: AURC {r.mean():.3f}")
+        ax.plot(100 * cov, 100 * r, lw=2, ls=styles[i % len(styles)], color=colour[name],
+                label=f"{name}: AURC {r.mean():.3f}")
     ax.set(xlim=(0, 100), ylim=(0, None), xlabel="coverage (% of scans kept, most certain first)",
            ylabel="risk (% of kept scans misclassified)", title="Risk-coverage curve")
     ax.legend(fontsize="x-small", title="lower AURC = better ranking", title_fontsize="x-small")
@@ -344,14 +347,16 @@ def plot_risk_coverage(curves: Mapping[str, tuple], accuracy_table: Mapping[str,
         coverages = sorted({float(c) for c in next(iter(accuracy_table.values()))}, reverse=True)
         bar_ax, width = axes[1], 0.8 / len(accuracy_table)
         lowest = 100.0
-        for i, (name, row) in enumerate(accuracy_table.items()):
+        for i, name in enumerate(n for n in labels if n in accuracy_table):  # in the curves' order
+            row = accuracy_table[name]
             if sorted((float(c) for c in row), reverse=True) != coverages:
                 raise ValueError(f"accuracy_table[{name!r}] has coverages {sorted(row)}, expected {coverages}")
             values = as_numpy([row[c] for c in sorted(row, key=float, reverse=True)], f"accuracy_table[{name!r}]", 1)
             if values.min() < 0 or values.max() > 1:
                 raise ValueError(f"accuracy_table[{name!r}] accuracies must lie in [0, 1]")
             bars = bar_ax.bar(np.arange(len(coverages)) + (i - (len(accuracy_table) - 1) / 2) * width, 100 * values,
-                              width=width, label=name, edgecolor="black", hatch=["", "//", "..", "xx"][i % 4])
+                              width=width, label=name, color=colour[name], edgecolor="black",
+                              hatch=["", "//", "..", "xx"][i % 4])
             bar_ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2, rotation=90)
             lowest = min(lowest, 100 * float(values.min()))
         bar_ax.set_xticks(np.arange(len(coverages)), [f"{100 * c:g}%" for c in coverages])
