@@ -277,8 +277,8 @@ def run(args: argparse.Namespace) -> str:
     if not args.external.is_dir():
         raise SystemExit(f"{args.external} is not a folder of scans")
     tag = args.external.resolve().name
-    runs = {s: read_split(score_run(path, args.data, args.external, args.out / "external_runs" / tag / path.name).parent)
-            for s, path in paths.items()}
+    outs = {s: args.out / "external_runs" / tag / path.name for s, path in paths.items()}  # predictions, ablations
+    runs = {s: read_split(score_run(path, args.data, args.external, outs[s]).parent) for s, path in paths.items()}
     name = dataset_setup(args.data)[0] if args.data == "phantoms" else Path(args.data).name
     command = " ".join(["python scripts/external_test.py RUNS_DIR", args.data, args.external.as_posix(),
                         *([] if args.phantoms is None else ["--phantoms", str(args.phantoms),
@@ -287,8 +287,7 @@ def run(args: argparse.Namespace) -> str:
     text, result, goal_rows = report(runs, name, command, tuple(paths), args.n_resamples)
     text += "\n" + referral_table({s: referral(path, runs[s]) for s, path in paths.items()})
     if args.ablations:
-        variants = {s: ablate_run(path, args.data, args.external, args.out / "external_runs" / tag / path.name, runs[s])
-                    for s, path in paths.items()}
+        variants = {s: ablate_run(path, args.data, args.external, outs[s], runs[s]) for s, path in paths.items()}
         text += "\n" + ablation_table(runs, variants, args.n_resamples)
     stem = f"{name}_external_{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
